@@ -1,1 +1,4 @@
-"""gigaslide.eval."""
+"""gigaslide.eval: metrics (sklearn/lifelines-equal), bootstrap CIs, KNN/linear probes, reports.
+
+Submodules are imported explicitly (``from gigaslide.eval.metrics import roc_auc``) to keep this light.
+"""

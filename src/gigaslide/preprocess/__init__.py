@@ -1,1 +1,29 @@
-"""gigaslide.preprocess."""
+"""gigaslide.preprocess: tissue detection, tile grids and coordinate files.
+
+Public names are imported on first use so that importing the package stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TileSpec": "gigaslide.preprocess.tiling_spec",
+    "read_coords": "gigaslide.preprocess.coords_io",
+    "write_coords": "gigaslide.preprocess.coords_io",
+    "CoordsFile": "gigaslide.preprocess.coords_io",
+    "tile_slide": "gigaslide.preprocess.tiling",
+    "TilingResult": "gigaslide.preprocess.tiling",
+    "NoTissueError": "gigaslide.preprocess.tiling",
+    "grid_coords": "gigaslide.preprocess.tiling",
+    "subtile_coords": "gigaslide.preprocess.tiling",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gigaslide.preprocess' has no attribute {name!r}")

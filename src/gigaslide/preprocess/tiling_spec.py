@@ -135,8 +135,10 @@ class TileSpec:
             "patch_size": int(self.read_size),
             "patch_level": int(self.read_level),
             "downsample": [float(self.read_downsample), float(self.read_downsample)],
+            # CLAM's meaning: both are the dimensions of `patch_level`, not of level 0
             "downsampled_level_dim": [round(w / self.read_downsample), round(h / self.read_downsample)],
-            "level_dim": [int(w), int(h)],
+            "level_dim": [round(w / self.read_downsample), round(h / self.read_downsample)],
+            "level0_dim": [int(w), int(h)],
             "patch_size_level0": int(self.level0_size),
             "target_magnification": float(self.target_magnification),
             "level0_magnification": float(mpp_to_magnification(self.slide_mpp)),
@@ -173,7 +175,8 @@ class TileSpec:
             raw = attrs["gigaslide_spec"]
             return cls.from_dict(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
         level_dim = attrs.get("level_dim")
-        if "patch_size_level0" in attrs:  # TRIDENT
+        if "patch_size_level0" in attrs:  # TRIDENT (no level dimensions stored, unless ours)
+            level_dim = attrs.get("level0_dim")
             level0_size = int(attrs["patch_size_level0"])
             patch_size = int(attrs["patch_size"])
             overlap = int(attrs.get("overlap", 0))
@@ -200,8 +203,11 @@ class TileSpec:
             patch_size = int(attrs["patch_size"])
             level = int(attrs["patch_level"])
             ds_attr = attrs.get("downsample", [1.0, 1.0])
-            ds = float(ds_attr[0] if hasattr(ds_attr, "__len__") else ds_attr)
+            ds_xy = [float(v) for v in ds_attr] if hasattr(ds_attr, "__len__") else [float(ds_attr)] * 2
+            ds = ds_xy[0]
             level0_size = round(patch_size * ds)
+            if level_dim is not None:  # CLAM's level_dim is the size of `patch_level`: scale to level 0
+                level_dim = [level_dim[0] * ds_xy[0], level_dim[1] * ds_xy[-1]]
             mpp = float(slide_mpp) if slide_mpp is not None else float("nan")
             return cls(
                 tile_size=patch_size,
@@ -213,7 +219,7 @@ class TileSpec:
                 read_size=patch_size,
                 level0_size=level0_size,
                 level0_stride=float(level0_size),
-                level0_dims=(int(level_dim[0]), int(level_dim[1])) if level_dim is not None else (0, 0),
+                level0_dims=(round(level_dim[0]), round(level_dim[1])) if level_dim is not None else (0, 0),
                 min_tissue=0.0,
                 extra={"source": "clam"},
             )

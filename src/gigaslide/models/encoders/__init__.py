@@ -1,1 +1,30 @@
-"""gigaslide.models.encoders."""
+"""Tile encoders: ``create_encoder(name, weights=...)`` -> (B, 3, H, W) -> (B, D) modules with metadata.
+
+Registered names: ``hipt_vit256``, ``resnet50_trunc``, ``resnet18_trunc``; plus ``timm:<architecture>``.
+"""
+
+from gigaslide.models.encoders import hipt as _hipt  # noqa: F401  (registers hipt_vit256)
+from gigaslide.models.encoders import resnet as _resnet  # noqa: F401  (registers the truncated ResNets)
+from gigaslide.models.encoders.registry import (
+    TIMM_PREFIX,
+    WEIGHTS_FROM_REGISTRY,
+    WEIGHTS_RANDOM,
+    EncoderMeta,
+    create_encoder,
+    get_encoder_meta,
+    list_encoders,
+    register_encoder,
+    resolve_weights,
+)
+
+__all__ = [
+    "TIMM_PREFIX",
+    "WEIGHTS_FROM_REGISTRY",
+    "WEIGHTS_RANDOM",
+    "EncoderMeta",
+    "create_encoder",
+    "get_encoder_meta",
+    "list_encoders",
+    "register_encoder",
+    "resolve_weights",
+]

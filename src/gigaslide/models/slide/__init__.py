@@ -1,1 +1,48 @@
-"""gigaslide.models.slide."""
+"""Slide-level aggregators over bags of tile features, built by name from a registry.
+
+from gigaslide.models.slide import create_slide_model, list_slide_models
+model = create_slide_model("gated_abmil", in_dim=1024, n_classes=2)
+out = model(x, coords=None, mask=mask)  # SlideOutput(logits, embedding, attention, aux_loss)
+"""
+
+from __future__ import annotations
+
+from gigaslide.models.slide import abmil, clam, dsmil, pooling, transmil  # noqa: F401  (registration)
+from gigaslide.models.slide.abmil import ABMIL
+from gigaslide.models.slide.base import (
+    SlideModel,
+    SlideOutput,
+    masked_max,
+    masked_mean,
+    masked_softmax,
+)
+from gigaslide.models.slide.clam import CLAMSB
+from gigaslide.models.slide.dsmil import DSMIL
+from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
+from gigaslide.models.slide.registry import (
+    SlideModelInfo,
+    create_slide_model,
+    get_slide_model_info,
+    list_slide_models,
+    register_slide_model,
+)
+from gigaslide.models.slide.transmil import TransMIL
+
+__all__ = [
+    "ABMIL",
+    "CLAMSB",
+    "DSMIL",
+    "MaxPoolMIL",
+    "MeanPoolMIL",
+    "SlideModel",
+    "SlideModelInfo",
+    "SlideOutput",
+    "TransMIL",
+    "create_slide_model",
+    "get_slide_model_info",
+    "list_slide_models",
+    "masked_max",
+    "masked_mean",
+    "masked_softmax",
+    "register_slide_model",
+]

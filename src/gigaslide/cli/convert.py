@@ -1,0 +1,43 @@
+"""`gigaslide convert`: move tile features between gigaslide, CLAM and TRIDENT folder layouts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert feature folders between gigaslide, CLAM and TRIDENT layouts",
+        description=(
+            "Convert SRC (gigaslide/CLAM h5_files/ + pt_files/, or TRIDENT features_<encoder>/) into "
+            "the layout given by --to under DST. Features and coordinates are copied exactly."
+        ),
+    )
+    p.add_argument("src", metavar="SRC", type=Path, help="source feature folder")
+    p.add_argument("--out", required=True, type=Path, help="destination folder")
+    p.add_argument("--to", required=True, choices=["gigaslide", "clam", "trident"])
+    p.add_argument("--encoder", default=None, help="encoder name (TRIDENT folder name) when not in the files")
+    p.add_argument(
+        "--slides", default=None, help="convert only these slides: a slide folder or CSV (by stem)"
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigaslide.pipeline.convert import convert_features
+
+    ids = None
+    if args.slides is not None:
+        from gigaslide.pipeline.inputs import collect_slides
+
+        ids = set()
+        for s in collect_slides(args.slides):
+            ids.update({s.slide_id, s.path.stem})
+    summary = convert_features(args.src, args.out, args.to, encoder=args.encoder, slide_ids=ids)
+    print(f"converted {len(summary.written)} slide(s) to {args.to} in {summary.out_dir}", file=sys.stderr)
+    for sid, err in sorted(summary.failed.items()):
+        print(f"  FAILED {sid}: {err}", file=sys.stderr)
+    return 1 if summary.failed else 0

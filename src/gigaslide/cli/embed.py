@@ -1,0 +1,92 @@
+"""`gigaslide embed`: tile features for every slide of a tiling output (single process or torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+RANDOM_WARNING = (
+    "\n" + "!" * 78 + "\n"
+    "RANDOM WEIGHTS: features are not meaningful. Encoder {name!r} was built without pretrained\n"
+    "weights (none given with --weights and none in the weights registry). Use these features for\n"
+    "testing only; every output file records random_init=True.\n" + "!" * 78 + "\n"
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "embed",
+        help="extract tile features with a tile encoder",
+        description=(
+            "Embed the tiles of every slide of COORDS_DIR (a `gigaslide tile` output, or a CLAM/TRIDENT "
+            "patches folder together with --slides) into OUT/h5_files/<slide_id>.h5. Resumable; "
+            "scale out with `torchrun --nproc_per_node K -m gigaslide embed ...`."
+        ),
+    )
+    p.add_argument(
+        "coords_dir", metavar="COORDS_DIR", help="tiling output folder or CLAM/TRIDENT patches folder"
+    )
+    p.add_argument("--encoder", required=True, help="encoder name (see `gigaslide encoders`)")
+    p.add_argument("--weights", default=None, help="weights file/folder, 'registry' or 'random'")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes"
+    )
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of the stored features (float16 halves the files; use with --precision fp16)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
+    p.add_argument("--save-pt", action="store_true", help="also write CLAM-style pt_files/<slide_id>.pt")
+    p.add_argument("--chunk-size", type=int, default=4096, help="rows per committed chunk (resume step)")
+    p.add_argument("--slides", default=None, help="slide folder or CSV (path column), matched by file stem")
+    p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _merged_failures(manifest: Path) -> dict[str, str]:
+    if not manifest.exists():
+        return {}
+    with manifest.open(newline="", encoding="utf-8") as f:
+        return {r["slide_id"]: r.get("error", "") for r in csv.DictReader(f) if r.get("status") == "failed"}
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigaslide.models.encoders import create_encoder
+    from gigaslide.pipeline.embed_job import run_embedding
+    from gigaslide.utils.dist import cleanup, init_distributed
+
+    info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    try:
+        encoder = create_encoder(args.encoder, weights=args.weights)
+        if encoder.weights_info.get("random_init") and info.is_main:
+            print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
+        summary = run_embedding(
+            args.coords_dir,
+            encoder,
+            args.out,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            precision=args.precision,
+            device=args.device,
+            save_pt=args.save_pt,
+            chunk_size=args.chunk_size,
+            slides=args.slides,
+            slide_mpp=args.slide_mpp,
+            store_dtype=args.store_dtype,
+            dist_info=info,
+            progress=not args.no_progress,
+        )
+    finally:
+        cleanup()
+    print(summary.describe(), file=sys.stderr)
+    n_failed = summary.n_failed
+    if info.is_distributed and info.is_main:
+        failed = _merged_failures(summary.manifest)
+        print(f"all ranks: {len(failed)} slide(s) failed; manifest {summary.manifest}", file=sys.stderr)
+        n_failed = max(n_failed, len(failed))
+    return 1 if n_failed else 0

@@ -1,0 +1,236 @@
+"""`gigaslide probe`: KNN / linear probes of fixed slide embeddings with grouped cross-validation.
+
+Examples::
+
+    gigaslide probe --embeddings feats/ --labels labels.csv --method knn --folds 10 --out runs/knn
+    gigaslide probe --embeddings slides.npz --labels labels.csv --method linear --train-fraction 0.25 --out r/
+    gigaslide probe --embeddings slides.h5 --labels labels.csv --method linear --splits clam_splits/ --out r/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gigaslide.data.features_io import read_features
+from gigaslide.data.splits import (
+    assert_no_case_leakage,
+    few_shot,
+    kfold_splits,
+    load_split_csvs,
+    save_splits,
+    subsample_train,
+)
+from gigaslide.eval.probes import run_probe
+from gigaslide.eval.reports import write_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlideEmbeddings:
+    """(N, E) slide embeddings, their slide ids, and feature files that could not be read."""
+
+    X: np.ndarray
+    ids: list[str]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
+    """Read slide embeddings from ``.npz`` / ``.h5`` / ``.pt`` (``embeddings`` (N, E) + ``slide_ids``)
+    or from a directory of per-slide tile-feature files (``*.h5``/``*.pt``, also under ``h5_files/``),
+    each mean-pooled into one slide embedding (HIPT's mean-embedding protocol). Unreadable feature
+    files are skipped, warned about and listed in ``failed``."""
+    p = Path(path)
+    if p.is_dir():
+        d = p / "h5_files" if (p / "h5_files").is_dir() else p
+        files = sorted(d.glob("*.h5")) or sorted(
+            (p / "pt_files").glob("*.pt") if (p / "pt_files").is_dir() else d.glob("*.pt")
+        )
+        if not files:
+            raise FileNotFoundError(f"{p}: no .h5/.pt feature files found (expected <slide_id>.h5 per slide)")
+        rows, ids, failed = [], [], {}
+        for f in files:
+            try:
+                feats = read_features(f).features
+                if feats.shape[0] == 0:
+                    raise ValueError("no tiles")
+                rows.append(feats.astype(np.float64).mean(axis=0))  # (E,)
+                ids.append(f.stem)
+            except (ValueError, OSError, RuntimeError) as e:
+                failed[f.stem] = f"{f}: {e}"
+        if failed:
+            warnings.warn(
+                f"{len(failed)} feature file(s) unreadable, skipped: {sorted(failed)[:20]}", stacklevel=2
+            )
+        if not rows:
+            raise ValueError(f"{p}: none of the {len(files)} feature files could be read")
+        dims = {r.shape[0] for r in rows}
+        if len(dims) > 1:
+            raise ValueError(f"{p}: feature files disagree on the embedding dimension: {sorted(dims)}")
+        return SlideEmbeddings(np.stack(rows), ids, failed)
+    if not p.is_file():
+        raise FileNotFoundError(f"embeddings {p} not found")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as z:
+            obj = {k: z[k] for k in z.files}
+    elif p.suffix in (".h5", ".hdf5"):
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            obj = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset)}
+    elif p.suffix == ".pt":
+        import torch
+
+        loaded = torch.load(p, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"{p}: expected a dict with 'embeddings' and 'slide_ids', got {type(loaded).__name__}"
+            )
+        obj = {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in loaded.items()}
+    else:
+        raise ValueError(f"{p}: unsupported embeddings file (use .npz, .h5, .pt or a feature directory)")
+    if "embeddings" not in obj or "slide_ids" not in obj:
+        raise ValueError(f"{p}: needs 'embeddings' (N, E) and 'slide_ids' (N,); found keys {sorted(obj)}")
+    X = np.asarray(obj["embeddings"], dtype=np.float64)
+    ids = [s.decode() if isinstance(s, bytes) else str(s) for s in np.asarray(obj["slide_ids"]).tolist()]
+    if X.ndim != 2 or X.shape[0] != len(ids):
+        raise ValueError(f"{p}: embeddings shape {X.shape} does not match {len(ids)} slide ids")
+    return SlideEmbeddings(X, ids)
+
+
+def read_labels_csv(
+    path: str | os.PathLike[str], task: str = "classification", label_col: str = "label"
+) -> pd.DataFrame:
+    """Read a labels table (slide_id, case_id, label | time, event); ids are strings.
+
+    Without ``case_id`` every slide is its own case (warned: grouping by patient is then impossible).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"labels CSV {p} not found")
+    df = pd.read_csv(p, dtype={"slide_id": str, "case_id": str})
+    need = ["slide_id", *([label_col] if task == "classification" else ["time", "event"])]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"{p}: missing column(s) {missing}; has {list(df.columns)}")
+    if "case_id" not in df.columns:
+        warnings.warn(f"{p}: no case_id column; each slide is treated as its own case", stacklevel=2)
+        df["case_id"] = df["slide_id"]
+    dup = df["slide_id"][df["slide_id"].duplicated()].tolist()
+    if dup:
+        raise ValueError(f"{p}: duplicated slide_id(s): {dup[:20]}")
+    na = df.loc[df[need].isna().any(axis=1), "slide_id"].tolist()
+    if na:
+        raise ValueError(f"{p}: {len(na)} slide(s) with missing {need[1:]}: {na[:20]} (drop those rows)")
+    return df
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "probe",
+        help="evaluate slide embeddings with a KNN or linear probe",
+        description="Cross-validated KNN (HIPT) or logistic-regression/Cox (Giga-SSL) probe of slide embeddings.",
+    )
+    p.add_argument(
+        "--embeddings", required=True, type=Path, help=".npz/.h5/.pt (embeddings, slide_ids) or a feature dir"
+    )
+    p.add_argument(
+        "--labels", required=True, type=Path, help="CSV with slide_id, case_id, label (or time, event)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output directory for the report")
+    p.add_argument("--method", choices=["knn", "linear"], default="linear")
+    p.add_argument("--task", choices=["classification", "survival"], default="classification")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--folds", type=int, default=10, help="number of case-grouped stratified folds")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="fraction of training cases held out for val"
+    )
+    p.add_argument("--train-fraction", type=float, default=1.0, help="training-data budget inside each fold")
+    p.add_argument(
+        "--few-shot", type=int, default=None, metavar="N", help="N training slides per class per fold"
+    )
+    p.add_argument("--splits", type=Path, default=None, help="directory of CLAM/HIPT splits_<k>.csv files")
+    p.add_argument("--k", type=int, default=20, help="KNN neighbours")
+    p.add_argument("--knn-metric", choices=["cosine", "euclidean"], default="cosine")
+    p.add_argument("--knn-weighting", choices=["uniform", "distance"], default="uniform")
+    p.add_argument(
+        "--normalize", choices=["standard", "l2", "none"], default="standard", help="linear probe scaling"
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    df = read_labels_csv(args.labels, task=args.task, label_col=args.label_col)
+    emb = load_slide_embeddings(args.embeddings)
+    have = set(emb.ids)
+    missing = sorted(set(df["slide_id"]) - have)
+    if missing:
+        detail = [emb.failed[m] for m in missing if m in emb.failed][:5]
+        raise SystemExit(
+            f"error: {len(missing)} labelled slide(s) have no embedding in {args.embeddings}: {missing[:20]}"
+            + (f"; unreadable: {detail}" if detail else "")
+            + " (embed them, or drop them from the labels CSV)"
+        )
+    if args.splits is not None:
+        splits = load_split_csvs(args.splits, df=df)
+    else:
+        splits = kfold_splits(
+            df,
+            n_folds=args.folds,
+            label_col=args.label_col,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            task=args.task,
+        )
+    assert_no_case_leakage(splits, df)
+    if args.few_shot is not None:
+        if args.task != "classification":
+            raise SystemExit("error: --few-shot needs --task classification")
+        splits = [few_shot(s, df, args.few_shot, seed=args.seed, label_col=args.label_col) for s in splits]
+    elif args.train_fraction < 1.0:
+        splits = [
+            subsample_train(
+                s, df, args.train_fraction, seed=args.seed, label_col=args.label_col, task=args.task
+            )
+            for s in splits
+        ]
+    save_splits(splits, args.out / "splits")
+    kw = (
+        {"k": args.k, "metric": args.knn_metric, "weighting": args.knn_weighting}
+        if args.method == "knn"
+        else {"normalize": args.normalize}
+    )
+    result = run_probe(
+        emb.X, emb.ids, df, splits, method=args.method, task=args.task, label_col=args.label_col, **kw
+    )
+    config = {
+        **result.config,
+        "embeddings": str(args.embeddings),
+        "labels": str(args.labels),
+        "folds": len(splits),
+        "splits_source": str(args.splits) if args.splits else "kfold_splits",
+        "train_fraction": args.train_fraction,
+        "few_shot": args.few_shot,
+        "seed": args.seed,
+        "unreadable_features": emb.failed,
+    }
+    title = f"{args.method} probe ({args.task})"
+    write_report(
+        args.out, result.summary, result.per_fold, result.predictions, args.task,
+        splits=splits, title=title, config=config, n_boot=args.n_boot, seed=args.seed,
+    )  # fmt: skip
+    summary = {k: {"mean": round(m, 4), "std": round(s, 4)} for k, (m, s) in result.summary.items()}
+    print(json.dumps(summary, indent=1))
+    log.info("report written to %s", args.out)
+    return 0

@@ -1,0 +1,62 @@
+"""`gigaslide tile`: tissue detection and tile coordinates for a slide, a folder or a CSV of slides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tile",
+        help="detect tissue and write tile coordinates for many slides",
+        description=(
+            "Tile slides at an exact resolution. Writes OUT/patches/<slide_id>.h5, "
+            "OUT/tissue/<slide_id>.geojson and OUT/manifest.csv; a rerun skips finished slides "
+            "and retries failed ones."
+        ),
+    )
+    p.add_argument("input", help="a slide file, a folder of slides, or a CSV with a `path` column")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--target-mpp", type=float, default=0.5, help="tile resolution in um/px (default 0.5)")
+    p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels (default 256)")
+    p.add_argument("--stride", type=int, default=None, help="grid step in pixels (default: tile size)")
+    p.add_argument(
+        "--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile (default 0.25)"
+    )
+    p.add_argument(
+        "--region-size", type=int, default=None, help="also write regions of this size (4096 for HIPT)"
+    )
+    p.add_argument("--slide-mpp", type=float, default=None, help="level-0 um/px for slides lacking one")
+    p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
+    p.add_argument("--backend", default=None, help="slide reader backend (default: automatic)")
+    p.add_argument("--preview", action="store_true", help="also write OUT/previews/<slide_id>.png")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigaslide.pipeline.inputs import SlideListError, collect_slides
+    from gigaslide.pipeline.tile_job import run_tiling
+
+    try:
+        slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
+        summary = run_tiling(
+            slides,
+            args.out,
+            target_mpp=args.target_mpp,
+            tile_size=args.tile_size,
+            stride=args.stride,
+            min_tissue=args.min_tissue,
+            region_size=args.region_size,
+            workers=args.workers,
+            backend=args.backend,
+            preview=args.preview,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, SlideListError, ValueError) as e:
+        print(f"gigaslide tile: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    return 0 if summary.ok else 1

@@ -1,0 +1,56 @@
+"""Multi-head self-attention that can hand back its attention maps (for heatmaps)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (DINO/timm parameter names).
+
+    ``forward(x)`` uses PyTorch's fused scaled-dot-product kernel. ``forward(x, return_attention=True)``
+    computes the softmax weights explicitly and returns them too, shape (B, heads, N, N).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = int(num_heads)
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> (B, N, D), plus the (B, heads, N, N) attention weights when asked."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        attn: torch.Tensor | None = None
+        if return_attention:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn = attn.softmax(dim=-1)
+            out = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
+        else:
+            p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
+        out = self.proj_drop(self.proj(out))
+        if return_attention:
+            assert attn is not None
+            return out, attn
+        return out

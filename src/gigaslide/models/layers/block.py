@@ -1,0 +1,45 @@
+"""Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gigaslide.models.layers.attention import Attention
+from gigaslide.models.layers.mlp import DropPath, Mlp
+
+
+class Block(nn.Module):
+    """One ViT encoder block (names ``norm1``, ``attn``, ``norm2``, ``mlp`` as in DINO/timm)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), drop=drop)
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> (B, N, D); with ``return_attention`` also the (B, heads, N, N) weights."""
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+        else:
+            y, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if return_attention:
+            return x, attn
+        return x

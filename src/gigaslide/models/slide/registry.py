@@ -1,0 +1,109 @@
+"""Registry of slide-level models: register with a decorator, build by name.
+
+    @register_slide_model("abmil", description="...", paper="Ilse et al. 2018", produces_attention=True)
+    class ABMIL(SlideModel): ...
+
+    model = create_slide_model("abmil", in_dim=1024, n_classes=2, dropout=0.1)
+
+Every entry is a class or factory called as ``factory(in_dim=..., n_classes=..., **kwargs)``; extra
+keyword arguments pass straight through, so later model families (HIPT heads, sparse-conv MIL,
+LongViT) register the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from torch import nn
+
+F = TypeVar("F", bound=Callable[..., nn.Module])
+
+
+@dataclass(frozen=True)
+class SlideModelInfo:
+    """Metadata of one registered slide model."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    description: str
+    paper: str
+    produces_attention: bool
+    accepts_coords: bool = False
+    needs_coords: bool = False
+
+
+_REGISTRY: dict[str, SlideModelInfo] = {}
+
+
+def register_slide_model(
+    name: str,
+    *,
+    description: str,
+    paper: str,
+    produces_attention: bool,
+    accepts_coords: bool = False,
+    needs_coords: bool = False,
+) -> Callable[[F], F]:
+    """Decorator registering a slide-model class or factory under ``name``.
+
+    Raises:
+        ValueError: if ``name`` is already registered (names are global; pick a new one).
+    """
+    if needs_coords and not accepts_coords:
+        raise ValueError(f"slide model {name!r}: needs_coords=True implies accepts_coords=True")
+
+    def decorator(factory: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"slide model {name!r} is already registered by {_REGISTRY[name].factory!r}")
+        _REGISTRY[name] = SlideModelInfo(
+            name=name,
+            factory=factory,
+            description=description,
+            paper=paper,
+            produces_attention=produces_attention,
+            accepts_coords=accepts_coords,
+            needs_coords=needs_coords,
+        )
+        return factory
+
+    return decorator
+
+
+def list_slide_models() -> list[str]:
+    """Names of all registered slide models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_slide_model_info(name: str) -> SlideModelInfo:
+    """Metadata of a registered model; raises KeyError listing the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown slide model {name!r}; available: {', '.join(list_slide_models())}") from None
+
+
+def _check_kwargs(info: SlideModelInfo, kwargs: dict[str, Any]) -> None:
+    """Reject keyword arguments the factory does not accept, naming the accepted ones."""
+    params = inspect.signature(info.factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        options = ", ".join(k for k in accepted if k not in ("in_dim", "n_classes"))
+        raise TypeError(f"slide model {info.name!r} got unknown argument(s) {unknown}; it accepts: {options}")
+
+
+def create_slide_model(name: str, in_dim: int, n_classes: int, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` for ``in_dim``-dimensional tile features and ``n_classes`` outputs.
+
+    The returned module carries ``slide_model_info`` (its :class:`SlideModelInfo`).
+    """
+    info = get_slide_model_info(name)
+    _check_kwargs(info, kwargs)
+    model = info.factory(in_dim=in_dim, n_classes=n_classes, **kwargs)
+    model.slide_model_info = info
+    return model

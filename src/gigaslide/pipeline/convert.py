@@ -1,0 +1,199 @@
+"""Convert tile-feature folders between gigaslide, CLAM and TRIDENT layouts.
+
+Layouts::
+
+    gigaslide  OUT/h5_files/<slide>.h5 (features, coords + attrs) [+ pt_files/] + manifest.csv
+    clam       OUT/h5_files/<slide>.h5 (features, coords) + OUT/pt_files/<slide>.pt (N, D) tensor
+    trident    OUT/features_<encoder>/<slide>.h5 (features, coords; coords attrs patch_size,
+               patch_size_level0, target_magnification, level0_magnification, overlap ...)
+
+Features (values and dtype) and coordinates are copied exactly; attributes are kept, and the
+tile-spec attributes are rewritten in the target's conventions (TRIDENT's ``patch_size`` is
+the tile size at the target magnification, CLAM's the size read at ``patch_level``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from gigaslide.data.features_io import write_features
+from gigaslide.preprocess.coords_io import _plain
+from gigaslide.preprocess.tiling_spec import TileSpec
+from gigaslide.utils.atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gigaslide", "clam", "trident")
+
+
+class ConvertError(ValueError):
+    """The source folder is not a recognised feature layout; the message says what was expected."""
+
+
+@dataclass
+class FeatureSource:
+    """Feature files found in a source folder."""
+
+    layout: str  # "h5_files" (gigaslide/CLAM) or "trident"
+    files: dict[str, Path]  # slide_id -> .h5
+    encoder: str | None = None  # from a TRIDENT folder name
+
+
+@dataclass
+class ConvertSummary:
+    """Files written and per-slide failures of :func:`convert_features`."""
+
+    out_dir: Path
+    written: dict[str, Path] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def find_feature_files(src: str | os.PathLike[str], encoder: str | None = None) -> FeatureSource:
+    """Locate the feature files of a gigaslide/CLAM (``h5_files/``) or TRIDENT (``features_<enc>/``) folder."""
+    root = Path(src)
+    if not root.is_dir():
+        raise ConvertError(f"{root}: not a folder of features")
+
+    def listing(d: Path) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(d.glob("*.h5")) if not p.name.startswith(".")}
+
+    if (root / "h5_files").is_dir():
+        return FeatureSource("h5_files", listing(root / "h5_files"))
+    if (root / "pt_files").is_dir():
+        raise ConvertError(
+            f"{root}: only pt_files/ found; CLAM .pt files hold no tile coordinates, so the h5_files/ "
+            "folder written next to them is needed"
+        )
+    if root.name.startswith("features_"):
+        return FeatureSource("trident", listing(root), encoder or root.name[len("features_") :])
+    dirs = sorted(d for d in root.glob("features_*") if d.is_dir())
+    if encoder is not None:
+        dirs = [d for d in dirs if d.name == f"features_{encoder}"]
+    if len(dirs) == 1:
+        return FeatureSource("trident", listing(dirs[0]), dirs[0].name[len("features_") :])
+    if len(dirs) > 1:
+        names = ", ".join(d.name for d in dirs)
+        raise ConvertError(f"{root}: several TRIDENT feature folders ({names}); choose one with --encoder")
+    if listing(root):
+        return FeatureSource("trident", listing(root), encoder)
+    raise ConvertError(
+        f"{root}: no features found; expected h5_files/ (gigaslide, CLAM) or features_<encoder>/ (TRIDENT)"
+    )
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any]]:
+    """(features (N, D), coords (N, 2) int64, features attrs, coords attrs) of one file."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f or "coords" not in f:
+                raise ValueError(f"{path}: needs `features` and `coords` datasets (has {list(f.keys())})")
+            feats = np.asarray(f["features"][:])
+            coords = np.asarray(f["coords"][:])
+            fattrs = {k: _plain(v) for k, v in f["features"].attrs.items()}
+            cattrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 feature file ({e})") from e
+    if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM (1, N, D)
+        feats = feats[0]
+    if feats.ndim != 2:
+        raise ValueError(f"{path}: features must be (N, D), got shape {feats.shape}")
+    if coords.ndim == 3 and coords.shape[0] == 1:
+        coords = coords[0]
+    coords = coords.astype(np.int64, copy=False).reshape(-1, 2)
+    if coords.shape[0] != feats.shape[0]:
+        raise ValueError(f"{path}: {coords.shape[0]} coords but {feats.shape[0]} feature rows")
+    return feats, coords, fattrs, cattrs
+
+
+def _spec_of(cattrs: dict[str, Any]) -> TileSpec | None:
+    if "gigaslide_spec" not in cattrs:
+        return None
+    return TileSpec.from_dict(json.loads(cattrs["gigaslide_spec"]))
+
+
+def coords_attrs_for(cattrs: dict[str, Any], to: str) -> dict[str, Any]:
+    """Coordinate attributes in the conventions of ``to`` (gigaslide's canonical set when the spec is known)."""
+    spec = _spec_of(cattrs)
+    out = dict(cattrs)
+    if spec is not None:
+        out.update(spec.to_attrs())
+        if to == "trident":  # TRIDENT's patch_size is the tile size at the target magnification
+            out["patch_size"] = int(spec.tile_size)
+    return out
+
+
+def _clean(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+def convert_features(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    to: str,
+    *,
+    encoder: str | None = None,
+    slide_ids: set[str] | None = None,
+) -> ConvertSummary:
+    """Convert every feature file of ``src`` into layout ``to`` under ``dst``.
+
+    Args:
+        src: a gigaslide/CLAM folder (``h5_files/``) or a TRIDENT folder (``features_<enc>/`` or its parent).
+        dst: output folder.
+        to: ``gigaslide``, ``clam`` or ``trident``.
+        encoder: encoder name (TRIDENT folder name); default from the files' ``encoder`` attribute.
+        slide_ids: convert only these slides (None = all).
+    """
+    if to not in FORMATS:
+        raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    source = find_feature_files(src, encoder=encoder)
+    files = {k: v for k, v in source.files.items() if slide_ids is None or k in slide_ids}
+    if not files:
+        raise ConvertError(f"{src}: no feature files to convert" + (" for --slides" if slide_ids else ""))
+    out = Path(dst)
+    summary = ConvertSummary(out_dir=out)
+    rows: list[dict[str, Any]] = []
+    for sid, path in files.items():
+        try:
+            feats, coords, fattrs, cattrs = _read(path)
+            enc = encoder or fattrs.get("encoder") or source.encoder
+            if enc and "encoder" not in fattrs:
+                fattrs["encoder"] = enc
+            cattrs = coords_attrs_for(cattrs, to)
+            if to == "trident":
+                if not enc:
+                    raise ValueError(f"{path}: the encoder name is unknown; pass --encoder")
+                target = out / f"features_{enc}" / f"{sid}.h5"
+                fattrs = {**fattrs, "name": sid, "savetodir": str(target.parent), "encoder": enc}
+            else:
+                target = out / "h5_files" / f"{sid}.h5"
+            write_features(target, feats, coords, _clean(fattrs), _clean(cattrs))
+            if to == "clam":
+                pt = out / "pt_files" / f"{sid}.pt"
+                with atomic_path(pt) as tmp:
+                    torch.save(torch.from_numpy(np.ascontiguousarray(feats)), tmp)
+            summary.written[sid] = target
+            rows.append({"slide_id": sid, "status": "done", "n_tiles": len(feats), "dim": feats.shape[1],
+                         "error": "", "features_file": str(target)})  # fmt: skip
+        except Exception as e:
+            log.error("%s: %s", sid, e)
+            summary.failed[sid] = f"{type(e).__name__}: {e}"
+            rows.append({"slide_id": sid, "status": "failed", "n_tiles": "", "dim": "",
+                         "error": summary.failed[sid], "features_file": ""})  # fmt: skip
+    if to == "gigaslide":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out / "manifest.csv", buf.getvalue())
+    return summary

@@ -1,0 +1,521 @@
+"""Batch feature extraction over a tiling output (or a CLAM/TRIDENT patches folder).
+
+For every slide: ``OUT/h5_files/<slide_id>.h5`` (``features`` (N, D) + ``coords`` (N, 2) with
+the tile spec), optionally ``OUT/pt_files/<slide_id>.pt``, and a row in ``OUT/manifest.csv``.
+Rows stream through :class:`~gigaslide.data.feature_writer.ChunkedFeatureWriter`, so memory
+does not grow with slide size and an interrupted slide resumes from its last chunk. A slide
+whose file exists with the same fingerprint is skipped; a failing slide is recorded and the
+job carries on. Under ``torchrun`` slides are sharded over global ranks; each rank writes
+``manifest.rank<r>.csv`` and rank 0 merges them into ``manifest.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from gigaslide import __version__
+from gigaslide.data.feature_writer import (
+    ChunkedFeatureWriter,
+    array_sha256,
+    make_fingerprint,
+    stored_fingerprint,
+)
+from gigaslide.data.tile_dataset import TileDataset
+from gigaslide.data.transforms import TileTransform
+from gigaslide.pipeline.extract import (
+    check_precision,
+    iter_features,
+    make_loader,
+    prepare_encoder,
+    resolve_device,
+)
+from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.utils import dist as gdist
+from gigaslide.utils.atomic import atomic_path, atomic_write_text
+from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = (
+    "slide_id",
+    "status",
+    "n_tiles",
+    "dim",
+    "seconds",
+    "tiles_per_s",
+    "error",
+    "features_file",
+    "resumed_from",
+)
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+RANDOM_INIT = "RANDOM-INIT"
+
+
+class EmbedInputError(ValueError):
+    """The coordinates folder or slide list cannot be used; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to embed: its coordinates file and slide file (``None`` if it was not found)."""
+
+    slide_id: str
+    coords_path: Path
+    slide_path: Path | None
+    mpp: float | None = None
+    n_tiles: int = 0
+    error: str = ""  # a problem found while listing (e.g. no matching slide file)
+
+
+@dataclass
+class SlideResult:
+    """Outcome of one slide (one manifest row)."""
+
+    slide_id: str
+    status: str
+    n_tiles: int = 0
+    dim: int = 0
+    seconds: float = 0.0
+    tiles_per_s: float = 0.0
+    error: str = ""
+    features_file: str = ""
+    resumed_from: int = 0
+    computed: int = 0  # rows computed in this run
+    skipped: bool = False  # already complete before this run
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "n_tiles": self.n_tiles,
+            "dim": self.dim,
+            "seconds": f"{self.seconds:.3f}",
+            "tiles_per_s": f"{self.tiles_per_s:.1f}",
+            "error": self.error,
+            "features_file": self.features_file,
+            "resumed_from": self.resumed_from,
+        }
+
+
+@dataclass
+class EmbedSummary:
+    """What :func:`run_embedding` did on this rank (all ranks merged into ``manifest`` on rank 0)."""
+
+    out_dir: Path
+    manifest: Path
+    results: list[SlideResult] = field(default_factory=list)
+    seconds: float = 0.0
+    random_init: bool = False
+
+    @property
+    def n_done(self) -> int:
+        return sum(r.status == STATUS_DONE and not r.skipped for r in self.results)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(r.skipped for r in self.results)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {r.slide_id: r.error for r in self.results if r.status == STATUS_FAILED}
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failed)
+
+    @property
+    def tiles(self) -> int:
+        return sum(r.computed for r in self.results)
+
+    def describe(self) -> str:
+        rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"embedded {self.n_done} slide(s), skipped {self.n_skipped} already done, {self.n_failed} failed; "
+            f"{self.tiles} tiles in {self.seconds:.1f} s ({rate:.1f} tiles/s) -> {self.out_dir}"
+        ]
+        lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def _h5_rows(path: Path) -> int:
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["coords"].shape[0]) if "coords" in f else 0
+    except OSError:
+        return 0
+
+
+def _strip_patches(stem: str) -> str:
+    return stem[: -len("_patches")] if stem.endswith("_patches") else stem
+
+
+def discover_jobs(
+    coords_dir: str | os.PathLike[str],
+    slides: str | os.PathLike[str] | None = None,
+    slide_mpp: float | None = None,
+) -> list[SlideJob]:
+    """List the slides of a tiling output (``manifest.csv`` + ``patches/``) or a CLAM/TRIDENT patches folder.
+
+    A tiling output names its slide files in its manifest (``slides`` overrides them); a
+    CLAM/TRIDENT folder (``*.h5``, or ``patches/*.h5``; TRIDENT names end in ``_patches.h5``)
+    needs ``slides`` (a folder or a CSV with a ``path`` column) matched by file stem.
+    Jobs come back sorted by slide id, identically on every rank.
+    """
+    from gigaslide.pipeline.inputs import collect_slides
+
+    root = Path(coords_dir)
+    if not root.is_dir():
+        raise EmbedInputError(f"{root}: not a folder; pass a tiling output folder or a patches folder")
+    by_id: dict[str, Any] = {}
+    if slides is not None:
+        for s in collect_slides(slides, slide_mpp=slide_mpp):
+            by_id.setdefault(s.slide_id, s)
+            by_id.setdefault(s.path.stem, s)
+    manifest = root / "manifest.csv"
+    jobs: list[SlideJob] = []
+    if manifest.is_file() and (root / "patches").is_dir():
+        with manifest.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            sid = row.get("slide_id", "")
+            if row.get("status") != STATUS_DONE:
+                log.info("%s: not tiled (status %r) - not embedded", sid, row.get("status"))
+                continue
+            cfile = Path(row.get("coords_file") or f"patches/{sid}.h5")
+            cpath = cfile if cfile.is_absolute() else root / cfile
+            if not cpath.exists():
+                cpath = root / "patches" / f"{sid}.h5"
+            mpp = float(row["mpp"]) if row.get("mpp") else slide_mpp
+            if sid in by_id:
+                spath, mpp = by_id[sid].path, by_id[sid].mpp or mpp
+            else:
+                spath = Path(row["path"]) if row.get("path") else None
+            err = "" if spath is not None else "no slide path in the tiling manifest; pass --slides"
+            jobs.append(SlideJob(sid, cpath, spath, mpp, _h5_rows(cpath), err))
+    else:
+        pdir = root / "patches" if (root / "patches").is_dir() else root
+        files = sorted(p for p in pdir.glob("*.h5") if not p.name.startswith("."))
+        if not files:
+            raise EmbedInputError(
+                f"{root}: neither a tiling output (manifest.csv + patches/) nor a folder of CLAM/TRIDENT "
+                "coordinate files (*.h5); run `gigaslide tile` first"
+            )
+        if slides is None:
+            raise EmbedInputError(
+                f"{root}: a CLAM/TRIDENT patches folder has no slide paths; pass --slides (a folder of "
+                "slides or a CSV with a `path` column, matched to the coordinate files by file stem)"
+            )
+        for cpath in files:
+            sid = _strip_patches(cpath.stem)
+            s = by_id.get(sid)
+            err = "" if s is not None else f"no slide named {sid!r} in --slides {slides}"
+            jobs.append(
+                SlideJob(sid, cpath, s.path if s else None, s.mpp if s else slide_mpp, _h5_rows(cpath), err)
+            )
+    return sorted(jobs, key=lambda j: j.slide_id)
+
+
+# -- identity of an encoder run --------------------------------------------------------------
+def weights_identity(encoder: nn.Module) -> tuple[str, str, bool]:
+    """(weights path or ``RANDOM-INIT``, sha256, random_init) of an encoder.
+
+    For random initialisation the sha256 is that of the state dict, so two random-init runs
+    with different seeds never share a fingerprint.
+    """
+    info = dict(getattr(encoder, "weights_info", {}) or {})
+    if info.get("random_init"):
+        digest = hashlib.sha256()
+        for name, t in sorted(encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return RANDOM_INIT, digest.hexdigest(), True
+    path = str(info.get("path") or info.get("source") or "")
+    sha = str(info.get("sha256") or "")
+    if not path and not sha:
+        raise ValueError(
+            "the encoder has no `weights_info` (path/sha256 or random_init); build it with "
+            "gigaslide.models.encoders.create_encoder"
+        )
+    return path, sha, False
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return "nan"
+    return value
+
+
+# -- the job -------------------------------------------------------------------------------
+class _Embedder:
+    """Per-run state shared by all slides of one rank."""
+
+    def __init__(self, encoder: nn.Module, out_dir: Path, opts: dict[str, Any]) -> None:
+        self.encoder = encoder
+        self.meta = encoder.meta
+        self.out_dir = out_dir
+        self.opts = opts
+        self.device: torch.device = opts["device"]
+        self.channels_last = prepare_encoder(encoder, self.device)
+        self.transform = TileTransform.from_meta(self.meta)
+        self.weights, self.weights_sha, self.random_init = weights_identity(encoder)
+        self.dtype = np.dtype(STORE_DTYPES[opts["store_dtype"]])
+        self.h5_dir = out_dir / "h5_files"
+        self.pt_dir = out_dir / "pt_files"
+
+    def fingerprint(self, coords: np.ndarray, coords_attrs: dict[str, Any]) -> str:
+        return make_fingerprint(
+            encoder=self.meta.name,
+            weights_sha256=self.weights_sha,
+            coords=array_sha256(coords),
+            spec=str(coords_attrs.get("gigaslide_spec", sorted(coords_attrs.items()))),
+            precision=self.opts["precision"],
+            dtype=self.dtype.name,
+            transform=repr(self.transform),
+        )
+
+    def features_attrs(self, slide_id: str, spec: Any, fingerprint: str) -> dict[str, Any]:
+        return {
+            "encoder": self.meta.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha,
+            "embed_dim": int(self.meta.embed_dim),
+            "precision": self.opts["precision"],
+            "gigaslide_version": __version__,
+            "target_mpp": float(spec.target_mpp),
+            "tile_size": int(spec.tile_size),
+            "input_size": _jsonable(list(TileTransform.from_meta(self.meta).input_size)),
+            "random_init": bool(self.random_init),
+            "slide_id": slide_id,
+            "fingerprint": fingerprint,
+        }
+
+    def write_pt(self, slide_id: str, h5_path: Path) -> Path:
+        """CLAM's ``pt_files/<slide_id>.pt``: the (N, D) float tensor."""
+        with h5py.File(h5_path, "r") as f:
+            feats = torch.from_numpy(np.asarray(f["features"][:], dtype=np.float32))
+        pt = self.pt_dir / f"{slide_id}.pt"
+        with atomic_path(pt) as tmp:
+            torch.save(feats, tmp)
+        return pt
+
+    def run_slide(self, job: SlideJob, pbar: tqdm) -> SlideResult:
+        t0 = time.perf_counter()
+        if job.error:
+            raise EmbedInputError(job.error)
+        assert job.slide_path is not None
+        cf = read_coords(job.coords_path, slide_mpp=job.mpp)
+        coords = cf.coords  # (N, 2)
+        n = int(coords.shape[0])
+        fp = self.fingerprint(coords, cf.attrs)
+        final = self.h5_dir / f"{job.slide_id}.h5"
+        dim = int(self.meta.embed_dim)
+        if final.exists():
+            if stored_fingerprint(final) != fp:
+                raise FileExistsError(
+                    f"{final} exists but was made with another encoder, weights, precision or coordinates; "
+                    "write to a new --out folder or delete the file"
+                )
+            if self.opts["save_pt"] and not (self.pt_dir / f"{job.slide_id}.pt").exists():
+                self.write_pt(job.slide_id, final)
+            pbar.total = max(0, (pbar.total or 0) - n)
+            pbar.refresh()
+            return SlideResult(
+                job.slide_id, STATUS_DONE, n, dim, 0.0, 0.0, "", str(final), skipped=True, resumed_from=n
+            )
+        attrs = self.features_attrs(job.slide_id, cf.spec, fp)
+        writer = ChunkedFeatureWriter(
+            final,
+            coords,
+            dim,
+            fp,
+            chunk_size=self.opts["chunk_size"],
+            dtype=self.dtype,
+            features_attrs=attrs,
+            coords_attrs=cf.attrs,
+        )
+        with writer:
+            start = writer.open()
+            if start:
+                pbar.total = max(0, (pbar.total or 0) - start)
+                pbar.refresh()
+            dataset = TileDataset(job.slide_path, coords, cf.spec, transform=self.transform, mpp=job.mpp)
+            subset = Subset(dataset, range(start, n)) if start else dataset
+            loader = make_loader(subset, self.opts["batch_size"], self.opts["num_workers"], self.device)
+            for feats, got in iter_features(
+                self.encoder, loader, self.device, self.opts["precision"], self.channels_last
+            ):
+                row = writer.rows_written
+                if feats.shape[1] != dim:
+                    raise ValueError(f"the encoder returned {feats.shape[1]} features, its meta says {dim}")
+                if not np.array_equal(got, coords[row : row + len(got)]):
+                    raise RuntimeError(f"{job.slide_id}: tiles arrived out of order at row {row}")
+                writer.write(feats)
+                pbar.update(len(feats))
+            writer.finalize()
+        if self.opts["save_pt"]:
+            self.write_pt(job.slide_id, final)
+        secs = time.perf_counter() - t0
+        computed = n - start
+        return SlideResult(
+            job.slide_id,
+            STATUS_DONE,
+            n,
+            dim,
+            secs,
+            computed / secs if secs > 0 else 0.0,
+            "",
+            str(final),
+            resumed_from=start,
+            computed=computed,
+        )
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def merge_manifests(main: Path, shards: list[Path]) -> Path:
+    """Fold rank manifests into ``main`` (later rows win), write it atomically, delete the shards."""
+    rows: dict[str, dict[str, str]] = {r["slide_id"]: r for r in _read_rows(main)}
+    columns = list(MANIFEST_COLUMNS)
+    for shard_path in shards:
+        for r in _read_rows(shard_path):
+            rows[r["slide_id"]] = {**rows.get(r["slide_id"], {}), **r}
+    for r in rows.values():
+        columns += [c for c in r if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for sid in sorted(rows):
+        writer.writerow({c: rows[sid].get(c, "") for c in columns})
+    atomic_write_text(main, buf.getvalue())
+    for shard_path in shards:
+        shard_path.unlink(missing_ok=True)
+    return main
+
+
+def run_embedding(
+    coords_dir: str | os.PathLike[str],
+    encoder: str | nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    precision: str = "fp32",
+    device: str | torch.device = "auto",
+    save_pt: bool = False,
+    chunk_size: int = 4096,
+    slides: str | os.PathLike[str] | None = None,
+    slide_mpp: float | None = None,
+    store_dtype: str = "float32",
+    dist_info: gdist.DistInfo | None = None,
+    progress: bool = True,
+) -> EmbedSummary:
+    """Embed every slide of ``coords_dir`` into ``out_dir`` (see the module docstring).
+
+    Args:
+        coords_dir: tiling output folder, or a CLAM/TRIDENT patches folder (then ``slides`` is needed).
+        encoder: an encoder name for :func:`~gigaslide.models.encoders.create_encoder` or a built encoder.
+        weights: checkpoint path when ``encoder`` is a name.
+        batch_size, num_workers: DataLoader settings (workers read and normalise tiles).
+        precision: ``fp32|fp16|bf16`` (autocast); device: ``auto|cpu|cuda[:i]``.
+        save_pt: also write CLAM's ``pt_files/<slide_id>.pt``.
+        chunk_size: rows per committed chunk of the partial file (resume granularity).
+        slides, slide_mpp: slide list and level-0 mpp override (see :func:`discover_jobs`).
+        store_dtype: ``float32`` (default) or ``float16`` for the stored features.
+        dist_info: this process's rank (from :func:`gigaslide.utils.dist.init_distributed`); None = one process.
+        progress: show a tqdm bar with tiles/s.
+    """
+    t0 = time.perf_counter()
+    check_precision(precision)
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    info = dist_info or gdist.DistInfo()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main_manifest = out / "manifest.csv"
+    dev = resolve_device(device, local_rank=info.local_rank)
+    if isinstance(encoder, str):
+        from gigaslide.models.encoders import create_encoder
+
+        encoder = create_encoder(encoder, weights=weights)
+    elif weights is not None:
+        raise ValueError("weights= only applies when the encoder is given by name")
+    if info.is_main:  # fold shards left by an interrupted distributed run
+        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
+    gdist.barrier()
+    jobs = discover_jobs(coords_dir, slides=slides, slide_mpp=slide_mpp)
+    done_before = {r["slide_id"] for r in _read_rows(main_manifest) if r.get("status") == STATUS_DONE}
+    weights_ = [
+        0.0
+        if j.slide_id in done_before and (out / "h5_files" / f"{j.slide_id}.h5").exists()
+        else j.n_tiles + 1
+        for j in jobs
+    ]
+    mine = gdist.shard(jobs, info.rank, info.world_size, weights=weights_)
+    manifest_path = out / f"manifest.rank{info.rank}.csv" if info.is_distributed else main_manifest
+    manifest = Manifest(manifest_path, columns=MANIFEST_COLUMNS)
+    opts = {
+        "device": dev,
+        "precision": precision,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "save_pt": save_pt,
+        "chunk_size": chunk_size,
+        "store_dtype": store_dtype,
+    }
+    embedder = _Embedder(encoder, out, opts)
+    if embedder.random_init:
+        log.warning(
+            "RANDOM WEIGHTS: encoder %s has no pretrained weights; features are not meaningful",
+            encoder.meta.name,
+        )
+    summary = EmbedSummary(out_dir=out, manifest=main_manifest, random_init=embedder.random_init)
+    desc = f"embed[{info.rank}]" if info.is_distributed else "embed"
+    with tqdm(
+        total=sum(j.n_tiles for j in mine), unit="tile", desc=desc, disable=not progress, dynamic_ncols=True
+    ) as pbar:
+        for job in mine:
+            t_slide = time.perf_counter()
+            try:
+                result = embedder.run_slide(job, pbar)
+            except Exception as e:
+                log.error("%s: %s", job.slide_id, e)
+                result = SlideResult(
+                    job.slide_id,
+                    STATUS_FAILED,
+                    job.n_tiles,
+                    seconds=time.perf_counter() - t_slide,
+                    error=f"{type(e).__name__}: {e}",
+                )
+            summary.results.append(result)
+            if not (result.skipped and job.slide_id in done_before):  # keep the original timing row
+                manifest.update(job.slide_id, result.row())
+    gdist.barrier()
+    if info.is_distributed and info.is_main:
+        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,199 @@
+"""Tile feature extraction: run a tile encoder over the tiles of one slide.
+
+DataLoader workers read, decode and normalise tiles (:class:`TileDataset` with a
+:class:`~gigaslide.data.transforms.TileTransform`); the main process runs the encoder under
+``torch.inference_mode()``, with autocast for fp16/bf16 and channels-last memory for conv
+nets. :func:`iter_features` yields one batch at a time so callers can stream rows to disk
+(see :mod:`gigaslide.pipeline.embed_job`); :func:`extract_features` collects them in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from gigaslide.data.tile_dataset import TileDataset
+from gigaslide.data.transforms import TileTransform
+from gigaslide.preprocess.tiling_spec import TileSpec
+
+if TYPE_CHECKING:
+    from gigaslide.io.base import Slide
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
+    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; validates CUDA requests."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank or 0)
+        return torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank or 0)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {dev} requested but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return dev
+
+
+def check_precision(precision: str) -> torch.dtype:
+    """Map ``fp32|fp16|bf16`` to a torch dtype, with a clear error otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to fp16/bf16 (weights stay fp32); a null context for fp32."""
+    dtype = check_precision(precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def is_conv_net(model: nn.Module) -> bool:
+    """True when the model has convolutions other than a ViT-style patch embedding (kernel == stride)."""
+    return any(
+        isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != tuple(m.stride) for m in model.modules()
+    )
+
+
+def prepare_encoder(encoder: nn.Module, device: torch.device) -> bool:
+    """Move to ``device`` in eval mode; channels-last for conv nets. Returns whether channels-last is used."""
+    encoder.eval().to(device)
+    channels_last = is_conv_net(encoder)
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last)
+    return channels_last
+
+
+def encode_batch(
+    encoder: nn.Module, images: torch.Tensor, device: torch.device, precision: str, channels_last: bool
+) -> torch.Tensor:
+    """(B, 3, H, W) normalised float -> (B, D) float32 features on the CPU."""
+    x = images.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast_context(device, precision):
+        out = encoder(x)
+    if out.ndim != 2:
+        raise ValueError(f"the encoder returned shape {tuple(out.shape)}; a tile encoder must return (B, D)")
+    return out.float().cpu()
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """In-order loader; workers prefetch a few batches each, pinned memory on CUDA."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def iter_features(
+    encoder: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(features (B, D) float32, coords (B, 2) int64)`` batch by batch, in loader order."""
+    check_precision(precision)
+    if channels_last is None:
+        channels_last = prepare_encoder(encoder, device)
+    for images, coords in loader:
+        feats = encode_batch(encoder, images, device, precision, channels_last)
+        yield feats.numpy(), np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+
+
+def default_transform(encoder: nn.Module) -> TileTransform:
+    """The normalisation/resize transform described by ``encoder.meta``."""
+    meta = getattr(encoder, "meta", None)
+    if meta is None:
+        raise ValueError(
+            "the encoder has no `.meta` (input_size, mean, std); build it with "
+            "gigaslide.models.encoders.create_encoder or pass transform= explicitly"
+        )
+    return TileTransform.from_meta(meta)
+
+
+def extract_features(
+    slide: str | os.PathLike[str] | Slide,
+    coords: np.ndarray,
+    spec: TileSpec,
+    encoder: nn.Module,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """Features of the tiles at ``coords`` of ``slide``.
+
+    Args:
+        slide: a slide path or an open :class:`~gigaslide.io.base.Slide` (its path, mpp
+            override and backend are reused by each worker).
+        coords: (N, 2) level-0 top-left corners.
+        spec: the tile geometry the coordinates were made with.
+        encoder: a tile encoder, (B, 3, H, W) -> (B, D).
+        batch_size, num_workers: DataLoader settings.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        precision: ``fp32``, ``fp16`` or ``bf16`` (autocast).
+        transform: tile transform; default from ``encoder.meta``.
+
+    Returns:
+        (N, D) float32 features in the order of ``coords``.
+    """
+    dev = resolve_device(device)
+    tf = transform if transform is not None else default_transform(encoder)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
+    if isinstance(slide, (str, os.PathLike)):
+        dataset = TileDataset(slide, coords, spec, transform=tf)
+    else:
+        from gigaslide.io import list_backends
+
+        backend = getattr(slide, "backend", None)
+        dataset = TileDataset(
+            slide.path,
+            coords,
+            spec,
+            transform=tf,
+            mpp=slide.mpp,
+            backend=backend if backend in list_backends() else None,
+        )
+    channels_last = prepare_encoder(encoder, dev)
+    loader = make_loader(dataset, batch_size, num_workers, dev)
+    out: list[np.ndarray] = []
+    n = 0
+    for feats, got in iter_features(encoder, loader, dev, precision, channels_last):
+        if not np.array_equal(got, coords[n : n + len(got)]):
+            raise RuntimeError(f"tiles arrived out of order at row {n}; the loader must not shuffle")
+        out.append(feats)
+        n += len(feats)
+    if not out:
+        dim = int(getattr(getattr(encoder, "meta", None), "embed_dim", 0))
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.concatenate(out, axis=0)

@@ -1,0 +1,128 @@
+"""Slide lists for batch jobs: one slide file, a folder of slides, or a CSV with a `path` column."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+SLIDE_EXTENSIONS: tuple[str, ...] = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
+
+
+class SlideListError(ValueError):
+    """The slide list (folder, CSV) is unusable; the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    """One slide of a batch: its id (output file names), path and optional level-0 mpp."""
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+
+
+def is_slide_file(path: Path) -> bool:
+    """True when ``path``'s extension is a known slide/image format (case-insensitive)."""
+    return path.suffix.lower() in SLIDE_EXTENSIONS
+
+
+def _parse_mpp(value: str | None, where: str) -> float | None:
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        mpp = float(value)
+    except ValueError:
+        raise SlideListError(
+            f"{where}: mpp {value!r} is not a number (microns per pixel, e.g. 0.25)"
+        ) from None
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise SlideListError(f"{where}: mpp must be a positive number of microns per pixel, got {value!r}")
+    return mpp
+
+
+def _from_csv(csv_path: Path) -> list[SlideInput]:
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in fields:
+            raise SlideListError(
+                f"{csv_path}: the slide list needs a `path` column (optional `slide_id`, `mpp`); "
+                f"found columns {fields}"
+            )
+        slides = []
+        for line, raw in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+            if not row.get("path"):
+                raise SlideListError(f"{csv_path}, line {line}: empty `path`")
+            path = Path(os.path.expanduser(row["path"]))
+            if not path.is_absolute():
+                path = csv_path.parent / path  # relative to the CSV's folder
+            slide_id = row.get("slide_id") or path.stem
+            slides.append(SlideInput(slide_id, path, _parse_mpp(row.get("mpp"), f"{csv_path}, line {line}")))
+    return slides
+
+
+def collect_slides(input: str | os.PathLike[str], slide_mpp: float | None = None) -> list[SlideInput]:
+    """List the slides of a batch.
+
+    Args:
+        input: a slide file, a folder (its files with a slide extension, not recursive, sorted by
+            name), or a ``.csv`` with a ``path`` column and optional ``slide_id``/``mpp`` columns
+            (relative paths are relative to the CSV's folder).
+        slide_mpp: level-0 mpp applied to every slide that has none from the CSV.
+
+    Returns:
+        One :class:`SlideInput` per slide; ``slide_id`` defaults to the file stem.
+
+    Raises:
+        FileNotFoundError: ``input`` does not exist.
+        SlideListError: no slides found, a bad CSV, or duplicate slide ids (all listed).
+    """
+    src = Path(input).expanduser()
+    if slide_mpp is not None:
+        slide_mpp = _parse_mpp(str(slide_mpp), "--slide-mpp")
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such slide, folder or CSV file")
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if is_slide_file(p) and not p.name.startswith("."))
+        if not files:
+            raise SlideListError(
+                f"{src}: no slide files in this folder (extensions: {' '.join(SLIDE_EXTENSIONS)})"
+            )
+        slides = [SlideInput(p.stem, p, None) for p in files]
+    elif src.suffix.lower() == ".csv":
+        slides = _from_csv(src)
+        if not slides:
+            raise SlideListError(f"{src}: the slide list is empty")
+    else:
+        slides = [SlideInput(src.stem, src, None)]
+    if slide_mpp is not None:
+        slides = [s if s.mpp is not None else SlideInput(s.slide_id, s.path, slide_mpp) for s in slides]
+    dupes = {k: n for k, n in Counter(s.slide_id for s in slides).items() if n > 1}
+    if dupes:
+        listing = "; ".join(
+            f"{sid}: {', '.join(str(s.path) for s in slides if s.slide_id == sid)}" for sid in sorted(dupes)
+        )
+        raise SlideListError(
+            f"{src}: duplicate slide ids would overwrite each other's outputs ({listing}). "
+            "Give unique ids in a CSV with `path` and `slide_id` columns."
+        )
+    return slides

@@ -1,0 +1,194 @@
+"""Tile grids over a slide: level-0 coordinates of the tiles that contain enough tissue.
+
+The grid is laid out in level-0 pixels from a :class:`TileSpec`: tile ``i`` along an axis
+starts at ``round(i * spec.level0_stride)`` and covers ``spec.level0_size`` level-0 pixels,
+so the physical resolution is exact (0.5 um/px on a 0.265 um/px slide covers 483 level-0
+pixels). The last row/column may hang over the slide's border; reads there are padded white.
+
+The same machinery produces HIPT's 4096 px regions (``tile_slide(..., tile_size=4096)``);
+:func:`subtile_coords` maps each region to its 16 x 16 grid of 256 px sub-tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gigaslide.preprocess.tiling_spec import TileSpec
+
+if TYPE_CHECKING:
+    from gigaslide.io.base import Slide
+    from gigaslide.preprocess.tissue import TissueMask, TissueParams
+
+
+class NoTissueError(ValueError):
+    """No tile of a slide reached the minimum tissue fraction."""
+
+    def __init__(self, slide_path: Any, min_tissue: float, n_grid: int, max_fraction: float) -> None:
+        super().__init__(
+            f"{slide_path}: no tile kept: none of the {n_grid} grid tiles has a tissue fraction >= "
+            f"{min_tissue:g} (the best has {max_fraction:.3f}). Lower the threshold (--min-tissue, "
+            f"e.g. {max(round(max_fraction * 0.9, 3), 0.0):g}) or check the tissue detection on the "
+            "slide's thumbnail (`gigaslide preview SLIDE`)."
+        )
+        self.slide_path = slide_path
+        self.min_tissue = min_tissue
+        self.max_fraction = max_fraction
+
+
+@dataclass
+class TilingResult:
+    """Tiles kept on one slide."""
+
+    coords: np.ndarray  # (N, 2) int64 level-0 (x, y) top-left corners, row-major order
+    spec: TileSpec
+    tissue_fraction: np.ndarray  # (N,) float32 tissue fraction of each kept tile
+    tissue: TissueMask
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.coords.shape[0])
+
+
+def axis_starts(n: int, level0_stride: float) -> np.ndarray:
+    """Level-0 starts ``round(i * level0_stride)`` for ``i < n``; (n,) int64."""
+    return np.round(np.arange(n, dtype=np.float64) * float(level0_stride)).astype(np.int64)
+
+
+def grid_coords(spec: TileSpec) -> np.ndarray:
+    """Every tile of the spec's grid over level 0, row-major (y outer, x inner); (N, 2) int64.
+
+    The grid covers the whole slide: the last column/row may extend past the border.
+    """
+    nx, ny = spec.grid_shape()
+    xs = axis_starts(nx, spec.level0_stride)
+    ys = axis_starts(ny, spec.level0_stride)
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")  # (ny, nx) each
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)  # (ny * nx, 2)
+
+
+def select_tiles(fractions: np.ndarray, min_tissue: float) -> np.ndarray:
+    """Boolean mask (N,) of tiles kept: tissue fraction >= ``min_tissue``.
+
+    With ``min_tissue == 0`` a tile is kept when it touches any tissue (fraction > 0),
+    never pure background.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if min_tissue <= 0:
+        return fractions > 0
+    # tiny tolerance: fractions come from float integral images
+    return fractions >= min_tissue - 1e-9
+
+
+def make_spec(
+    slide: Slide,
+    target_mpp: float,
+    tile_size: int,
+    stride: int | None = None,
+    min_tissue: float = 0.25,
+) -> TileSpec:
+    """The :class:`TileSpec` of ``slide`` for tiles of ``tile_size`` px at ``target_mpp``.
+
+    Raises:
+        MissingMPPError: the slide has no mpp (metadata or user-given).
+    """
+    return TileSpec.create(
+        tile_size=tile_size,
+        target_mpp=target_mpp,
+        slide_mpp=slide.require_mpp(),
+        level_downsamples=slide.level_downsamples,
+        level0_dims=slide.dimensions,
+        stride=stride,
+        min_tissue=min_tissue,
+    )
+
+
+def tile_slide(
+    slide: Slide,
+    target_mpp: float,
+    tile_size: int,
+    stride: int | None = None,
+    min_tissue: float = 0.25,
+    tissue: TissueMask | None = None,
+    tissue_params: TissueParams | None = None,
+) -> TilingResult:
+    """Tile ``slide`` at ``target_mpp`` and keep the tiles with enough tissue.
+
+    Args:
+        slide: an opened slide (see :func:`gigaslide.io.open_slide`).
+        target_mpp: output resolution in microns per pixel.
+        tile_size: tile side in output pixels (4096 for HIPT regions).
+        stride: grid step in output pixels (default ``tile_size``: no overlap).
+        min_tissue: minimum fraction of a tile covered by tissue.
+        tissue: a precomputed tissue mask (reused e.g. for tiles and regions of one slide).
+        tissue_params: parameters of tissue detection when ``tissue`` is None.
+
+    Raises:
+        MissingMPPError: the slide has no mpp; the message says how to pass one.
+        NoTissueError: no tile reached ``min_tissue``.
+    """
+    spec = make_spec(slide, target_mpp, tile_size, stride=stride, min_tissue=min_tissue)
+    if tissue is None:
+        from gigaslide.preprocess.tissue import detect_tissue
+
+        tissue = detect_tissue(slide, tissue_params)
+    grid = grid_coords(spec)  # (G, 2)
+    fractions = np.asarray(tissue.tissue_fraction(grid, spec.level0_size), dtype=np.float32)  # (G,)
+    keep = select_tiles(fractions, spec.min_tissue)
+    if not keep.any():
+        best = float(fractions.max()) if fractions.size else 0.0
+        raise NoTissueError(slide.path, spec.min_tissue, int(grid.shape[0]), best)
+    return TilingResult(coords=grid[keep], spec=spec, tissue_fraction=fractions[keep], tissue=tissue)
+
+
+# -- HIPT regions ------------------------------------------------------------------------
+def subtile_spec(region_spec: TileSpec, sub_size: int = 256) -> TileSpec:
+    """The spec of the ``sub_size`` px sub-tiles of ``region_spec``'s regions (same resolution).
+
+    Raises:
+        ValueError: ``sub_size`` does not divide the region size.
+    """
+    if sub_size <= 0 or region_spec.tile_size % sub_size:
+        raise ValueError(
+            f"sub-tile size {sub_size} must divide the region size {region_spec.tile_size} "
+            "(HIPT uses 4096 px regions of 256 px tiles)"
+        )
+    scale = region_spec.scale
+    read_size = max(1, round(sub_size * scale / region_spec.read_downsample))
+    return TileSpec(
+        tile_size=int(sub_size),
+        stride=int(sub_size),
+        target_mpp=region_spec.target_mpp,
+        slide_mpp=region_spec.slide_mpp,
+        read_level=region_spec.read_level,
+        read_downsample=region_spec.read_downsample,
+        read_size=int(read_size),
+        level0_size=max(1, round(sub_size * scale)),
+        level0_stride=float(sub_size * scale),
+        level0_dims=region_spec.level0_dims,
+        min_tissue=0.0,
+    )
+
+
+def subtile_coords(region_coords: np.ndarray, region_spec: TileSpec, sub_size: int = 256) -> np.ndarray:
+    """Level-0 corners of each region's sub-tiles, row-major within a region.
+
+    Args:
+        region_coords: (R, 2) or (2,) level-0 corners of regions.
+        region_spec: the regions' spec (e.g. 4096 px at 0.5 um/px).
+        sub_size: sub-tile side in output pixels.
+
+    Returns:
+        (R, K * K, 2) int64 with ``K = region_size // sub_size`` (16 for HIPT); sub-tile
+        ``r * K + c`` (row r, column c) starts at ``region + round((c, r) * sub_size * scale)``,
+        the order HIPT's patch unfolding uses.
+    """
+    sub = subtile_spec(region_spec, sub_size)
+    k = region_spec.tile_size // sub_size
+    offsets = axis_starts(k, sub.level0_stride)  # (K,)
+    oy, ox = np.meshgrid(offsets, offsets, indexing="ij")  # (K, K)
+    grid = np.stack([ox.ravel(), oy.ravel()], axis=1)  # (K*K, 2)
+    regions = np.asarray(region_coords, dtype=np.int64).reshape(-1, 2)  # (R, 2)
+    return regions[:, None, :] + grid[None, :, :]  # (R, K*K, 2)

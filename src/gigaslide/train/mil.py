@@ -1,0 +1,324 @@
+"""Training and prediction of slide-level (multiple-instance) models on bags of tile features.
+
+``train_model`` is the whole loop: bag batch size 1 with gradient accumulation, AdamW, a
+per-step cosine schedule with warmup, tile subsampling (via the bag dataset), validation each
+epoch, best-checkpoint selection and early stopping. Losses:
+
+* classification: cross-entropy on the slide logits;
+* survival ``nll``: discrete-time NLL (``NLLSurvLoss``) over ``n_bins`` bins cut at event-time
+  quantiles of the TRAINING fold (HIPT/MCAT); ``cox``: Cox partial likelihood over the bags of
+  each accumulation window (so ``accum_steps >= 2``); ``nll+cox`` both;
+* plus ``aux_weight * out.aux_loss`` when the model returns one (CLAM instance clustering).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gigaslide.data.bags import BagBatch, BagDataset, collate_bags
+from gigaslide.data.cohort import Sample
+from gigaslide.eval.metrics import UndefinedMetricError, classification_metrics, concordance_index
+from gigaslide.models.slide import SlideOutput, create_slide_model
+from gigaslide.train.config import TrainConfig
+from gigaslide.train.losses import CoxPHLoss, NLLSurvLoss, discretize_times, make_time_bins, risk_from_hazards
+from gigaslide.train.schedules import lr_schedule, steps_per_epoch
+from gigaslide.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_model`."""
+
+    best_state: dict[str, Tensor]  # CPU copy of the selected weights
+    history: list[dict[str, float]]  # one row per epoch: epoch, lr, train_loss, val_loss, val_metric
+    best_epoch: int
+    best_score: float  # monitored value at best_epoch (loss or metric)
+    stopped_early: bool
+    time_bins: np.ndarray | None = None  # (n_bins + 1,) survival bin edges of the training fold
+
+
+@dataclass
+class Predictions:
+    """Per-bag predictions and per-slide attention of :func:`predict`."""
+
+    samples: list[Sample]
+    logits: np.ndarray  # (n, C)
+    probs: np.ndarray | None = None  # (n, C) classification
+    risk: np.ndarray | None = None  # (n,) survival, higher = earlier event
+    # slide_id -> {"coords": (N, 2) | None, "scores": (N,), "tile_index": (N,)}
+    attention: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)
+
+    def to_frame(self, class_names: list[str] | None = None) -> pd.DataFrame:
+        """One row per bag: ids, target (``y`` index + ``label`` name, or ``time``/``event``) and the
+        prediction (``prob_<k>`` per class index + ``pred``, or ``risk``)."""
+        rows: dict[str, Any] = {
+            "sample_id": [s.sample_id for s in self.samples],
+            "case_id": [s.case_id for s in self.samples],
+            "slide_ids": [";".join(s.slide_ids) for s in self.samples],
+        }
+        if self.probs is not None:
+            y = np.array([s.label for s in self.samples], dtype=np.int64)
+            names = class_names or [str(i) for i in range(self.probs.shape[1])]
+            rows["y"] = y
+            rows["label"] = [names[i] for i in y]
+            for j in range(self.probs.shape[1]):
+                rows[f"prob_{j}"] = self.probs[:, j]
+            pred = self.probs.argmax(axis=1)
+            rows["pred"] = pred
+            rows["pred_label"] = [names[i] for i in pred]
+        if self.risk is not None:
+            rows["time"] = [s.time for s in self.samples]
+            rows["event"] = [s.event for s in self.samples]
+            rows["risk"] = self.risk
+        return pd.DataFrame(rows)
+
+
+def n_outputs(cfg: TrainConfig, n_classes: int) -> int:
+    """Model output size: classes, survival bins (NLL) or a single log-risk (Cox only)."""
+    if cfg.task == "classification":
+        return int(n_classes)
+    return 1 if cfg.survival_loss == "cox" else int(cfg.n_bins)
+
+
+def survival_risk(logits: Tensor) -> Tensor:
+    """(B,) risk: the Cox log-risk for one output, else ``risk_from_hazards`` of K hazard logits."""
+    return logits[:, 0] if logits.shape[1] == 1 else risk_from_hazards(logits)
+
+
+class Objective:
+    """Per-bag loss and the windowed Cox term for one task/config."""
+
+    def __init__(self, cfg: TrainConfig, time_bins: np.ndarray | None) -> None:
+        self.task = cfg.task
+        self.time_bins = time_bins
+        self.use_nll = cfg.task == "survival" and cfg.survival_loss in ("nll", "nll+cox")
+        self.use_cox = cfg.task == "survival" and cfg.survival_loss in ("cox", "nll+cox")
+        self.cox_weight = cfg.cox_weight
+        self.nll = NLLSurvLoss(alpha=cfg.nll_alpha)
+        self.cox = CoxPHLoss()
+
+    def bag_loss(self, logits: Tensor, samples: list[Sample]) -> Tensor:
+        """Mean per-bag loss (B bags); 0 for Cox-only survival, whose loss needs several bags."""
+        dev = logits.device
+        if self.task == "classification":
+            y = torch.tensor([s.label for s in samples], dtype=torch.long, device=dev)
+            return F.cross_entropy(logits, y)
+        if not self.use_nll:
+            return logits.sum() * 0.0
+        bins = discretize_times([s.time for s in samples], self.time_bins)
+        ev = torch.tensor([s.event for s in samples], dtype=torch.float32, device=dev)
+        return self.nll(logits, torch.from_numpy(bins).to(dev), ev)
+
+    def cox_loss(self, risks: list[Tensor], samples: list[Sample]) -> Tensor:
+        r = torch.cat([x.reshape(-1) for x in risks])
+        t = torch.tensor([s.time for s in samples], dtype=r.dtype, device=r.device)
+        e = torch.tensor([s.event for s in samples], dtype=torch.float32, device=r.device)
+        return self.cox_weight * self.cox(r, t, e)
+
+
+def _forward(model: nn.Module, batch: BagBatch, labels: Tensor | None = None) -> SlideOutput:
+    info = getattr(model, "slide_model_info", None)
+    wants_coords = bool(getattr(model, "needs_coords", False)) or bool(info is not None and info.accepts_coords)
+    coords = batch.coords if wants_coords else None
+    return model(batch.x, coords=coords, mask=batch.mask, labels=labels)
+
+
+def _metric(task: str, samples: list[Sample], logits: np.ndarray) -> float:
+    """Validation AUC (classification) or c-index (survival); NaN when undefined on this set."""
+    try:
+        if task == "classification":
+            probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+            y = np.array([s.label for s in samples])
+            return classification_metrics(y, probs, undefined="nan")["auc"]
+        risk = survival_risk(torch.from_numpy(logits)).numpy()
+        return concordance_index([s.time for s in samples], [s.event for s in samples], risk)
+    except (UndefinedMetricError, ValueError):
+        return float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, bags: BagDataset, objective: Objective, device: torch.device) -> tuple[float, float]:
+    """(loss, metric) of ``model`` on every bag (no tile subsampling), in eval mode."""
+    model.eval()
+    losses, logits = [], []
+    for i in range(len(bags)):
+        batch = collate_bags([bags[i]]).to(device)
+        out = _forward(model, batch)
+        losses.append(float(objective.bag_loss(out.logits, batch.samples)))
+        logits.append(out.logits.float().cpu())
+    all_logits = torch.cat(logits)
+    loss = float(np.mean(losses))
+    if objective.use_cox:
+        loss += float(objective.cox_loss([survival_risk(all_logits)], bags.samples))
+    return loss, _metric(objective.task, bags.samples, all_logits.numpy())
+
+
+def train_model(
+    model: nn.Module,
+    train_bags: BagDataset,
+    val_bags: BagDataset | None,
+    cfg: TrainConfig,
+    device: torch.device | str,
+) -> TrainResult:
+    """Train ``model`` on ``train_bags``; select the best epoch on ``val_bags`` (the last one without).
+
+    Randomness (bag order, tile draws, dropout) derives from ``cfg.seed``: the same seed, data and
+    initial weights give identical results. Seed the model's initialisation before building it.
+    """
+    device = torch.device(device)
+    if len(train_bags) == 0:
+        raise ValueError("train_model: the training set is empty")
+    objective_bins = None
+    if cfg.task == "survival" and cfg.survival_loss in ("nll", "nll+cox"):
+        objective_bins = make_time_bins(train_bags.times(), train_bags.events(), cfg.n_bins)
+    objective = Objective(cfg, objective_bins)
+    if objective.use_cox and cfg.accum_steps < 2:
+        raise ValueError(
+            "the Cox loss compares the bags of one accumulation window: set accum_steps >= 2 "
+            f"(e.g. --set accum_steps=16), got {cfg.accum_steps}"
+        )
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_steps = steps_per_epoch(len(train_bags), cfg.accum_steps)
+    lrs = lr_schedule(cfg.lr_schedule, cfg.lr, cfg.min_lr, cfg.epochs, n_steps, cfg.warmup_epochs)
+    rng = np.random.default_rng([cfg.seed, 7])
+    has_val = val_bags is not None and len(val_bags) > 0
+    higher_better = cfg.monitor == "metric"
+    best_score, best_epoch, best_state = -math.inf if higher_better else math.inf, -1, None
+    history: list[dict[str, float]] = []
+    stale, stopped, step = 0, False, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        train_bags.set_epoch(epoch)
+        order = rng.permutation(len(train_bags))
+        epoch_losses = []
+        for start in range(0, len(order), cfg.accum_steps):
+            window = order[start : start + cfg.accum_steps]
+            for group in optimizer.param_groups:
+                group["lr"] = float(lrs[step])
+            optimizer.zero_grad(set_to_none=True)
+            pending, risks, samples = [], [], []
+            for idx in window:
+                batch = collate_bags([train_bags[int(idx)]]).to(device)
+                labels = None
+                if cfg.task == "classification":
+                    labels = torch.tensor([s.label for s in batch.samples], dtype=torch.long, device=device)
+                out = _forward(model, batch, labels=labels)
+                loss = objective.bag_loss(out.logits, batch.samples)
+                if out.aux_loss is not None:
+                    loss = loss + cfg.aux_weight * out.aux_loss
+                epoch_losses.append(float(loss.detach()))
+                if objective.use_cox:  # keep graphs: the Cox term couples the window's bags
+                    pending.append(loss)
+                    risks.append(survival_risk(out.logits))
+                    samples.extend(batch.samples)
+                else:
+                    (loss / len(window)).backward()
+            if objective.use_cox:
+                total = torch.stack(pending).mean() + objective.cox_loss(risks, samples)
+                total.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+        row = {"epoch": epoch, "lr": float(lrs[step - 1]), "train_loss": float(np.mean(epoch_losses))}
+        if has_val:
+            row["val_loss"], row["val_metric"] = evaluate(model, val_bags, objective, device)
+            score = row["val_metric"] if higher_better else row["val_loss"]
+        else:
+            score = float(epoch)  # without validation the last epoch is kept
+        history.append(row)
+        if has_val:
+            improved = math.isfinite(score) and (score > best_score if higher_better else score < best_score)
+        else:
+            improved = True
+        if improved or best_state is None:
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            stale = 0
+        else:
+            stale += 1
+        log.debug("epoch %d: %s", epoch, row)
+        if has_val and cfg.early_stopping and epoch + 1 >= cfg.min_epochs and stale >= cfg.patience:
+            stopped = True
+            log.info("early stopping at epoch %d (best epoch %d)", epoch, best_epoch)
+            break
+    if has_val and not math.isfinite(best_score):
+        log.warning("validation %s was undefined at every epoch; keeping epoch %d", cfg.monitor, best_epoch)
+    assert best_state is not None
+    return TrainResult(best_state, history, best_epoch, float(best_score), stopped, objective_bins)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, bags: BagDataset, device: torch.device | str) -> Predictions:
+    """Predictions (probabilities or risks) for every bag and attention scores split per slide."""
+    device = torch.device(device)
+    model.to(device)
+    model.eval()
+    logits, attention = [], {}
+    for i in range(len(bags)):
+        bag = bags[i]
+        out = _forward(model, collate_bags([bag]).to(device))
+        logits.append(out.logits.float().cpu())
+        if out.attention is None:
+            continue
+        att = out.attention[0, : bag.features.shape[0]].float().cpu().numpy()  # (N,)
+        s_idx = bag.slide_index.numpy()
+        for k, sid in enumerate(bag.sample.slide_ids):
+            sel = s_idx == k
+            attention[sid] = {
+                "coords": bag.coords.numpy()[sel] if bag.coords is not None else None,
+                "scores": att[sel],
+                "tile_index": bag.tile_index.numpy()[sel],
+            }
+    all_logits = torch.cat(logits) if logits else torch.zeros(0, 1)
+    pred = Predictions(samples=list(bags.samples), logits=all_logits.numpy(), attention=attention)
+    if bags.task == "classification":
+        pred.probs = torch.softmax(all_logits, dim=1).numpy()
+    else:
+        pred.risk = survival_risk(all_logits).numpy()
+    return pred
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Tensor], meta: dict[str, Any]) -> Path:
+    """Atomically save weights plus what :func:`load_checkpoint` needs to rebuild the model.
+
+    ``meta`` must hold ``model`` (registry name), ``model_kwargs``, ``in_dim`` and ``n_outputs``.
+    """
+    missing = [k for k in ("model", "model_kwargs", "in_dim", "n_outputs") if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint meta lacks {missing}")
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, **meta}, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint written by :func:`save_checkpoint`; returns (model, meta)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a gigaslide training checkpoint (no 'state_dict'/'model' entries)")
+    model = create_slide_model(ckpt["model"], ckpt["in_dim"], ckpt["n_outputs"], **ckpt.get("model_kwargs", {}))
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(torch.device(device)).eval()
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, meta

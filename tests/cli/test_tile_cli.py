@@ -1,0 +1,113 @@
+"""`gigaslide tile` / `gigaslide preview`: exit codes, summaries, and resuming after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gigaslide.cli.main import main
+from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.synth import write_synthetic_slide
+
+
+def _slides(folder: Path, n: int, size: tuple[int, int] = (1024, 768)) -> Path:
+    for i in range(n):
+        write_synthetic_slide(folder / f"slide{i}.tiff", width=size[0], height=size[1], mpp=0.5, seed=i)
+    return folder
+
+
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    path = out / "manifest.csv"
+    if not path.exists():
+        return {}
+    with path.open(newline="") as f:
+        return {r["slide_id"]: r for r in csv.DictReader(f)}
+
+
+def test_tile_cli_reports_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _slides(tmp_path / "in", 2)
+    (folder / "bad.svs").write_bytes(b"this is not a slide")
+    out = tmp_path / "out"
+    rc = main(["tile", str(folder), "--out", str(out), "--tile-size", "128", "--no-progress", "--preview"])
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert "1 of 3 slides failed" in text and "bad: SlideReadError" in text and "bad.svs" in text
+    rows = _manifest(out)
+    assert (
+        rows["bad"]["status"] == "failed" and rows["slide0"]["status"] == rows["slide1"]["status"] == "done"
+    )
+    assert (out / "previews" / "slide1.png").is_file()
+    # all good on a rerun restricted to readable slides: exit status 0
+    (folder / "bad.svs").unlink()
+    assert main(["tile", str(folder), "--out", str(out), "--tile-size", "128", "--no-progress"]) == 0
+    assert "2 already done" in capsys.readouterr().out
+
+
+def test_tile_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tile", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "a.svs").write_bytes(b"")
+    assert main(["tile", str(tmp_path / "a.svs"), "--out", str(tmp_path / "o"), "--min-tissue", "3"]) == 2
+    assert "--min-tissue" in capsys.readouterr().err
+
+
+def test_tile_cli_slide_mpp_and_regions(shared_data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    tcga = str(shared_data / "tcga-cr-7395-01a-01-ts1.svs")
+    assert main(["tile", tcga, "--out", str(out), "--no-progress"]) == 1
+    assert "MissingMPPError" in _manifest(out)["tcga-cr-7395-01a-01-ts1"]["error"]
+    assert "--slide-mpp" in capsys.readouterr().out
+    args = ["tile", tcga, "--out", str(out), "--slide-mpp", "0.25", "--region-size", "1024", "--no-progress"]
+    assert main(args) == 0
+    row = _manifest(out)["tcga-cr-7395-01a-01-ts1"]
+    assert row["status"] == "done" and int(row["n_regions"]) > 0 and row["error"] == ""
+    regions = read_coords(out / "regions" / "tcga-cr-7395-01a-01-ts1.h5")
+    assert regions.spec.level0_size == 2048 and regions.spec.read_level == 1
+
+
+def test_preview_cli(shared_data: Path, tmp_path: Path, capsys) -> None:
+    png = tmp_path / "p.png"
+    rc = main(["preview", str(shared_data / "cmu-1-small-region.svs"), "--out", str(png)])
+    assert rc == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "257 level-0 px" in capsys.readouterr().out
+    rc = main(["preview", str(shared_data / "tcga-cr-7395-01a-01-ts1.svs"), "--out", str(tmp_path / "t.png")])
+    assert rc == 1 and "--slide-mpp" in capsys.readouterr().err
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_killed_run_resumes(tmp_path: Path) -> None:
+    folder = _slides(tmp_path / "in", 6, size=(2048, 1536))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gigaslide", "tile", str(folder), "--out", str(out), "--tile-size", "64"]
+    cmd += ["--no-progress", "--preview"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["status"] == "done" for r in _manifest(out).values()):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    done_before = {k for k, r in _manifest(out).items() if r["status"] == "done"}
+    assert 1 <= len(done_before) < 6, "the kill must interrupt the batch"
+    mtimes = {k: (out / "patches" / f"{k}.h5").stat().st_mtime_ns for k in done_before}
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(done_before)} already done" in rerun.stdout
+    rows = _manifest(out)
+    assert sorted(rows) == [f"slide{i}" for i in range(6)]
+    assert all(r["status"] == "done" for r in rows.values())
+    assert {k: (out / "patches" / f"{k}.h5").stat().st_mtime_ns for k in done_before} == mtimes
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []

@@ -1,0 +1,185 @@
+"""Batch tiling: slide lists, outputs, manifest, resume, failures and parallel workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gigaslide.pipeline.inputs import SlideInput, SlideListError, collect_slides
+from gigaslide.pipeline.tile_job import clean_stale_temp, format_error, run_tiling
+from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.utils.manifest import Manifest
+
+
+def _touch(*paths: Path) -> None:
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+
+
+def test_single_file(tmp_path) -> None:
+    _touch(tmp_path / "a.svs")
+    assert collect_slides(tmp_path / "a.svs", slide_mpp=0.25) == [SlideInput("a", tmp_path / "a.svs", 0.25)]
+
+
+def test_folder_filters_extensions_and_sorts(tmp_path) -> None:
+    _touch(tmp_path / "b.NDPI", tmp_path / "a.tiff", tmp_path / "notes.txt", tmp_path / ".hidden.svs")
+    _touch(tmp_path / "sub" / "c.svs")  # not recursive
+    slides = collect_slides(tmp_path)
+    assert [(s.slide_id, s.path.name, s.mpp) for s in slides] == [
+        ("a", "a.tiff", None),
+        ("b", "b.NDPI", None),
+    ]
+
+
+def test_csv_with_ids_mpp_and_relative_paths(tmp_path) -> None:
+    _touch(tmp_path / "slides" / "x.svs", tmp_path / "slides" / "y.svs")
+    (tmp_path / "list.csv").write_text("path,slide_id,mpp\nslides/x.svs,case-1,0.5\nslides/y.svs,,\n")
+    slides = collect_slides(tmp_path / "list.csv", slide_mpp=0.25)
+    assert slides == [
+        SlideInput("case-1", tmp_path / "slides" / "x.svs", 0.5),  # the CSV's mpp wins
+        SlideInput("y", tmp_path / "slides" / "y.svs", 0.25),  # --slide-mpp fills the gap
+    ]
+
+
+def test_csv_errors_name_the_file(tmp_path) -> None:
+    csv = tmp_path / "l.csv"
+    csv.write_text("file\na.svs\n")
+    with pytest.raises(SlideListError, match=r"l\.csv.*`path` column"):
+        collect_slides(csv)
+    csv.write_text("path,mpp\na.svs,abc\n")
+    with pytest.raises(SlideListError, match=r"line 2.*not a number"):
+        collect_slides(csv)
+    csv.write_text("path,mpp\na.svs,-1\n")
+    with pytest.raises(SlideListError, match="positive"):
+        collect_slides(csv)
+
+
+def test_duplicate_ids_are_listed(tmp_path) -> None:
+    _touch(tmp_path / "a.svs", tmp_path / "a.tif", tmp_path / "b.svs")
+    with pytest.raises(SlideListError, match=r"duplicate slide ids.*a: .*a\.svs, .*a\.tif") as info:
+        collect_slides(tmp_path)
+    assert "b.svs" not in str(info.value)
+
+
+def test_missing_and_empty_inputs(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        collect_slides(tmp_path / "nope")
+    with pytest.raises(SlideListError, match="no slide files"):
+        collect_slides(tmp_path)
+    _touch(tmp_path / "a.svs")
+    with pytest.raises(SlideListError, match="--slide-mpp"):
+        collect_slides(tmp_path / "a.svs", slide_mpp=0)
+
+
+# -- run_tiling -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth_slides(tmp_path_factory) -> list[SlideInput]:
+    from gigaslide.synth import write_synthetic_slide
+
+    d = tmp_path_factory.mktemp("job_slides")
+    return [
+        SlideInput(f"s{i}", write_synthetic_slide(d / f"s{i}.tiff", width=1024, height=768, mpp=0.5, seed=i))
+        for i in range(3)
+    ]
+
+
+def _files(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_run_tiling_outputs_and_resume(synth_slides: list[SlideInput], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    kw = dict(target_mpp=0.5, tile_size=128, region_size=512, preview=True, progress=False)
+    summary = run_tiling(synth_slides[:2], out, **kw)
+    assert summary.ok and summary.done == ["s0", "s1"] and summary.skipped == []
+    rows = Manifest(out / "manifest.csv").rows
+    for s in synth_slides[:2]:
+        row = rows[s.slide_id]
+        cf = read_coords(out / "patches" / f"{s.slide_id}.h5")
+        assert row["status"] == "done" and row["error"] == "" and row["backend"]
+        assert int(row["n_tiles"]) == len(cf.coords) > 0 and float(row["mpp"]) == pytest.approx(0.5)
+        assert Path(row["coords_file"]) == out / "patches" / f"{s.slide_id}.h5"
+        assert (cf.spec.tile_size, cf.spec.target_mpp, cf.spec.level0_size) == (128, 0.5, 128)
+        assert cf.tissue_fraction is not None and (cf.tissue_fraction >= 0.25).all()
+        assert cf.attrs["slide_id"] == s.slide_id
+        regions = read_coords(out / "regions" / f"{s.slide_id}.h5")
+        assert regions.spec.tile_size == 512 and int(row["n_regions"]) == len(regions.coords) > 0
+        geo = json.loads((out / "tissue" / f"{s.slide_id}.geojson").read_text())
+        assert isinstance(geo, dict) and geo.get("type")
+        assert (out / "previews" / f"{s.slide_id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary.n_tiles == sum(int(rows[k]["n_tiles"]) for k in ("s0", "s1"))
+    before = _files(out)
+    assert not [f for f in before if Path(f).name.startswith(".")]
+
+    # rerun with one more slide: finished slides are not redone
+    again = run_tiling(synth_slides, out, **kw)
+    assert again.skipped == ["s0", "s1"] and again.done == ["s2"]
+    after = _files(out)
+    assert {k: v for k, v in after.items() if k in before and k != "manifest.csv"} == {
+        k: v for k, v in before.items() if k != "manifest.csv"
+    }
+    # other parameters: tiled again
+    changed = run_tiling(synth_slides[:1], out, **{**kw, "min_tissue": 0.9})
+    assert changed.done == ["s0"] and read_coords(out / "patches" / "s0.h5").spec.min_tissue == 0.9
+
+
+def test_parallel_matches_sequential(synth_slides: list[SlideInput], tmp_path: Path) -> None:
+    seq = run_tiling(synth_slides, tmp_path / "seq", tile_size=128, progress=False)
+    par = run_tiling(synth_slides, tmp_path / "par", tile_size=128, workers=2, progress=False)
+    assert seq.ok and par.ok and sorted(par.done) == seq.done
+    for s in synth_slides:
+        a = read_coords(tmp_path / "seq" / "patches" / f"{s.slide_id}.h5")
+        b = read_coords(tmp_path / "par" / "patches" / f"{s.slide_id}.h5")
+        np.testing.assert_array_equal(a.coords, b.coords)
+
+
+def test_stale_temp_files_removed(synth_slides: list[SlideInput], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "patches").mkdir(parents=True)
+    (out / "previews" / ".tmp-abc").mkdir(parents=True)
+    (out / "patches" / ".s0.h5.x1y2.h5.tmp").write_bytes(b"partial")
+    (out / ".manifest.csv.q.csv.tmp").write_text("partial")
+    (out / "patches" / "keep.txt").write_text("user file")
+    assert clean_stale_temp(out) == 3
+    assert sorted(p.name for p in out.rglob("*")) == ["keep.txt", "patches", "previews"]
+
+
+def test_real_slides_batch(shared_data: Path, tmp_path: Path) -> None:
+    slides = [
+        SlideInput("cmu", shared_data / "cmu-1-small-region.svs"),
+        SlideInput("tcga", shared_data / "tcga-cr-7395-01a-01-ts1.svs"),
+        SlideInput("broken", shared_data / "broken.svs"),
+    ]
+    out = tmp_path / "out"
+    summary = run_tiling(slides, out, progress=False)
+    assert summary.done == ["cmu"] and set(summary.failed) == {"tcga", "broken"}
+    assert summary.failed["tcga"].startswith("MissingMPPError:") and "--slide-mpp" in summary.failed["tcga"]
+    assert summary.failed["broken"].startswith("SlideReadError:") and "broken.svs" in summary.failed["broken"]
+    text = summary.describe()
+    assert "2 of 3 slides failed" in text and "broken: SlideReadError" in text
+    rows = Manifest(out / "manifest.csv").rows
+    assert rows["tcga"]["status"] == "failed" and rows["tcga"]["coords_file"] == ""
+    assert not (out / "patches" / "tcga.h5").exists()
+    # retry with the missing mpp: the failed slide is redone, the finished one skipped
+    cmu_mtime = (out / "patches" / "cmu.h5").stat().st_mtime_ns
+    slides[1] = SlideInput("tcga", slides[1].path, 0.25)
+    again = run_tiling(slides, out, progress=False)
+    assert again.skipped == ["cmu"] and again.done == ["tcga"] and list(again.failed) == ["broken"]
+    assert (out / "patches" / "cmu.h5").stat().st_mtime_ns == cmu_mtime
+    tcga = read_coords(out / "patches" / "tcga.h5")
+    assert tcga.spec.slide_mpp == 0.25 and tcga.spec.level0_size == 512 and len(tcga.coords) > 0
+
+
+def test_format_error_and_bad_params(tmp_path: Path) -> None:
+    assert format_error(ValueError("a\n  b")) == "ValueError: a b"
+    assert format_error(KeyError()) == "KeyError"
+    with pytest.raises(ValueError, match="--min-tissue"):
+        run_tiling([], tmp_path, min_tissue=2.0)
+    with pytest.raises(ValueError, match="--workers"):
+        run_tiling([], tmp_path, workers=0)
