@@ -56,12 +56,15 @@ def test_roc_curve_matches_sklearn_points() -> None:
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, s))
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 @pytest.mark.parametrize("seed", range(4))
 def test_label_metrics_equal_sklearn(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n_cls = 2 + seed % 3
     y = rng.integers(0, n_cls, 150)
-    p = np.where(rng.random(150) < 0.6, y, rng.integers(0, n_cls + (seed == 3), 150))  # seed 3: extra predicted label
+    p = np.where(
+        rng.random(150) < 0.6, y, rng.integers(0, n_cls + (seed == 3), 150)
+    )  # seed 3: extra predicted label
     assert accuracy(y, p) == pytest.approx(skm.accuracy_score(y, p))
     assert balanced_accuracy(y, p) == pytest.approx(skm.balanced_accuracy_score(y, p))
     assert f1(y, p, average="macro") == pytest.approx(skm.f1_score(y, p, average="macro"))
@@ -96,7 +99,9 @@ def test_auc_errors() -> None:
         roc_auc(np.array([0, 1, 0]), np.array([0.1, np.nan, 0.3]))
     with pytest.raises(UndefinedMetricError, match=r"classes \[2\] absent"):
         roc_auc(np.array([0, 1, 0, 1]), np.full((4, 3), 1 / 3))
-    assert np.isnan(classification_metrics(np.array([0, 1, 0]), np.full((3, 3), 1 / 3), undefined="nan")["auc"])
+    assert np.isnan(
+        classification_metrics(np.array([0, 1, 0]), np.full((3, 3), 1 / 3), undefined="nan")["auc"]
+    )
 
 
 def _survival_data(seed: int, n: int = 120) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

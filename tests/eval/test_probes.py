@@ -80,7 +80,10 @@ def test_linear_probe_splits_index_and_id_forms_agree() -> None:
     splits = kfold_splits(df, n_folds=4, seed=0)
     by_id = linear_probe_splits(X, y, splits, ids=ids)
     pos = {s: i for i, s in enumerate(ids)}
-    idx = [IndexSplit(s.fold, *(np.array([pos[i] for i in lst]) for lst in (s.train, s.val, s.test))) for s in splits]
+    idx = [
+        IndexSplit(s.fold, *(np.array([pos[i] for i in lst]) for lst in (s.train, s.val, s.test)))
+        for s in splits
+    ]
     by_idx = linear_probe_splits(X, y, idx)
     for a, b in zip(by_id, by_idx):
         np.testing.assert_array_equal(a.test_idx, b.test_idx)
@@ -91,7 +94,7 @@ def test_linear_probe_splits_index_and_id_forms_agree() -> None:
 
 def test_run_probe_errors_name_ids() -> None:
     X, ids, df = _data(n=40)
-    sp = [Split(0, train=ids[:30], val=[], test=ids[30:] + ["ghost"])]
+    sp = [Split(0, train=ids[:30], val=[], test=[*ids[30:], "ghost"])]
     with pytest.raises(ValueError, match="ghost"):
         run_probe(X, ids, df, sp)
     df2 = df.copy()
@@ -103,7 +106,9 @@ def test_run_probe_errors_name_ids() -> None:
     with pytest.raises(ValueError, match="s005"):
         run_probe(Xn, ids, df, [Split(0, train=ids[:30], val=[], test=ids[30:])])
     with pytest.raises(ValueError, match="classification only"):
-        run_probe(X, ids, df, [Split(0, train=ids[:30], val=[], test=ids[30:])], method="knn", task="survival")
+        run_probe(
+            X, ids, df, [Split(0, train=ids[:30], val=[], test=ids[30:])], method="knn", task="survival"
+        )
 
 
 def test_cox_probe_survival_signal() -> None:

@@ -117,7 +117,13 @@ def test_vit_matches_timm_reference() -> None:
     timm = pytest.importorskip("timm")
     ours = _tiny_vit(img_size=64)
     ref = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, embed_dim=32, depth=2, num_heads=4
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=64,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
     ).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)  # identical parameter names and shapes
     x = torch.randn(2, 3, 64, 64)

@@ -44,6 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--chunk-size", type=int, default=4096, help="rows per committed chunk (resume step)")
     p.add_argument("--slides", default=None, help="slide folder or CSV (path column), matched by file stem")
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
+    p.add_argument("--seed", type=int, default=0, help="seed (identical random-init weights on every rank)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -59,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from gigaslide.models.encoders import create_encoder
     from gigaslide.pipeline.embed_job import run_embedding
     from gigaslide.utils.dist import cleanup, init_distributed
+    from gigaslide.utils.seed import seed_everything
 
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
     try:
+        seed_everything(args.seed)
         encoder = create_encoder(args.encoder, weights=args.weights)
         if encoder.weights_info.get("random_init") and info.is_main:
             print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)

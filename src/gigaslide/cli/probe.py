@@ -5,6 +5,9 @@ Examples::
     gigaslide probe --embeddings feats/ --labels labels.csv --method knn --folds 10 --out runs/knn
     gigaslide probe --embeddings slides.npz --labels labels.csv --method linear --train-fraction 0.25 --out r/
     gigaslide probe --embeddings slides.h5 --labels labels.csv --method linear --splits clam_splits/ --out r/
+
+Input readers (:func:`load_slide_embeddings`, :func:`read_labels_csv`) live here; the evaluation itself
+is :func:`gigaslide.eval.probes.run_probe` and :func:`gigaslide.eval.reports.write_report`.
 """
 
 from __future__ import annotations
@@ -194,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
             task=args.task,
         )
     assert_no_case_leakage(splits, df)
+    if args.few_shot is not None and args.train_fraction < 1.0:
+        raise SystemExit("error: use either --few-shot or --train-fraction, not both")
     if args.few_shot is not None:
         if args.task != "classification":
             raise SystemExit("error: --few-shot needs --task classification")

@@ -67,7 +67,9 @@ def find_feature_file(features_dir: Path, slide_id: str) -> Path | None:
     return None
 
 
-def _map_labels(raw: pd.Series, classes: Sequence[str] | None, labels_path: Path) -> tuple[np.ndarray, list[str]]:
+def _map_labels(
+    raw: pd.Series, slide_ids: pd.Series, classes: Sequence[str] | None, labels_path: Path
+) -> tuple[np.ndarray, list[str]]:
     """Map label strings to class indices. Without ``classes``: integers keep their numeric order,
     other strings are sorted alphabetically."""
     values = raw.astype(str).str.strip()
@@ -88,7 +90,7 @@ def _map_labels(raw: pd.Series, classes: Sequence[str] | None, labels_path: Path
     index = {n: i for i, n in enumerate(names)}
     unknown = values[~values.isin(list(index))]
     if len(unknown):
-        bad = raw.index[~values.isin(list(index))]
+        bad = slide_ids[~values.isin(list(index))]
         raise CohortError(
             f"{labels_path}: {len(unknown)} slide(s) have labels outside the classes {names} "
             f"(labels {sorted(set(unknown))}): slide_id {format_ids(bad)}. "
@@ -134,7 +136,7 @@ class Cohort:
         table = self._read_table()
         self.class_names: list[str] | None = None
         if task == "classification":
-            labels, self.class_names = _map_labels(table["label"], classes, self.labels_path)
+            labels, self.class_names = _map_labels(table["label"], table["slide_id"], classes, self.labels_path)
             table["label"] = labels
         table["path"] = [find_feature_file(self.features_dir, s) for s in table["slide_id"]]
         missing = table.loc[table["path"].isna(), "slide_id"]
@@ -281,7 +283,10 @@ class Cohort:
         """
         t = self.table
         if not case_level:
-            return [self._sample(row["slide_id"], row["case_id"], (row["slide_id"],), row) for _, row in t.iterrows()]
+            return [
+                self._sample(row["slide_id"], row["case_id"], (row["slide_id"],), row)
+                for _, row in t.iterrows()
+            ]
         cols = ["label"] if self.task == "classification" else ["time", "event"]
         conflicting = [c for c, g in t.groupby("case_id", sort=False) if len(g[cols].drop_duplicates()) > 1]
         if conflicting:

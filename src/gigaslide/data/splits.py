@@ -71,8 +71,8 @@ def make_strata(
         raise ValueError(f"task must be 'classification' or 'survival', got {task!r}")
     _require_cols(df, [time_col, event_col])
     event = df[event_col].astype(int)
-    for bins in range(max(n_time_bins, 1), 0, -1):
-        ev_times = df.loc[event == 1, time_col].to_numpy(dtype=float)
+    ev_times = df.loc[event == 1, time_col].to_numpy(dtype=float)
+    for bins in range(n_time_bins, 1, -1):
         edges = np.unique(np.quantile(ev_times, np.linspace(0, 1, bins + 1)[1:-1])) if ev_times.size else []
         tbin = np.searchsorted(edges, df[time_col].to_numpy(dtype=float), side="right")
         strata = event.astype(str) + "_" + pd.Series(tbin, index=df.index).astype(str)
@@ -81,9 +81,9 @@ def make_strata(
             if group_col in df
             else strata.value_counts()
         )
-        if bins == 1 or cases.min() >= min_per_stratum:
+        if cases.min() >= min_per_stratum:
             return strata
-    return event.astype(str)  # unreachable: bins == 1 always returns
+    return event.astype(str) + "_0"  # one time bin: stratify by event only
 
 
 def _require_cols(df: pd.DataFrame, cols: list[str]) -> None:

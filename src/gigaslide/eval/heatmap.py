@@ -103,7 +103,9 @@ def percentile_scores(scores: np.ndarray) -> np.ndarray:
     return rankdata(s, method="average") / s.size
 
 
-def _parse_region(region: tuple[int, int, int, int] | None, dims: tuple[int, int]) -> tuple[int, int, int, int]:
+def _parse_region(
+    region: tuple[int, int, int, int] | None, dims: tuple[int, int]
+) -> tuple[int, int, int, int]:
     if region is None:
         return 0, 0, int(dims[0]), int(dims[1])
     x, y, w, h = (int(v) for v in region)
@@ -192,3 +194,38 @@ def render_heatmap(
     with atomic_path(out_path) as tmp:
         result.save(tmp, format="PNG")
     return Path(out_path)
+
+
+def attention_from_checkpoint(
+    features_path: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    device: str = "cpu",
+    slide_mpp: float | None = None,
+) -> TileScores:
+    """Attention of a trained slide model (checkpoint from ``gigaslide train``) over one feature file."""
+    import torch
+
+    from gigaslide.data.features_io import read_features
+    from gigaslide.train.mil import load_checkpoint
+
+    bag = read_features(features_path, slide_mpp=slide_mpp)
+    if bag.coords is None:
+        raise ValueError(f"{features_path}: the feature file has no tile coordinates; cannot place tiles")
+    model, meta = load_checkpoint(checkpoint, device=device)
+    if bag.dim != meta["in_dim"]:
+        raise ValueError(
+            f"{features_path}: features have dimension {bag.dim} but {checkpoint} was trained on {meta['in_dim']}"
+        )
+    x = torch.from_numpy(np.asarray(bag.features, dtype=np.float32)).unsqueeze(0).to(device)  # (1, N, D)
+    with torch.no_grad():
+        info = getattr(model, "slide_model_info", None)
+        coords = (
+            torch.from_numpy(bag.coords).unsqueeze(0).to(device) if info and info.accepts_coords else None
+        )
+        out = model(x, coords=coords)
+    if out.attention is None:
+        raise ValueError(f"{checkpoint}: model {meta['model']!r} produces no attention map to draw")
+    with h5py.File(features_path, "r") as f:
+        cattrs = {k: _plain(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
+    scores = out.attention[0].float().cpu().numpy()
+    return TileScores(bag.coords, scores, tile_size_from_attrs(cattrs, slide_mpp), cattrs)

@@ -274,3 +274,23 @@ def summarize_folds(
         std = float(a.std(ddof=ddof)) if a.size > ddof else 0.0
         out[k] = (float(a.mean()), std)
     return out
+
+
+# re-exported so that `from gigaslide.eval.metrics import bootstrap_ci` works (implementation in bootstrap.py)
+from gigaslide.eval.bootstrap import BootstrapCI, bootstrap_ci  # noqa: E402
+
+__all__ = [
+    "BootstrapCI",
+    "UndefinedMetricError",
+    "accuracy",
+    "balanced_accuracy",
+    "bootstrap_ci",
+    "classification_metrics",
+    "concordance_counts",
+    "concordance_index",
+    "f1",
+    "roc_auc",
+    "roc_curve",
+    "summarize_folds",
+    "survival_metrics",
+]

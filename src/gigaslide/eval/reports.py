@@ -142,7 +142,9 @@ def plot_roc(predictions: pd.DataFrame, out_path: str | os.PathLike[str], title:
     return Path(out_path)
 
 
-def _markdown(title: str, task: str, results: Mapping[str, Any], n_folds: int) -> str:
+def _markdown(
+    title: str, task: str, results: Mapping[str, Any], n_folds: int, extra: Mapping[str, Any]
+) -> str:
     lines = [
         f"# {title}",
         "",
@@ -156,6 +158,11 @@ def _markdown(title: str, task: str, results: Mapping[str, Any], n_folds: int) -
         mean = "nan" if r["mean"] is None else f"{r['mean']:.3f}"
         std = "nan" if r["std"] is None else f"{r['std']:.3f}"
         lines.append(f"| {name} | {mean} | {std} | {ci} |")
+    if "logrank_p" in extra:
+        lines += [
+            "",
+            f"High vs low predicted risk ({extra['risk_split']} split): logrank p = {extra['logrank_p']:.3g}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -224,5 +231,7 @@ def write_report(
         with atomic_path(out / f"{name}.csv") as tmp:
             frame.to_csv(tmp, index=False)
         paths[name] = out / f"{name}.csv"
-    paths["summary"] = atomic_write_text(out / "summary.md", _markdown(title, task, results, len(per_fold)))
+    paths["summary"] = atomic_write_text(
+        out / "summary.md", _markdown(title, task, results, len(per_fold), extra)
+    )
     return paths

@@ -106,7 +106,7 @@ def plot_km_risk_groups(
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"{title}\nlog-rank p = {result.p_value:.3g}")
-    ax.legend(loc="lower left")
+    ax.legend(loc="best")
     fig.tight_layout()
     with atomic_path(Path(out_path)) as tmp:
         fig.savefig(tmp, format="png")

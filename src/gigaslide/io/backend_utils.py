@@ -34,14 +34,18 @@ def level0_origin(level_px: int, downsample: float) -> int:
 def check_file(path: Path) -> None:
     """Raise :class:`SlideReadError` naming ``path`` when it is missing, a folder or unreadable."""
     if not path.exists():
-        raise SlideReadError(f"{path}: file not found. Check the path (relative paths are resolved from the CWD).")
+        raise SlideReadError(
+            f"{path}: file not found. Check the path (relative paths are resolved from the CWD)."
+        )
     if path.is_dir():
         raise SlideReadError(f"{path}: is a folder, not a slide file")
     try:
         with open(path, "rb") as fh:
             fh.read(1)
     except OSError as exc:
-        raise SlideReadError(f"{path}: cannot be read ({exc.strerror or exc}); check file permissions") from exc
+        raise SlideReadError(
+            f"{path}: cannot be read ({exc.strerror or exc}); check file permissions"
+        ) from exc
 
 
 def describe_error(exc: BaseException) -> str:

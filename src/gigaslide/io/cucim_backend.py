@@ -84,7 +84,9 @@ class CuCIMSlide(Slide):
             ) from exc
         arr = np.asarray(region)
         if arr.dtype != np.uint8:
-            raise SlideReadError(f"{self.path}: cuCIM returned {arr.dtype} pixels; only 8-bit RGB is supported")
+            raise SlideReadError(
+                f"{self.path}: cuCIM returned {arr.dtype} pixels; only 8-bit RGB is supported"
+            )
         return np.ascontiguousarray(composite_on_white(arr))
 
     def close(self) -> None:

@@ -26,11 +26,11 @@ _PIL_FORMATS = {"PNG", "JPEG", "BMP", "WEBP", "GIF", "PPM", "TGA"}
 
 @contextlib.contextmanager
 def _pil_pixel_limit() -> Iterator[None]:
-    """Let Pillow open images up to our own size limit instead of its decompression-bomb default."""
+    """Disable Pillow's decompression-bomb check: the header size is checked against MAX_DECODED_BYTES."""
     from PIL import Image
 
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_DECODED_BYTES // 3
+    Image.MAX_IMAGE_PIXELS = None
     try:
         yield
     finally:
@@ -80,11 +80,15 @@ class ImageSlide(Slide):
                 self.metadata_mpp = mpp_from_tiff_page(page)
                 self.properties = {"tiff.Compression": str(page.compression.name), "tiff.axes": axes}
         except Exception as exc:
-            raise SlideReadError(f"{self.path}: tifffile cannot parse it ({type(exc).__name__}: {exc})") from exc
+            raise SlideReadError(
+                f"{self.path}: tifffile cannot parse it ({type(exc).__name__}: {exc})"
+            ) from exc
         if dtype != np.uint8:
             raise SlideReadError(f"{self.path}: {dtype} pixels are not supported; convert to 8-bit RGB")
         if axes not in ("YX", "YXS", "SYX"):
-            raise SlideReadError(f"{self.path}: image axes {axes!r} {shape} are not a single 2-D RGB/grey plane")
+            raise SlideReadError(
+                f"{self.path}: image axes {axes!r} {shape} are not a single 2-D RGB/grey plane"
+            )
         channels = 1 if axes == "YX" else shape[axes.index("S")]
         if channels not in (1, 3, 4):
             raise SlideReadError(f"{self.path}: {channels} samples per pixel; expected grey, RGB or RGBA")
@@ -103,7 +107,9 @@ class ImageSlide(Slide):
         if fmt not in _PIL_FORMATS:
             raise SlideReadError(f"{self.path}: {fmt} images are not handled by the image backend")
         if mode in ("I", "I;16", "I;16B", "F"):
-            raise SlideReadError(f"{self.path}: {mode} (high bit-depth) images are not supported; convert to 8-bit")
+            raise SlideReadError(
+                f"{self.path}: {mode} (high bit-depth) images are not supported; convert to 8-bit"
+            )
         if dpi:
             self.metadata_mpp = mpp_from_resolution(dpi[0], dpi[1], "inch")
         self.properties = {"image.format": str(fmt), "image.mode": str(mode)}
@@ -118,7 +124,9 @@ class ImageSlide(Slide):
         except SlideReadError:
             raise
         except Exception as exc:
-            raise SlideReadError(f"{self.path}: decoding the image failed ({type(exc).__name__}: {exc})") from exc
+            raise SlideReadError(
+                f"{self.path}: decoding the image failed ({type(exc).__name__}: {exc})"
+            ) from exc
         self._pixels, self._pid = pixels, os.getpid()
         return pixels
 

@@ -17,6 +17,7 @@ per-process state rebuilt whenever ``os.getpid()`` changes; pickling drops that 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gigaslide.io.base import BACKGROUND, Slide, SlideReadError, composite_on_white
-from gigaslide.io.tiff_structure import TiledLevel, TiffLayoutUnsupported, parse_tiff_pyramid
+from gigaslide.io.tiff_structure import TiffLayoutUnsupported, TiledLevel, parse_tiff_pyramid
 
 DEFAULT_CACHE_BYTES = 64 * 1024**2  # decoded-tile cache per process (about 340 tiles of 256x256 RGB)
 
@@ -61,7 +62,9 @@ class TiffDirectSlide(Slide):
     requires = ("tifffile", "imagecodecs")
     install_hint = "pip install tifffile imagecodecs"
 
-    def __init__(self, path: str | Path, mpp: float | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, path: str | Path, mpp: float | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         super().__init__(path, mpp)
         pyramid = parse_tiff_pyramid(self.path)
         self._levels: tuple[TiledLevel, ...] = pyramid.levels
@@ -233,7 +236,5 @@ class TiffDirectSlide(Slide):
     def __del__(self) -> None:
         proc = getattr(self, "_proc", None)
         if proc is not None:
-            try:
+            with contextlib.suppress(OSError):
                 proc.close()
-            except OSError:
-                pass

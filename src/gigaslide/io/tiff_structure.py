@@ -35,7 +35,19 @@ from gigaslide.io.metadata import (
 TIFFFILE_CODECS = frozenset({1, 5, 8, 32946, 50000, 50001, 33005})
 JPEG = 7
 # Layouts OpenSlide reads with vendor-specific level rules (or that are not slides at all): refuse them.
-_FOREIGN_LAYOUTS = ("ndpi", "scn", "philips", "bif", "qpi", "ome", "lsm", "stk", "imagej", "mmstack", "ndtiff")
+_FOREIGN_LAYOUTS = (
+    "ndpi",
+    "scn",
+    "philips",
+    "bif",
+    "qpi",
+    "ome",
+    "lsm",
+    "stk",
+    "imagej",
+    "mmstack",
+    "ndtiff",
+)
 # photometric values
 _MINISBLACK, _RGB, _YCBCR = 1, 2, 6
 
@@ -172,7 +184,9 @@ def parse_tiff_pyramid(path: str | Path) -> TiffPyramid:
         try:
             foreign = [name for name in _FOREIGN_LAYOUTS if getattr(tf, f"is_{name}", False)]
             if foreign:
-                raise TiffLayoutUnsupported(f"{path}: {foreign[0].upper()} layout is left to OpenSlide/tiffslide")
+                raise TiffLayoutUnsupported(
+                    f"{path}: {foreign[0].upper()} layout is left to OpenSlide/tiffslide"
+                )
             pages = _pyramid_pages(tf)
             if not pages:
                 raise TiffLayoutUnsupported(f"{path}: no tiled image (strip-based TIFF)")

@@ -57,7 +57,9 @@ class TiffSlideSlide(Slide):
         try:
             handle = tiffslide.TiffSlide(str(self.path))
         except Exception as exc:  # tiffslide raises tifffile / zarr / ValueError errors for bad input
-            raise SlideReadError(f"{self.path}: tiffslide cannot open it ({type(exc).__name__}: {exc})") from exc
+            raise SlideReadError(
+                f"{self.path}: tiffslide cannot open it ({type(exc).__name__}: {exc})"
+            ) from exc
         self._handle = handle
         self._pid = os.getpid()
         return handle
@@ -79,7 +81,9 @@ class TiffSlideSlide(Slide):
             ) from exc
         arr = np.asarray(arr)
         if arr.dtype != np.uint8:
-            raise SlideReadError(f"{self.path}: tiffslide returned {arr.dtype} pixels; only 8-bit RGB is supported")
+            raise SlideReadError(
+                f"{self.path}: tiffslide returned {arr.dtype} pixels; only 8-bit RGB is supported"
+            )
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[..., 0]
         return np.ascontiguousarray(composite_on_white(arr))

@@ -87,7 +87,9 @@ def _safe_globals() -> list[Any]:
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     if trust_pickle:
-        logger.warning("loading %s with full pickle support (trust_pickle=True): only do this for trusted files", path)
+        logger.warning(
+            "loading %s with full pickle support (trust_pickle=True): only do this for trusted files", path
+        )
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
@@ -104,7 +106,9 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and any(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def unwrap_checkpoint(obj: Any, checkpoint_key: str | None = None, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def unwrap_checkpoint(
+    obj: Any, checkpoint_key: str | None = None, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Descend through wrapper keys (``teacher``, ``state_dict``, ...) down to the tensors.
 
     ``checkpoint_key`` forces one top-level key. Non-tensor entries at the final level are dropped.
@@ -211,7 +215,7 @@ def _resize_pos_embed_for(model: nn.Module, ckpt_pe: torch.Tensor) -> torch.Tens
     return out
 
 
-def filter_state_dict(
+def adapt_state_dict(
     sd: Mapping[str, torch.Tensor],
     model: nn.Module,
     drop_prefixes: Sequence[str] | None = None,
@@ -234,11 +238,26 @@ def filter_state_dict(
         for k in gone:
             del out[k]
         if gone:
-            logger.debug("dropped %d checkpoint keys under %r (expected, not used by this model)", len(gone), prefix)
+            logger.debug(
+                "dropped %d checkpoint keys under %r (expected, not used by this model)", len(gone), prefix
+            )
         dropped += gone
-    if "pos_embed" in out and "pos_embed" in model_sd and out["pos_embed"].shape != model_sd["pos_embed"].shape:
+    if (
+        "pos_embed" in out
+        and "pos_embed" in model_sd
+        and out["pos_embed"].shape != model_sd["pos_embed"].shape
+    ):
         out["pos_embed"] = _resize_pos_embed_for(model, out["pos_embed"])
     return out, dropped
+
+
+def filter_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    drop_prefixes: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`adapt_state_dict` without the list of dropped keys (those are logged at DEBUG level)."""
+    return adapt_state_dict(sd, model, drop_prefixes)[0]
 
 
 def load_weights(
@@ -256,7 +275,7 @@ def load_weights(
     """
     file = resolve_weights_file(path)
     sd = load_checkpoint(file, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
-    sd, dropped = filter_state_dict(sd, model)
+    sd, dropped = adapt_state_dict(sd, model)
     model_sd = model.state_dict()
     missing = [k for k in model_sd if k not in sd]
     unexpected = [k for k in sd if k not in model_sd]
@@ -273,7 +292,9 @@ def load_weights(
             f"{len(mismatched)} shape mismatches {_preview(mismatched)}"
         )
         if strict:
-            raise WeightsMismatchError(msg + ". Check that the file belongs to this encoder, or pass strict=False.")
+            raise WeightsMismatchError(
+                msg + ". Check that the file belongs to this encoder, or pass strict=False."
+            )
         logger.warning("%s; loading the rest (strict=False)", msg)
     bad = {m.split(":", 1)[0] for m in mismatched}
     to_load = {k: v for k, v in sd.items() if k in model_sd and k not in bad}

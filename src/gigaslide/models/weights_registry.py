@@ -59,7 +59,9 @@ def read_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Path]
     return out
 
 
-def lookup_weights(name: str, required: bool = False, path: str | os.PathLike[str] | None = None) -> Path | None:
+def lookup_weights(
+    name: str, required: bool = False, path: str | os.PathLike[str] | None = None
+) -> Path | None:
     """Weights path registered for encoder ``name``.
 
     Returns ``None`` when there is no entry (or no registry file) unless ``required``, in which case

@@ -61,6 +61,7 @@ MANIFEST_COLUMNS = (
     "error",
     "features_file",
     "resumed_from",
+    "rank",
 )
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 RANDOM_INIT = "RANDOM-INIT"
@@ -96,6 +97,7 @@ class SlideResult:
     features_file: str = ""
     resumed_from: int = 0
     computed: int = 0  # rows computed in this run
+    rank: int = 0
     skipped: bool = False  # already complete before this run
 
     def row(self) -> dict[str, Any]:
@@ -108,6 +110,7 @@ class SlideResult:
             "error": self.error,
             "features_file": self.features_file,
             "resumed_from": self.resumed_from,
+            "rank": self.rank,
         }
 
 
@@ -511,6 +514,7 @@ def run_embedding(
                     seconds=time.perf_counter() - t_slide,
                     error=f"{type(e).__name__}: {e}",
                 )
+            result.rank = info.rank
             summary.results.append(result)
             if not (result.skipped and job.slide_id in done_before):  # keep the original timing row
                 manifest.update(job.slide_id, result.row())

@@ -24,7 +24,7 @@ from scipy import ndimage
 CELL_UM = 8.0  # side of one coarse layout cell in microns
 BACKGROUND_LEVEL = 242.0  # brightness of empty glass
 # optical density per unit stain, RGB (haematoxylin: blue-purple, eosin: pink)
-STAIN_H = np.array([0.65, 0.70, 0.29], dtype=np.float32)
+STAIN_H = np.array([0.60, 0.75, 0.29], dtype=np.float32)
 STAIN_E = np.array([0.10, 0.80, 0.40], dtype=np.float32)
 TUMOR_PATTERNS = ("scattered", "clustered", "border", "center")
 

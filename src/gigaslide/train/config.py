@@ -80,7 +80,10 @@ class TrainConfig:
             (self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.folds >= 1, f"folds must be >= 1, got {self.folds}"),
-            (0.0 < self.train_fraction <= 1.0, f"train_fraction must be in (0, 1], got {self.train_fraction}"),
+            (
+                0.0 < self.train_fraction <= 1.0,
+                f"train_fraction must be in (0, 1], got {self.train_fraction}",
+            ),
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.n_bins >= 1, f"n_bins must be >= 1, got {self.n_bins}"),
             (self.max_tiles is None or self.max_tiles >= 1, "max_tiles must be >= 1 or null"),
@@ -125,7 +128,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     raise ValueError(f"config key {name!r}: expected {hint}, got {value!r} ({type(value).__name__})")
 
 
-def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
+def config_from_dict(
+    data: dict[str, Any], base: TrainConfig | None = None, source: str = "config"
+) -> TrainConfig:
     """Return ``base`` (or the defaults) updated with ``data``; unknown keys raise naming the valid ones."""
     hints = _field_types()
     unknown = sorted(set(data) - set(hints))

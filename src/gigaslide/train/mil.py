@@ -131,7 +131,9 @@ class Objective:
 
 def _forward(model: nn.Module, batch: BagBatch, labels: Tensor | None = None) -> SlideOutput:
     info = getattr(model, "slide_model_info", None)
-    wants_coords = bool(getattr(model, "needs_coords", False)) or bool(info is not None and info.accepts_coords)
+    wants_coords = bool(getattr(model, "needs_coords", False)) or bool(
+        info is not None and info.accepts_coords
+    )
     coords = batch.coords if wants_coords else None
     return model(batch.x, coords=coords, mask=batch.mask, labels=labels)
 
@@ -150,7 +152,9 @@ def _metric(task: str, samples: list[Sample], logits: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, bags: BagDataset, objective: Objective, device: torch.device) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, bags: BagDataset, objective: Objective, device: torch.device
+) -> tuple[float, float]:
     """(loss, metric) of ``model`` on every bag (no tile subsampling), in eval mode."""
     model.eval()
     losses, logits = [], []
@@ -308,7 +312,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Tensor], meta
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint written by :func:`save_checkpoint`; returns (model, meta)."""
     path = Path(path)
     try:
@@ -317,7 +323,9 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         raise ValueError(f"{path}: cannot read checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a gigaslide training checkpoint (no 'state_dict'/'model' entries)")
-    model = create_slide_model(ckpt["model"], ckpt["in_dim"], ckpt["n_outputs"], **ckpt.get("model_kwargs", {}))
+    model = create_slide_model(
+        ckpt["model"], ckpt["in_dim"], ckpt["n_outputs"], **ckpt.get("model_kwargs", {})
+    )
     model.load_state_dict(ckpt["state_dict"])
     model.to(torch.device(device)).eval()
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}

@@ -154,9 +154,14 @@ def create_encoder(
         info: dict[str, Any] = load_weights(
             model, path, strict=strict, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle
         )
+        info["random_init"] = False
         logger.info("encoder %s: loaded weights %s (sha256 %s)", name, info["file"], info["sha256"])
     else:
-        why = "weights='random' requested" if weights is not None else f"no weights given and no entry in {registry_path()}"
+        why = (
+            "weights='random' requested"
+            if weights is not None
+            else f"no weights given and no entry in {registry_path()}"
+        )
         logger.warning(
             "encoder %s uses RANDOM weights (%s): features are meaningless except for tests; "
             "pass weights=<file> or add '%s: <file>' to the weights registry",

@@ -30,7 +30,9 @@ def _check_arch(arch: str) -> None:
     import timm
 
     if not arch:
-        raise ValueError("empty timm architecture: use 'timm:<architecture>', e.g. timm:vit_large_patch16_224")
+        raise ValueError(
+            "empty timm architecture: use 'timm:<architecture>', e.g. timm:vit_large_patch16_224"
+        )
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:8]
         hint = f"; similar names: {', '.join(close)}" if close else ""
@@ -53,7 +55,11 @@ def read_timm_config(folder: str | Path) -> dict[str, Any]:
     model_args = dict(cfg.get("model_args") or {})
     if "global_pool" in cfg:
         model_args.setdefault("global_pool", cfg["global_pool"])
-    return {"architecture": str(cfg["architecture"]), "model_args": model_args, "pretrained_cfg": pretrained_cfg}
+    return {
+        "architecture": str(cfg["architecture"]),
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+    }
 
 
 def _side(input_size: Any) -> int:

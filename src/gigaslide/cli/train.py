@@ -1,0 +1,109 @@
+"""`gigaslide train`: cross-validated slide-level training on tile features.
+
+Configuration precedence: defaults < ``--config YAML`` < explicit flags < ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("gigaslide.train")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="cross-validated slide-level training (classification or survival) on tile features",
+        description="Train a slide model with case-grouped k-fold cross-validation and write a report.",
+    )
+    p.add_argument(
+        "--features", type=Path, required=True, help="features folder (h5_files/<slide_id>.h5 or *.h5/*.pt)"
+    )
+    p.add_argument("--labels", type=Path, required=True, help="CSV: slide_id, case_id, label | time, event")
+    p.add_argument("--out", type=Path, required=True, help="output folder (reruns resume finished folds)")
+    p.add_argument("--model", default=None, help="slide model name (default abmil; see models.slide)")
+    p.add_argument("--task", choices=["classification", "survival"], default=None)
+    p.add_argument("--folds", type=int, default=None, help="number of folds (default 10)")
+    p.add_argument(
+        "--train-fraction", type=float, default=None, help="fraction of training cases kept (0.25)"
+    )
+    p.add_argument("--few-shot", type=int, default=None, metavar="N", help="N training slides per class")
+    p.add_argument("--splits", type=Path, default=None, help="folder of CLAM splits_<k>.csv files to use")
+    p.add_argument(
+        "--case-level", action="store_true", default=None, help="one bag per case (all its slides)"
+    )
+    p.add_argument("--classes", nargs="+", default=None, help="ordered class names; other labels are errors")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of training config keys")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set lr=1e-4 --set max_tiles=4096",
+    )
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--cache", choices=["memory", "lazy", "mmap"], default=None, help="feature loading")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    return p
+
+
+def build_config(args: argparse.Namespace):  # -> TrainConfig
+    """Merge defaults, YAML, explicit flags and ``--set`` overrides."""
+    from gigaslide.train.config import TrainConfig, apply_overrides, config_from_dict, load_config
+
+    cfg = load_config(args.config) if args.config else TrainConfig()
+    flags = {
+        "model": args.model,
+        "task": args.task,
+        "folds": args.folds,
+        "train_fraction": args.train_fraction,
+        "few_shot": args.few_shot,
+        "case_level": args.case_level,
+        "classes": args.classes,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "cache": args.cache,
+    }
+    cfg = config_from_dict({k: v for k, v in flags.items() if v is not None}, base=cfg, source="command line")
+    return apply_overrides(cfg, args.overrides)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigaslide.data.cohort import Cohort, CohortError
+    from gigaslide.train.crossval import run_crossval
+
+    try:
+        cfg = build_config(args)
+        device = resolve_device(args.device)
+        cohort = Cohort(args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache)
+        log.info("%s; model %s on %s", cohort, cfg.model, device)
+        result = run_crossval(
+            cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits
+        )
+    except (CohortError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        print(f"gigaslide train: error: {e}", file=sys.stderr)
+        return 2
+    if result.skipped_folds:
+        log.info("resumed: folds %s were already finished", result.skipped_folds)
+    lines = [f"{cfg.model} {cfg.task}, {len(result.per_fold)} folds -> {result.out_dir}"]
+    for name, (mean, std) in result.summary.items():
+        ci = result.pooled.get(name)
+        pooled = f"  pooled {ci['value']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
+        lines.append(f"  {name:>18}: {mean:.3f} ± {std:.3f}{pooled}")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,239 @@
+"""Batch embedding job: output files, attributes, resume inside a slide, failures, CLI, torchrun sharding."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from gigaslide.cli.main import main
+from gigaslide.data.feature_writer import ChunkedFeatureWriter, partial_path_for
+from gigaslide.data.features_io import read_features
+from gigaslide.pipeline.embed_job import discover_jobs, run_embedding
+from gigaslide.preprocess.coords_io import write_coords
+from gigaslide.preprocess.tiling_spec import TileSpec
+from gigaslide.utils.manifest import Manifest
+from gigaslide.utils.seed import seed_everything
+
+TILE, TARGET_MPP = 32, 2.0  # 32 px tiles at 2 um/px: 128 level-0 px on a 0.5 um/px slide
+
+
+def _grid(spec: TileSpec) -> np.ndarray:
+    nx, ny = spec.grid_shape()
+    return np.array(
+        [(round(i * spec.level0_stride), round(j * spec.level0_stride)) for j in range(ny) for i in range(nx)],
+        dtype=np.int64,
+    )
+
+
+def make_tiling_dir(root: Path, sizes: dict[str, tuple[int, int]], tile=TILE, seed=0) -> Path:
+    """A `gigaslide tile`-style output: manifest.csv + patches/<id>.h5 over synthetic slides (full grid)."""
+    from gigaslide.io import open_slide
+    from gigaslide.synth import write_synthetic_slide
+
+    manifest = Manifest(root / "manifest.csv")
+    for i, (sid, (w, h)) in enumerate(sizes.items()):
+        path = write_synthetic_slide(root / "slides" / f"{sid}.tiff", width=w, height=h, seed=seed + i)
+        with open_slide(path) as s:
+            spec = TileSpec.create(
+                tile_size=tile, target_mpp=TARGET_MPP, slide_mpp=s.require_mpp(),
+                level_downsamples=s.level_downsamples, level0_dims=s.dimensions, min_tissue=0.0,
+            )  # fmt: skip
+        coords = _grid(spec)
+        write_coords(root / "patches" / f"{sid}.h5", coords, spec)
+        manifest.update(sid, {"path": str(path), "mpp": 0.5, "status": "done", "n_tiles": len(coords),
+                              "coords_file": f"patches/{sid}.h5"})  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiling(tmp_path_factory) -> Path:
+    return make_tiling_dir(tmp_path_factory.mktemp("tiling"), {"a": (1024, 768), "b": (512, 512)})
+
+
+def tiny_encoder(seed: int = 0) -> torch.nn.Module:
+    """resnet18_trunc (random, seeded) told to take 32 px input: fully convolutional, so valid and fast."""
+    from gigaslide.models.encoders import create_encoder
+
+    seed_everything(seed)
+    enc = create_encoder("resnet18_trunc", weights="random")
+    enc.meta = dataclasses.replace(enc.meta, input_size=TILE)
+    return enc
+
+
+def count_rows(encoder: torch.nn.Module) -> list[int]:
+    """Record the batch size of every encoder call."""
+    calls: list[int] = []
+    encoder.register_forward_hook(lambda m, inp, out: calls.append(int(inp[0].shape[0])))
+    return calls
+
+
+def test_outputs_attributes_and_skip(tiling, tmp_path):
+    enc = tiny_encoder()
+    calls = count_rows(enc)
+    out = tmp_path / "feats"
+    s = run_embedding(tiling, enc, out, batch_size=16, chunk_size=32, device="cpu", save_pt=True, progress=False)
+    assert s.n_done == 2 and s.n_failed == 0 and s.random_init
+    n_a = 48  # 8 x 6 tiles of 128 level-0 px on 1024 x 768
+    assert sum(calls) == n_a + 16
+    bag = read_features(out / "h5_files" / "a.h5")
+    assert bag.features.shape == (n_a, 256) and bag.features.dtype == np.float32
+    with h5py.File(tiling / "patches" / "a.h5") as f:
+        np.testing.assert_array_equal(bag.coords, f["coords"][:])
+        spec_attr = f["coords"].attrs["gigaslide_spec"]
+    with h5py.File(out / "h5_files" / "a.h5") as f:  # CLAM/TRIDENT-style access
+        assert f["features"][:].shape == (n_a, 256) and f["coords"].dtype == np.int64
+        assert f["coords"].attrs["gigaslide_spec"] == spec_attr
+    a = bag.attrs
+    assert a["encoder"] == "resnet18_trunc" and a["weights"] == "RANDOM-INIT" and a["random_init"]
+    assert a["embed_dim"] == 256 and a["precision"] == "fp32" and a["tile_size"] == TILE
+    assert a["target_mpp"] == pytest.approx(TARGET_MPP) and len(a["weights_sha256"]) == 64
+    assert a["gigaslide_version"]
+    pt = torch.load(out / "pt_files" / "a.pt", weights_only=True)
+    np.testing.assert_array_equal(pt.numpy(), bag.features)
+    rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
+    assert rows["a"]["status"] == "done" and rows["a"]["n_tiles"] == str(n_a) and rows["a"]["dim"] == "256"
+    assert float(rows["a"]["tiles_per_s"]) > 0 and rows["a"]["features_file"].endswith("a.h5")
+    # rerun: nothing recomputed, manifest rows kept
+    calls.clear()
+    again = run_embedding(tiling, enc, out, batch_size=16, chunk_size=32, device="cpu", progress=False)
+    assert calls == [] and again.n_skipped == 2 and again.n_done == 0
+    assert next(csv.DictReader((out / "manifest.csv").open()))["tiles_per_s"] == rows["a"]["tiles_per_s"]
+    # other weights into the same folder: refused per slide, never mixed
+    other = run_embedding(tiling, tiny_encoder(seed=1), out, device="cpu", progress=False)
+    assert other.n_failed == 2 and "another encoder" in other.failed["a"]
+
+
+def test_resume_inside_a_slide_matches_uninterrupted_run(tiling, tmp_path, monkeypatch):
+    enc = tiny_encoder()
+    ref = run_embedding(tiling, enc, tmp_path / "ref", batch_size=8, chunk_size=16, device="cpu", progress=False)
+    assert ref.n_failed == 0
+    calls = count_rows(enc)
+    real_commit = ChunkedFeatureWriter._commit
+    n_commits = {"n": 0}
+
+    def failing_commit(self, n_rows):
+        n_commits["n"] += 1
+        if n_commits["n"] == 3 and self.final_path.stem == "a":
+            raise RuntimeError("simulated crash after the 2nd chunk")
+        real_commit(self, n_rows)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(ChunkedFeatureWriter, "_commit", failing_commit)
+    first = run_embedding(tiling, enc, out, batch_size=8, chunk_size=16, device="cpu", progress=False)
+    monkeypatch.setattr(ChunkedFeatureWriter, "_commit", real_commit)
+    assert first.failed.keys() == {"a"} and "simulated crash" in first.failed["a"]
+    assert partial_path_for(out / "h5_files" / "a.h5").exists() and not (out / "h5_files" / "a.h5").exists()
+    calls.clear()
+    second = run_embedding(tiling, enc, out, batch_size=8, chunk_size=16, device="cpu", progress=False)
+    assert second.n_done == 1 and second.n_skipped == 1 and second.n_failed == 0
+    assert sum(calls) == 48 - 32  # only the rows after the two committed chunks
+    res = {r.slide_id: r for r in second.results}
+    assert res["a"].resumed_from == 32 and res["a"].computed == 16
+    for sid in ("a", "b"):
+        want = read_features(tmp_path / "ref" / "h5_files" / f"{sid}.h5").features
+        np.testing.assert_array_equal(read_features(out / "h5_files" / f"{sid}.h5").features, want)
+    assert not partial_path_for(out / "h5_files" / "a.h5").exists()
+
+
+def test_partial_with_other_fingerprint_is_discarded(tiling, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "o"
+
+    def crash(self, n_rows):
+        raise RuntimeError("crash before any chunk is final")
+
+    real_commit = ChunkedFeatureWriter._commit
+    calls_state = {"n": 0}
+
+    def crash_second(self, n_rows):
+        calls_state["n"] += 1
+        if calls_state["n"] > 1:
+            crash(self, n_rows)
+        real_commit(self, n_rows)
+
+    monkeypatch.setattr(ChunkedFeatureWriter, "_commit", crash_second)
+    run_embedding(tiling, tiny_encoder(0), out, batch_size=8, chunk_size=8, device="cpu", progress=False)
+    monkeypatch.setattr(ChunkedFeatureWriter, "_commit", real_commit)
+    with h5py.File(partial_path_for(out / "h5_files" / "a.h5")) as f:
+        assert f.attrs["gigaslide_rows_done"] == 8
+    enc = tiny_encoder(1)  # other random weights -> other fingerprint
+    calls = count_rows(enc)
+    with caplog.at_level(logging.WARNING):
+        s = run_embedding(tiling, enc, out, batch_size=8, chunk_size=8, device="cpu", progress=False)
+    assert s.n_failed == 0 and "fingerprint mismatch" in caplog.text
+    assert sum(calls) == 48 + 16  # everything recomputed
+
+
+def test_bad_slide_is_recorded_and_cli_exits_1(tmp_path, shared_data, capsys):
+    root = make_tiling_dir(tmp_path / "t", {"good": (512, 384)}, tile=64)
+    spec = TileSpec.from_attrs(dict(h5py.File(root / "patches" / "good.h5")["coords"].attrs))
+    write_coords(root / "patches" / "bad.h5", np.zeros((3, 2), np.int64), spec)
+    Manifest(root / "manifest.csv").update(
+        "bad", {"path": str(shared_data / "broken.svs"), "mpp": 0.5, "status": "done", "coords_file": "patches/bad.h5"}
+    )
+    out = tmp_path / "out"
+    rc = main(["embed", str(root), "--encoder", "resnet18_trunc", "--weights", "random", "--out", str(out),
+               "--workers", "0", "--device", "cpu", "--no-progress", "--batch-size", "8"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "RANDOM WEIGHTS: features are not meaningful" in err
+    assert "1 failed" in err and "FAILED bad" in err and "broken.svs" in err
+    rows = {r["slide_id"]: r for r in csv.DictReader((out / "manifest.csv").open())}
+    assert rows["good"]["status"] == "done" and rows["bad"]["status"] == "failed" and rows["bad"]["error"]
+    assert read_features(out / "h5_files" / "good.h5").features.shape == (4, 256)
+    assert not (out / "h5_files" / "bad.h5").exists()
+
+
+def test_clam_trident_patches_folder_needs_slides(tiling, tmp_path):
+    pdir = tmp_path / "trident_patches"
+    pdir.mkdir()
+    for sid in ("a", "b"):
+        (pdir / f"{sid}_patches.h5").write_bytes((tiling / "patches" / f"{sid}.h5").read_bytes())
+    with pytest.raises(ValueError, match="pass --slides"):
+        discover_jobs(pdir)
+    jobs = discover_jobs(pdir, slides=tiling / "slides")
+    assert [(j.slide_id, j.slide_path.name, j.n_tiles, j.error) for j in jobs] == [
+        ("a", "a.tiff", 48, ""), ("b", "b.tiff", 16, "")
+    ]  # fmt: skip
+    jobs = discover_jobs(pdir, slides=tmp_path / "trident_patches" / "a_patches.h5")  # not a slide of 'b'
+    assert "no slide named 'b'" in next(j.error for j in jobs if j.slide_id == "b")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="run `gigaslide tile` first"):
+        discover_jobs(tmp_path / "empty")
+
+
+@pytest.mark.distributed
+def test_torchrun_two_ranks_cover_each_slide_once(tmp_path):
+    root = make_tiling_dir(tmp_path / "t", {"s1": (512, 384), "s2": (384, 256), "s3": (256, 256)}, tile=64)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "gigaslide", "embed", str(root), "--encoder", "resnet18_trunc", "--weights", "random",
+           "--out", str(out), "--workers", "0", "--device", "cpu", "--no-progress", "--batch-size", "4"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert sorted(r["slide_id"] for r in rows) == ["s1", "s2", "s3"]
+    assert all(r["status"] == "done" for r in rows)
+    assert {r["rank"] for r in rows} == {"0", "1"}  # both ranks worked, each slide once
+    assert not list(out.glob("manifest.rank*.csv"))
+    # same seed on every rank: identical to a single-process run
+    seed_everything(0)
+    from gigaslide.models.encoders import create_encoder
+
+    ref = run_embedding(root, create_encoder("resnet18_trunc", weights="random"), tmp_path / "ref",
+                        batch_size=4, device="cpu", progress=False)  # fmt: skip
+    assert ref.n_done == 3
+    for sid in ("s1", "s2", "s3"):
+        got = read_features(out / "h5_files" / f"{sid}.h5").features
+        np.testing.assert_allclose(got, read_features(tmp_path / "ref" / "h5_files" / f"{sid}.h5").features,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
