@@ -125,8 +125,8 @@ def test_run_tiling_outputs_and_resume(synth_slides: list[SlideInput], tmp_path:
         k: v for k, v in before.items() if k != "manifest.csv"
     }
     # other parameters: tiled again
-    changed = run_tiling(synth_slides[:1], out, **{**kw, "min_tissue": 0.9})
-    assert changed.done == ["s0"] and read_coords(out / "patches" / "s0.h5").spec.min_tissue == 0.9
+    changed = run_tiling(synth_slides[:1], out, **{**kw, "stride": 96})
+    assert changed.done == ["s0"] and read_coords(out / "patches" / "s0.h5").spec.stride == 96
 
 
 def test_parallel_matches_sequential(synth_slides: list[SlideInput], tmp_path: Path) -> None:

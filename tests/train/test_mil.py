@@ -24,8 +24,8 @@ SMALL = {"hidden_dims": [32, 16], "dropout": 0.0}
 def _cohort(root: Path, n: int, task: str, seed: int = 0) -> Cohort:
     """Bags of N(0, 1) tiles; signal tiles are shifted by 3 along one fixed direction.
 
-    Classification: positive bags hold 2-4 signal tiles. Survival: the number of signal tiles
-    (0-6) sets the hazard, times ~ Exponential(exp(0.6 * k)), 25% censored.
+    Classification: positive bags hold 2-4 signal tiles. Survival: a risk group g in {0, 1, 2}
+    shifts 3-5 tiles by 1.5 * g; log-time = -1.2 g + N(0, 0.5^2) (log-normal AFT), 25% censored.
     """
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(99).normal(size=DIM)
@@ -37,16 +37,17 @@ def _cohort(root: Path, n: int, task: str, seed: int = 0) -> Cohort:
         if task == "classification":
             label = i % 2
             k = int(rng.integers(2, 5)) * label
+            feats[:k] += 3.0 * direction
         else:
-            k = int(rng.integers(0, 7))
-        feats[:k] += 3.0 * direction
+            group = int(rng.integers(0, 3))
+            feats[: int(rng.integers(3, 6))] += 1.5 * group * direction
         coords = np.stack([np.arange(n_tiles) * 256, np.zeros(n_tiles)], axis=1)
         write_features(root / "h5_files" / f"s{i:03d}.h5", feats, coords)
         row = {"slide_id": f"s{i:03d}", "case_id": f"c{i:03d}"}
         if task == "classification":
             row["label"] = ["neg", "pos"][label]
         else:
-            row["time"] = float(rng.exponential(1.0 / np.exp(0.6 * k))) + 0.01
+            row["time"] = float(np.exp(-1.2 * group + 0.5 * rng.normal()))
             row["event"] = int(rng.random() > 0.25)
         rows.append(row)
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from gigaslide.io.base import Slide
     from gigaslide.preprocess.tissue import TissueMask, TissueParams
 
+FRACTION_EPS = 1e-6  # tolerance on tissue fractions
+
 
 class NoTissueError(ValueError):
     """No tile of a slide reached the minimum tissue fraction."""
@@ -76,10 +78,10 @@ def select_tiles(fractions: np.ndarray, min_tissue: float) -> np.ndarray:
     never pure background.
     """
     fractions = np.asarray(fractions, dtype=np.float64)
+    # fractions come from float integral images: ignore round-off (1e-16 on pure background)
     if min_tissue <= 0:
-        return fractions > 0
-    # tiny tolerance: fractions come from float integral images
-    return fractions >= min_tissue - 1e-9
+        return fractions > FRACTION_EPS
+    return fractions >= min_tissue - FRACTION_EPS
 
 
 def make_spec(

@@ -178,7 +178,7 @@ class SlideLayout:
 
         fib = self._fibres(x0, y0, w, h)
         normal = 1.0 - tum
-        eos = 0.22 + 0.40 * fib
+        eos = 0.24 + 0.34 * fib
         hem = np.full((h, w), 0.05, dtype=np.float32)
         epi = glands == 1
         lumen = glands == 2
@@ -210,11 +210,11 @@ def _tissue_field(
     small = min(gh, gw)
     env = np.full((gh, gw), -np.inf, dtype=np.float32)
     for _ in range(n_pieces):
-        cx = rng.uniform(0.3, 0.7) * gw if n_pieces == 1 else rng.uniform(0.22, 0.78) * gw
-        cy = rng.uniform(0.3, 0.7) * gh if n_pieces == 1 else rng.uniform(0.22, 0.78) * gh
+        cx = rng.uniform(0.38, 0.62) * gw if n_pieces == 1 else rng.uniform(0.25, 0.75) * gw
+        cy = rng.uniform(0.38, 0.62) * gh if n_pieces == 1 else rng.uniform(0.25, 0.75) * gh
         shrink = 1.0 / math.sqrt(n_pieces)
-        rx = rng.uniform(0.25, 0.4) * gw * shrink
-        ry = rng.uniform(0.25, 0.4) * gh * shrink
+        rx = rng.uniform(0.34, 0.46) * gw * shrink
+        ry = rng.uniform(0.34, 0.46) * gh * shrink
         env = np.maximum(env, 1.0 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2)
     noise = _smooth_noise(rng, (gh, gw), max(1.5, 0.06 * small))
     tissue = env + 0.35 * noise > 0
