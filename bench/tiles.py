@@ -207,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=40_000, help="slide side in px at level 0 (default 40000)")
     p.add_argument("--quick", action="store_true", help="8192 px slide and at most 3000 tiles per loop")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (default nproc)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (default nproc)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-tiles", type=int, default=0, help="cap the tiles per single-process loop (0: all)")
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="slide whose content is repeated")
     p.add_argument("--out", type=Path, default=REPO / "bench_out")
-    p.add_argument("--wait", type=float, default=0, help="seconds to wait for TileDataset/tile_slide to exist")
+    p.add_argument(
+        "--wait", type=float, default=0, help="seconds to wait for TileDataset/tile_slide to exist"
+    )
     args = p.parse_args(argv)
     size = 8192 if args.quick and args.size == 40_000 else args.size
     max_tiles = args.max_tiles or (3000 if args.quick else 0)
@@ -225,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from gigaslide.io import open_slide
 
-    results: dict[str, object] = {"machine": machine(), "size": size, "slide": str(path), "source": source_desc}
+    results: dict[str, object] = {
+        "machine": machine(),
+        "size": size,
+        "slide": str(path),
+        "source": source_desc,
+    }
     results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     slide = open_slide(path)
     assert slide.backend == "tiff-direct", slide.backend
@@ -233,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     gy, gx = np.mgrid[0:down, 0:across]
     coords = (np.stack([gx.ravel(), gy.ravel()], 1) * TILE).astype(np.int64)  # (N, 2) full tiles
     loop_coords = coords[:max_tiles] if max_tiles else coords
-    print(f"slide {size}x{size}, {len(coords)} full 256x256 tiles at {MPP} um/px; loops over {len(loop_coords)}")
+    print(
+        f"slide {size}x{size}, {len(coords)} full 256x256 tiles at {MPP} um/px; loops over {len(loop_coords)}"
+    )
 
     rows: list[tuple[str, int, float]] = []  # (what, tiles, seconds); (a) without worker start-up
     tiling = REPO / "src" / "gigaslide" / "preprocess" / "tiling.py"

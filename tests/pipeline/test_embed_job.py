@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,11 @@ TILE, TARGET_MPP = 32, 2.0  # 32 px tiles at 2 um/px: 128 level-0 px on a 0.5 um
 def _grid(spec: TileSpec) -> np.ndarray:
     nx, ny = spec.grid_shape()
     return np.array(
-        [(round(i * spec.level0_stride), round(j * spec.level0_stride)) for j in range(ny) for i in range(nx)],
+        [
+            (round(i * spec.level0_stride), round(j * spec.level0_stride))
+            for j in range(ny)
+            for i in range(nx)
+        ],
         dtype=np.int64,
     )
 
@@ -81,7 +86,9 @@ def test_outputs_attributes_and_skip(tiling, tmp_path):
     enc = tiny_encoder()
     calls = count_rows(enc)
     out = tmp_path / "feats"
-    s = run_embedding(tiling, enc, out, batch_size=16, chunk_size=32, device="cpu", save_pt=True, progress=False)
+    s = run_embedding(
+        tiling, enc, out, batch_size=16, chunk_size=32, device="cpu", save_pt=True, progress=False
+    )
     assert s.n_done == 2 and s.n_failed == 0 and s.random_init
     n_a = 48  # 8 x 6 tiles of 128 level-0 px on 1024 x 768
     assert sum(calls) == n_a + 16
@@ -115,7 +122,9 @@ def test_outputs_attributes_and_skip(tiling, tmp_path):
 
 def test_resume_inside_a_slide_matches_uninterrupted_run(tiling, tmp_path, monkeypatch):
     enc = tiny_encoder()
-    ref = run_embedding(tiling, enc, tmp_path / "ref", batch_size=8, chunk_size=16, device="cpu", progress=False)
+    ref = run_embedding(
+        tiling, enc, tmp_path / "ref", batch_size=8, chunk_size=16, device="cpu", progress=False
+    )
     assert ref.n_failed == 0
     calls = count_rows(enc)
     real_commit = ChunkedFeatureWriter._commit
@@ -147,17 +156,13 @@ def test_resume_inside_a_slide_matches_uninterrupted_run(tiling, tmp_path, monke
 
 def test_partial_with_other_fingerprint_is_discarded(tiling, tmp_path, monkeypatch, caplog):
     out = tmp_path / "o"
-
-    def crash(self, n_rows):
-        raise RuntimeError("crash before any chunk is final")
-
     real_commit = ChunkedFeatureWriter._commit
-    calls_state = {"n": 0}
+    n_commits = {"n": 0}
 
-    def crash_second(self, n_rows):
-        calls_state["n"] += 1
-        if calls_state["n"] > 1:
-            crash(self, n_rows)
+    def crash_second(self, n_rows):  # slide a keeps one committed chunk of 8 rows, b none
+        n_commits["n"] += 1
+        if n_commits["n"] > 1:
+            raise RuntimeError("simulated crash")
         real_commit(self, n_rows)
 
     monkeypatch.setattr(ChunkedFeatureWriter, "_commit", crash_second)
@@ -178,7 +183,13 @@ def test_bad_slide_is_recorded_and_cli_exits_1(tmp_path, shared_data, capsys):
     spec = TileSpec.from_attrs(dict(h5py.File(root / "patches" / "good.h5")["coords"].attrs))
     write_coords(root / "patches" / "bad.h5", np.zeros((3, 2), np.int64), spec)
     Manifest(root / "manifest.csv").update(
-        "bad", {"path": str(shared_data / "broken.svs"), "mpp": 0.5, "status": "done", "coords_file": "patches/bad.h5"}
+        "bad",
+        {
+            "path": str(shared_data / "broken.svs"),
+            "mpp": 0.5,
+            "status": "done",
+            "coords_file": "patches/bad.h5",
+        },
     )
     out = tmp_path / "out"
     rc = main(["embed", str(root), "--encoder", "resnet18_trunc", "--weights", "random", "--out", str(out),
@@ -215,12 +226,23 @@ def test_clam_trident_patches_folder_needs_slides(tiling, tmp_path):
 def test_torchrun_two_ranks_cover_each_slide_once(tmp_path):
     root = make_tiling_dir(tmp_path / "t", {"s1": (512, 384), "s2": (384, 256), "s3": (256, 256)}, tile=64)
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gigaslide", "embed", str(root), "--encoder", "resnet18_trunc", "--weights", "random",
            "--out", str(out), "--workers", "0", "--device", "cpu", "--no-progress", "--batch-size", "4"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert sorted(r["slide_id"] for r in rows) == ["s1", "s2", "s3"]
     assert all(r["status"] == "done" for r in rows)

@@ -107,7 +107,7 @@ def test_errors_and_helpers(cmu1, resnet18):
     path, spec, coords = cmu1
     with pytest.raises(ValueError, match="precision must be one of"):
         extract_features(path, coords[:2], spec, resnet18, precision="int8")
-    with pytest.raises(ValueError, match="no `.meta`"):
+    with pytest.raises(ValueError, match=r"no `\.meta`"):
         extract_features(path, coords[:2], spec, torch.nn.Identity())
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,18 @@ def test_format_error_and_bad_params(tmp_path: Path) -> None:
         run_tiling([], tmp_path, min_tissue=2.0)
     with pytest.raises(ValueError, match="--workers"):
         run_tiling([], tmp_path, workers=0)
+
+
+class _KillsWorker:
+    """Unpickling this in a worker process ends it abruptly, like a segfault in a slide reader."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_crashing_worker_is_recorded(synth_slides: list[SlideInput], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_tiling(synth_slides[:2], out, workers=2, tissue_params=_KillsWorker(), progress=False)
+    assert set(summary.failed) == {"s0", "s1"} and summary.done == []
+    assert all(err.startswith("WorkerCrashed:") for err in summary.failed.values())
+    assert {r["status"] for r in Manifest(out / "manifest.csv").rows.values()} == {"failed"}

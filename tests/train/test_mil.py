@@ -25,7 +25,7 @@ def _cohort(root: Path, n: int, task: str, seed: int = 0) -> Cohort:
     """Bags of N(0, 1) tiles; signal tiles are shifted by 3 along one fixed direction.
 
     Classification: positive bags hold 2-4 signal tiles. Survival: a risk group g in {0, 1, 2}
-    shifts 3-5 tiles by 1.5 * g; log-time = -1.2 g + N(0, 0.5^2) (log-normal AFT), 25% censored.
+    shifts 6-10 tiles by 2.5 * g; log-time = -1.2 g + N(0, 0.5^2) (log-normal AFT), 25% censored.
     """
     rng = np.random.default_rng(seed)
     direction = np.random.default_rng(99).normal(size=DIM)
@@ -40,7 +40,7 @@ def _cohort(root: Path, n: int, task: str, seed: int = 0) -> Cohort:
             feats[:k] += 3.0 * direction
         else:
             group = int(rng.integers(0, 3))
-            feats[: int(rng.integers(3, 6))] += 1.5 * group * direction
+            feats[: int(rng.integers(6, 11))] += 2.5 * group * direction
         coords = np.stack([np.arange(n_tiles) * 256, np.zeros(n_tiles)], axis=1)
         write_features(root / "h5_files" / f"s{i:03d}.h5", feats, coords)
         row = {"slide_id": f"s{i:03d}", "case_id": f"c{i:03d}"}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 BACKGROUND = 255  # value used to pad reads outside the slide and to composite alpha
+THUMBNAIL_READ_PIXELS = 64_000_000  # thumbnail() reads larger levels in bands of at most this many pixels
 
 
 class SlideReadError(RuntimeError):
@@ -131,11 +132,26 @@ class Slide(ABC):
         scale = max(w0, h0) / float(max_size)
         level = self.best_level_for_downsample(scale)
         lw, lh = self.level_dimensions[level]
-        region = self.read_region((0, 0), level, (lw, lh))
         tw, th = max(1, round(w0 / scale)), max(1, round(h0 / scale))
-        if (lw, lh) == (tw, th):
-            return region
-        return np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
+        if lw * lh <= THUMBNAIL_READ_PIXELS or (lw, lh) == (tw, th):
+            region = self.read_region((0, 0), level, (lw, lh))
+            if (lw, lh) == (tw, th):
+                return region
+            return np.asarray(Image.fromarray(region).resize((tw, th), Image.Resampling.BOX))
+        # A large level (e.g. a single-level slide): never hold it whole; read bands of level rows
+        # and box-filter each into its band of thumbnail rows.
+        sy = lh / th  # level rows per thumbnail row
+        band = max(1, int(THUMBNAIL_READ_PIXELS / (lw * sy)))
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        for r0 in range(0, th, band):
+            r1 = min(th, r0 + band)
+            y0, y1 = math.floor(r0 * sy), min(lh, math.ceil(r1 * sy))
+            strip = self.read_region((0, round(y0 * self.level_downsamples[level])), level, (lw, y1 - y0))
+            box = (0.0, r0 * sy - y0, float(lw), r1 * sy - y0)
+            out[r0:r1] = np.asarray(
+                Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BOX, box=box)
+            )
+        return out
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles. Safe to call twice."""

@@ -208,6 +208,8 @@ def discover_jobs(
                 spath, mpp = by_id[sid].path, by_id[sid].mpp or mpp
             else:
                 spath = Path(row["path"]) if row.get("path") else None
+                if spath is not None and not spath.is_absolute() and (root / spath).exists():
+                    spath = root / spath  # relative to the tiling folder
             err = "" if spath is not None else "no slide path in the tiling manifest; pass --slides"
             jobs.append(SlideJob(sid, cpath, spath, mpp, _h5_rows(cpath), err))
     else:

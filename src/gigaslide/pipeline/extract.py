@@ -68,9 +68,7 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 def is_conv_net(model: nn.Module) -> bool:
     """True when the model has convolutions other than a ViT-style patch embedding (kernel == stride)."""
-    return any(
-        isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != tuple(m.stride) for m in model.modules()
-    )
+    return any(isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != tuple(m.stride) for m in model.modules())
 
 
 def prepare_encoder(encoder: nn.Module, device: torch.device) -> bool:
