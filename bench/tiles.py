@@ -8,6 +8,7 @@ tissue when ../shared/data is absent), then measures on the same 256x256 grid at
   (b) a plain single-process ``openslide.OpenSlide.read_region`` loop,
   (c) the decode ceiling: imagecodecs.jpeg_decode of the same tile bitstreams, held in memory, one core,
   (d) single-process ``read_region`` loops of tiff-direct, tiffslide and OpenSlide side by side,
+  (b), (c) and (d) run interleaved chunk by chunk, so load changes on a shared machine hit them alike;
   plus the time to detect tissue and compute coordinates (``tile_slide``).
 
 Usage: ``python bench/tiles.py [--size 40000] [--quick] [--workers N] [--out bench_out]``
@@ -16,12 +17,13 @@ Usage: ``python bench/tiles.py [--size 40000] [--quick] [--workers N] [--out ben
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -111,51 +113,87 @@ def build_slide(path: Path, size: int, source: Path) -> str:
 
 
 # -- measurements ---------------------------------------------------------------------------
-def timed(fn, *args) -> tuple[float, object]:
+def timed(fn: Callable[..., object], *args: object) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn(*args)
     return time.perf_counter() - t0, out
 
 
-def loop_openslide(path: Path, coords: np.ndarray) -> int:
-    import openslide
+class Readers:
+    """The single-process read paths over the same coordinates; each call reads one chunk of tiles."""
 
-    osr = openslide.OpenSlide(str(path))
-    for x, y in coords:
-        np.asarray(osr.read_region((int(x), int(y)), 0, (TILE, TILE)).convert("RGB"))
-    osr.close()
-    return len(coords)
+    def __init__(self, path: Path, coords: np.ndarray) -> None:
+        import imagecodecs
+        import openslide
+        import tifffile
+
+        from gigaslide.io import open_slide
+
+        self._decode = imagecodecs.jpeg_decode
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            across = -(-page.imagewidth // TILE)
+            offsets, counts, self.tables = page.dataoffsets, page.databytecounts, page.jpegtables
+        fd = os.open(path, os.O_RDONLY)
+        idx = [(int(y) // TILE) * across + int(x) // TILE for x, y in coords]
+        self.blobs = [os.pread(fd, counts[i], offsets[i]) for i in idx]  # the bitstreams, held in memory
+        os.close(fd)
+        self.coords = [(int(x), int(y)) for x, y in coords]
+        self.osr = openslide.OpenSlide(str(path))
+        self.direct = open_slide(path, backend="tiff-direct")
+        self.tiffslide = open_slide(path, backend="tiffslide")
+
+    def ceiling(self, lo: int, hi: int) -> None:
+        for b in self.blobs[lo:hi]:
+            self._decode(b, tables=self.tables, outcolorspace="RGB")
+
+    def tiff_direct(self, lo: int, hi: int) -> None:
+        for loc in self.coords[lo:hi]:
+            self.direct.read_region(loc, 0, (TILE, TILE))
+
+    def openslide(self, lo: int, hi: int) -> None:
+        for loc in self.coords[lo:hi]:
+            np.asarray(self.osr.read_region(loc, 0, (TILE, TILE)).convert("RGB"))
+
+    def tiffslide_(self, lo: int, hi: int) -> None:
+        for loc in self.coords[lo:hi]:
+            self.tiffslide.read_region(loc, 0, (TILE, TILE))
 
 
-def loop_backend(path: Path, coords: np.ndarray, backend: str) -> int:
-    from gigaslide.io import open_slide
+def interleaved(readers: Readers, dataset: object | None = None, n_chunks: int = 16) -> dict[str, float]:
+    """Seconds per path, running the paths alternately chunk by chunk so load swings hit all alike.
 
-    with open_slide(path, backend=backend) as slide:
-        for x, y in coords:
-            slide.read_region((int(x), int(y)), 0, (TILE, TILE))
-    return len(coords)
+    ``dataset`` (a TileDataset over the same coordinates) adds its ``__getitem__`` loop in this process.
+    """
+    paths = {
+        "ceiling": readers.ceiling,
+        "tiff-direct": readers.tiff_direct,
+        "openslide": readers.openslide,
+        "tiffslide": readers.tiffslide_,
+    }
+    if dataset is not None:
+
+        def items(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                dataset[i]  # type: ignore[index]
+
+        paths["dataset"] = items
+    seconds = dict.fromkeys(paths, 0.0)
+    bounds = np.linspace(0, len(readers.coords), n_chunks + 1).astype(int)
+    for lo, hi in itertools.pairwise(bounds.tolist()):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn(int(lo), int(hi))
+            seconds[name] += time.perf_counter() - t0
+    return seconds
 
 
-def decode_ceiling(path: Path, coords: np.ndarray) -> tuple[float, int]:
-    """Seconds to jpeg_decode the level-0 tile bitstreams of ``coords`` (read into memory first)."""
-    import imagecodecs
-    import tifffile
-
-    with tifffile.TiffFile(path) as tf:
-        page = tf.pages[0]
-        across = -(-page.imagewidth // TILE)
-        offsets, counts, tables = page.dataoffsets, page.databytecounts, page.jpegtables
-    fd = os.open(path, os.O_RDONLY)
-    idx = [(int(y) // TILE) * across + int(x) // TILE for x, y in coords]
-    blobs = [os.pread(fd, counts[i], offsets[i]) for i in idx]
-    os.close(fd)
-    best = float("inf")
-    for _ in range(3):  # best of 3: the figure is a ceiling
-        t0 = time.perf_counter()
-        for b in blobs:
-            imagecodecs.jpeg_decode(b, tables=tables, outcolorspace="RGB")
-        best = min(best, time.perf_counter() - t0)
-    return best, len(blobs)
+def ceiling_sample(readers: Readers, n: int = 2000) -> float:
+    """Decode-ceiling rate (tiles/s) on a sample, to bracket a measurement made at another time."""
+    n = min(n, len(readers.blobs))
+    t0 = time.perf_counter()
+    readers.ceiling(0, n)
+    return n / (time.perf_counter() - t0)
 
 
 def dataloader_rate(
@@ -264,19 +302,29 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("gigaslide.preprocess.tiling not present: skipping tissue detection timing")
 
-    secs, n = decode_ceiling(path, loop_coords)
-    rows.append(("(c) jpeg_decode ceiling, 1 core", n, secs))
-    secs, n = timed(loop_backend, path, loop_coords, "tiff-direct")
-    rows.append(("(d) tiff-direct read_region, 1 process", n, secs))
-    secs, n = timed(loop_openslide, path, loop_coords)
-    rows.append(("(b) OpenSlide read_region, 1 process", n, secs))
-    secs, n = timed(loop_backend, path, loop_coords, "tiffslide")
-    rows.append(("(d) tiffslide read_region, 1 process", n, secs))
-    workers = max(1, args.workers)
+    readers = Readers(path, loop_coords)
+    n = len(loop_coords)
+    in_process = None
     if spec is not None and dataset.exists():
-        secs, n, steady_secs, steady_n = dataloader_rate(path, coords, spec, workers, args.batch_size)
-        rows.append((f"(a) TileDataset+DataLoader, {workers} workers, total", n, secs))
+        from gigaslide.data.tile_dataset import TileDataset
+
+        in_process = TileDataset(path, loop_coords, spec)
+    secs = interleaved(readers, in_process)
+    if in_process is not None:
+        rows.append(("(a1) TileDataset[i] loop, 1 process", n, secs["dataset"]))
+    rows.append(("(c) jpeg_decode ceiling, 1 core", n, secs["ceiling"]))
+    rows.append(("(d) tiff-direct read_region, 1 process", n, secs["tiff-direct"]))
+    rows.append(("(b) OpenSlide read_region, 1 process", n, secs["openslide"]))
+    rows.append(("(d) tiffslide read_region, 1 process", n, secs["tiffslide"]))
+    workers = max(1, args.workers)
+    ceiling_around_a = None
+    if spec is not None and dataset.exists():
+        before = ceiling_sample(readers)
+        total, n_all, steady_secs, steady_n = dataloader_rate(path, coords, spec, workers, args.batch_size)
+        ceiling_around_a = (before + ceiling_sample(readers)) / 2
+        rows.append((f"(a) TileDataset+DataLoader, {workers} workers, total", n_all, total))
         rows.append((f"(a) TileDataset+DataLoader, {workers} workers", steady_n, steady_secs))
+        results["ceiling_around_a_tiles_per_s"] = ceiling_around_a
     else:
         print("TileDataset or tile_slide not present: skipping (a)")
 
@@ -292,10 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         "tiff-direct / OpenSlide (1 process)": direct / osl,
         "tiff-direct / ceiling (1 process)": direct / ceiling,
     }
+    if "(a1) TileDataset[i] loop, 1 process" in rate:
+        ratios["(a1) / (c) (1 process)"] = rate["(a1) TileDataset[i] loop, 1 process"] / ceiling
     a_name = f"(a) TileDataset+DataLoader, {workers} workers"
     if a_name in rate:
         ratios["(a) / (b)"] = rate[a_name] / osl
-        ratios[f"(a) per core ({cores}) / (c)"] = rate[a_name] / cores / ceiling
+        # the ceiling sampled just before and after (a): the shared machine's load drifts
+        ratios[f"(a) per core ({cores}) / (c)"] = rate[a_name] / cores / (ceiling_around_a or ceiling)
     print()
     for k, v in ratios.items():
         print(f"{k:52s} {v:6.2f}")

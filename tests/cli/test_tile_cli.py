@@ -111,3 +111,14 @@ def test_killed_run_resumes(tmp_path: Path) -> None:
     assert {k: (out / "patches" / f"{k}.h5").stat().st_mtime_ns for k in done_before} == mtimes
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_tile_cli_magnification_equals_target_mpp(tmp_path: Path) -> None:
+    folder = _slides(tmp_path / "in", 1)
+    assert main(["tile", str(folder), "--out", str(tmp_path / "a"), "--magnification", "10", "--no-progress"]) == 0
+    assert main(["tile", str(folder), "--out", str(tmp_path / "b"), "--target-mpp", "1.0", "--no-progress"]) == 0
+    a = read_coords(tmp_path / "a" / "patches" / "slide0.h5")
+    b = read_coords(tmp_path / "b" / "patches" / "slide0.h5")
+    assert a.spec.target_mpp == b.spec.target_mpp == 1.0
+    assert a.spec.level0_size == 512
+    assert (a.coords == b.coords).all()

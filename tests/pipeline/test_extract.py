@@ -116,3 +116,16 @@ def test_errors_and_helpers(cmu1, resnet18):
     assert is_conv_net(resnet18)
     patch_embed = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, stride=16), torch.nn.Flatten())
     assert not is_conv_net(patch_embed)
+
+
+def test_weights_identity(resnet18):
+    from gigaslide.pipeline.extract import weights_identity
+
+    name, sha, random_init = weights_identity(resnet18)
+    assert (name, random_init) == ("RANDOM-INIT", True) and len(sha) == 64
+    assert weights_identity(resnet18) == (name, sha, True)  # stable
+    other = torch.nn.Linear(2, 2)
+    other.weights_info = {"path": "/w/enc.pth", "sha256": "ab" * 32}
+    assert weights_identity(other) == ("/w/enc.pth", "ab" * 32, False)
+    with pytest.raises(ValueError, match="no `weights_info`"):
+        weights_identity(torch.nn.Linear(2, 2))

@@ -21,6 +21,15 @@ DIM = 16
 SMALL = {"hidden_dims": [32, 16], "dropout": 0.0}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded (and do not fight other jobs for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cohort(root: Path, n: int, task: str, seed: int = 0) -> Cohort:
     """Bags of N(0, 1) tiles; signal tiles are shifted by 3 along one fixed direction.
 

@@ -19,7 +19,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="a slide file, a folder of slides, or a CSV with a `path` column")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--target-mpp", type=float, default=0.5, help="tile resolution in um/px (default 0.5)")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--target-mpp", type=float, default=None, help="tile resolution in um/px (default 0.5)")
+    res.add_argument(
+        "--magnification",
+        type=float,
+        default=None,
+        help="tile resolution as an objective magnification (20 = 0.5 um/px, 40 = 0.25 um/px)",
+    )
     p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels (default 256)")
     p.add_argument("--stride", type=int, default=None, help="grid step in pixels (default: tile size)")
     p.add_argument(
@@ -40,12 +47,21 @@ def run(args: argparse.Namespace) -> int:
     from gigaslide.pipeline.inputs import SlideListError, collect_slides
     from gigaslide.pipeline.tile_job import run_tiling
 
+    from gigaslide.preprocess.tiling_spec import magnification_to_mpp
+
+    if args.magnification is not None:
+        if args.magnification <= 0:
+            print("gigaslide tile: error: --magnification must be positive", file=sys.stderr)
+            return 2
+        target_mpp = magnification_to_mpp(args.magnification)
+    else:
+        target_mpp = args.target_mpp if args.target_mpp is not None else 0.5
     try:
         slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
         summary = run_tiling(
             slides,
             args.out,
-            target_mpp=args.target_mpp,
+            target_mpp=target_mpp,
             tile_size=args.tile_size,
             stride=args.stride,
             min_tissue=args.min_tissue,

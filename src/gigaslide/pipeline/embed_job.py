@@ -12,7 +12,6 @@ job carries on. Under ``torchrun`` slides are sharded over global ranks; each ra
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import os
@@ -43,6 +42,7 @@ from gigaslide.pipeline.extract import (
     make_loader,
     prepare_encoder,
     resolve_device,
+    weights_identity,
 )
 from gigaslide.preprocess.coords_io import read_coords
 from gigaslide.utils import dist as gdist
@@ -64,7 +64,6 @@ MANIFEST_COLUMNS = (
     "rank",
 )
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
-RANDOM_INIT = "RANDOM-INIT"
 
 
 class EmbedInputError(ValueError):
@@ -235,38 +234,6 @@ def discover_jobs(
     return sorted(jobs, key=lambda j: j.slide_id)
 
 
-# -- identity of an encoder run --------------------------------------------------------------
-def weights_identity(encoder: nn.Module) -> tuple[str, str, bool]:
-    """(weights path or ``RANDOM-INIT``, sha256, random_init) of an encoder.
-
-    For random initialisation the sha256 is that of the state dict, so two random-init runs
-    with different seeds never share a fingerprint.
-    """
-    info = dict(getattr(encoder, "weights_info", {}) or {})
-    if info.get("random_init"):
-        digest = hashlib.sha256()
-        for name, t in sorted(encoder.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return RANDOM_INIT, digest.hexdigest(), True
-    path = str(info.get("path") or info.get("source") or "")
-    sha = str(info.get("sha256") or "")
-    if not path and not sha:
-        raise ValueError(
-            "the encoder has no `weights_info` (path/sha256 or random_init); build it with "
-            "gigaslide.models.encoders.create_encoder"
-        )
-    return path, sha, False
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return "nan"
-    return value
-
-
 # -- the job -------------------------------------------------------------------------------
 class _Embedder:
     """Per-run state shared by all slides of one rank."""
@@ -305,7 +272,7 @@ class _Embedder:
             "gigaslide_version": __version__,
             "target_mpp": float(spec.target_mpp),
             "tile_size": int(spec.tile_size),
-            "input_size": _jsonable(list(TileTransform.from_meta(self.meta).input_size)),
+            "input_size": list(self.transform.input_size),
             "random_init": bool(self.random_init),
             "slide_id": slide_id,
             "fingerprint": fingerprint,

@@ -10,6 +10,7 @@ nets. :func:`iter_features` yields one batch at a time so callers can stream row
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from gigaslide.preprocess.tiling_spec import TileSpec
 if TYPE_CHECKING:
     from gigaslide.io.base import Slide
 
+RANDOM_INIT = "RANDOM-INIT"  # `weights` attribute of features made with random weights
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -125,6 +127,29 @@ def iter_features(
     for images, coords in loader:
         feats = encode_batch(encoder, images, device, precision, channels_last)
         yield feats.numpy(), np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+
+
+def weights_identity(encoder: nn.Module) -> tuple[str, str, bool]:
+    """(weights path or ``RANDOM-INIT``, sha256, random_init) of an encoder.
+
+    For random initialisation the sha256 is that of the state dict, so two random-init runs
+    with different seeds never share a fingerprint.
+    """
+    info = dict(getattr(encoder, "weights_info", {}) or {})
+    if info.get("random_init"):
+        digest = hashlib.sha256()
+        for name, t in sorted(encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return RANDOM_INIT, digest.hexdigest(), True
+    path = str(info.get("path") or info.get("source") or "")
+    sha = str(info.get("sha256") or "")
+    if not path and not sha:
+        raise ValueError(
+            "the encoder has no `weights_info` (path/sha256 or random_init); build it with "
+            "gigaslide.models.encoders.create_encoder"
+        )
+    return path, sha, False
 
 
 def default_transform(encoder: nn.Module) -> TileTransform:

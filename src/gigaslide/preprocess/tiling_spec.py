@@ -19,6 +19,11 @@ def mpp_to_magnification(mpp: float) -> float:
     return 10.0 / mpp
 
 
+def magnification_to_mpp(magnification: float) -> float:
+    """Resolution of a conventional objective magnification (inverse of :func:`mpp_to_magnification`)."""
+    return 10.0 / magnification
+
+
 @dataclass(frozen=True)
 class TileSpec:
     """Geometry of a tile grid on one slide.

@@ -226,16 +226,17 @@ def train_model(
                 loss = objective.bag_loss(out.logits, batch.samples)
                 if out.aux_loss is not None:
                     loss = loss + cfg.aux_weight * out.aux_loss
-                epoch_losses.append(float(loss.detach()))
                 if objective.use_cox:  # keep graphs: the Cox term couples the window's bags
                     pending.append(loss)
                     risks.append(survival_risk(out.logits))
                     samples.extend(batch.samples)
                 else:
+                    epoch_losses.append(float(loss.detach()))
                     (loss / len(window)).backward()
             if objective.use_cox:
                 total = torch.stack(pending).mean() + objective.cox_loss(risks, samples)
                 total.backward()
+                epoch_losses.append(float(total.detach()))  # one value per window
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()

@@ -1,0 +1,121 @@
+"""Cross-validation driver: outputs, case-grouped splits, resume, case-level bags, survival."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gigaslide.data.cohort import Cohort
+from gigaslide.data.features_io import write_features
+from gigaslide.data.splits import load_split_csvs
+from gigaslide.preprocess.tiling_spec import TileSpec
+from gigaslide.train.config import TrainConfig
+from gigaslide.train.crossval import run_crossval
+
+DIM = 8
+KW = {"hidden_dims": [16, 8], "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cohort(root: Path, task: str = "classification") -> Cohort:
+    """18 cases; every third case has two slides. Positive cases carry shifted tiles."""
+    rng = np.random.default_rng(1)
+    spec = TileSpec.create(tile_size=256, target_mpp=0.5, slide_mpp=0.25, level_downsamples=[1.0],
+                           level0_dims=(8192, 8192))
+    rows = []
+    for c in range(18):
+        label = c % 2
+        group = c % 3
+        for j in range(2 if c % 3 == 0 else 1):
+            n = int(rng.integers(8, 16))
+            f = rng.normal(size=(n, DIM)).astype(np.float32)
+            f[:3] += 3.0 * (label if task == "classification" else group)
+            coords = np.stack([np.arange(n) * 512, np.full(n, j * 512)], axis=1)
+            sid = f"c{c:02d}_s{j}"
+            write_features(root / "h5_files" / f"{sid}.h5", f, coords, coords_attrs=spec.to_attrs())
+            row = {"slide_id": sid, "case_id": f"c{c:02d}"}
+            if task == "classification":
+                row["label"] = ["benign", "tumor"][label]
+            else:
+                row.update(time=float(np.exp(-group + 0.3 * rng.normal())), event=int(c % 4 != 0))
+            rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return Cohort(root / "labels.csv", root, task=task)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, lr=5e-3, warmup_epochs=0, folds=3, val_fraction=0.2, model_kwargs=KW, bootstrap=50)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_outputs_splits_and_resume(tmp_path: Path) -> None:
+    cohort = _cohort(tmp_path / "data")
+    out = tmp_path / "run"
+    res = run_crossval(cohort, "abmil", "classification", _cfg(), out)
+    for name in ("results.json", "per_fold.csv", "predictions.csv", "summary.md", "roc.png", "config.yaml",
+                 "label_map.json", "pooled.json", "splits/splits_0.csv", "checkpoints/fold2.pt", "folds/fold0.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "label_map.json").read_text()) == {"benign": 0, "tumor": 1}
+    assert set(res.summary) == {"auc", "balanced_accuracy", "accuracy", "f1"}
+    assert set(res.pooled["auc"]) == {"value", "low", "high"}
+    assert res.pooled["auc"]["low"] <= res.pooled["auc"]["value"] <= res.pooled["auc"]["high"]
+    # splits: slide ids grouped by case, every slide tested exactly once
+    splits = load_split_csvs(out / "splits", df=cohort.table)
+    case_of = dict(zip(cohort.table["slide_id"], cohort.table["case_id"]))
+    for sp in splits:
+        sets = [{case_of[s] for s in getattr(sp, n)} for n in ("train", "val", "test")]
+        assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    tested = [s for sp in splits for s in sp.test]
+    assert sorted(tested) == sorted(cohort.slide_ids)
+    assert len(res.predictions) == len(cohort) and sorted(res.predictions["fold"].unique()) == [0, 1, 2]
+    # attention per slide with coords and the tile geometry for heatmaps
+    with h5py.File(out / "attention" / "c00_s1.h5") as f:
+        assert f["coords"].shape[0] == f["scores"].shape[0] > 0
+        assert f["coords"].attrs["patch_size_level0"] == 512
+        assert np.isclose(f["scores"][:].sum(), 1.0, atol=1e-5)
+    # resume: nothing to do, same numbers
+    again = run_crossval(cohort, "abmil", "classification", _cfg(), out)
+    assert again.skipped_folds == [0, 1, 2] and again.summary == res.summary
+    # an unfinished fold is retrained, deterministically
+    (out / "folds" / "fold1.json").unlink()
+    third = run_crossval(cohort, "abmil", "classification", _cfg(), out)
+    assert third.skipped_folds == [0, 2]
+    assert third.per_fold[1] == res.per_fold[1]
+    with pytest.raises(ValueError, match="different configuration"):
+        run_crossval(cohort, "abmil", "classification", _cfg(lr=1e-3), out)
+
+
+def test_case_level_and_budget(tmp_path: Path) -> None:
+    cohort = _cohort(tmp_path / "data")
+    out = tmp_path / "run"
+    res = run_crossval(cohort, "abmil", "classification", _cfg(case_level=True, train_fraction=0.5), out)
+    assert len(res.predictions) == 18  # one row per case
+    assert set(res.predictions["sample_id"]) == set(cohort.table["case_id"])
+    assert (out / "attention" / "c03_s0.h5").is_file() and (out / "attention" / "c03_s1.h5").is_file()
+    full = run_crossval(cohort, "abmil", "classification", _cfg(case_level=True), tmp_path / "full")
+    assert all(a["n_train"] < b["n_train"] for a, b in zip(res.per_fold, full.per_fold))
+
+
+def test_survival_crossval(tmp_path: Path) -> None:
+    cohort = _cohort(tmp_path / "data", task="survival")
+    res = run_crossval(cohort, "abmil", "survival", _cfg(task="survival", n_bins=2), tmp_path / "run")
+    assert set(res.summary) == {"c_index"}
+    assert {"time", "event", "risk", "fold"} <= set(res.predictions.columns)
+    assert (tmp_path / "run" / "km.png").is_file()
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "fold0.pt", weights_only=False)
+    assert len(ckpt["time_bins"]) == 3 and ckpt["n_outputs"] == 2
+    with pytest.raises(ValueError, match="differs from the cohort"):
+        run_crossval(cohort, "abmil", "classification", _cfg(), tmp_path / "x")
