@@ -115,8 +115,13 @@ def test_killed_run_resumes(tmp_path: Path) -> None:
 
 def test_tile_cli_magnification_equals_target_mpp(tmp_path: Path) -> None:
     folder = _slides(tmp_path / "in", 1)
-    assert main(["tile", str(folder), "--out", str(tmp_path / "a"), "--magnification", "10", "--no-progress"]) == 0
-    assert main(["tile", str(folder), "--out", str(tmp_path / "b"), "--target-mpp", "1.0", "--no-progress"]) == 0
+    assert (
+        main(["tile", str(folder), "--out", str(tmp_path / "a"), "--magnification", "10", "--no-progress"])
+        == 0
+    )
+    assert (
+        main(["tile", str(folder), "--out", str(tmp_path / "b"), "--target-mpp", "1.0", "--no-progress"]) == 0
+    )
     a = read_coords(tmp_path / "a" / "patches" / "slide0.h5")
     b = read_coords(tmp_path / "b" / "patches" / "slide0.h5")
     assert a.spec.target_mpp == b.spec.target_mpp == 1.0

@@ -51,13 +51,37 @@ def run(args: argparse.Namespace) -> int:
     seed = str(args.seed)
     _stage(
         "synth",
-        ["synth", "--out", str(cohort), "--n-slides", str(args.n_slides), "--seed", seed,
-         "--width", str(args.size), "--height", str(args.size), "--workers", str(args.workers)],
+        [
+            "synth",
+            "--out",
+            str(cohort),
+            "--n-slides",
+            str(args.n_slides),
+            "--seed",
+            seed,
+            "--width",
+            str(args.size),
+            "--height",
+            str(args.size),
+            "--workers",
+            str(args.workers),
+        ],
     )
     _stage(
         "tile",
-        ["tile", str(cohort / "slides"), "--out", str(tiles), "--target-mpp", "0.5", "--tile-size", "256",
-         "--workers", str(args.workers), "--preview"],
+        [
+            "tile",
+            str(cohort / "slides"),
+            "--out",
+            str(tiles),
+            "--target-mpp",
+            "0.5",
+            "--tile-size",
+            "256",
+            "--workers",
+            str(args.workers),
+            "--preview",
+        ],
     )
     print(
         "\nNOTE: no pretrained weights are available offline, so the demo embeds tiles with a RANDOMLY "
@@ -66,22 +90,72 @@ def run(args: argparse.Namespace) -> int:
     )
     _stage(
         "embed",
-        ["embed", str(tiles), "--encoder", "resnet18_trunc", "--out", str(feats), "--batch-size", "32",
-         "--workers", str(max(0, args.workers - 1)), "--seed", seed],
+        [
+            "embed",
+            str(tiles),
+            "--encoder",
+            "resnet18_trunc",
+            "--out",
+            str(feats),
+            "--batch-size",
+            "32",
+            "--workers",
+            str(max(0, args.workers - 1)),
+            "--seed",
+            seed,
+        ],
     )
-    common = ["--features", str(feats), "--labels", str(labels), "--folds", str(args.folds),
-              "--epochs", str(args.epochs), "--seed", seed]
-    _stage("train-classification",
-           ["train", *common, "--model", "abmil", "--task", "classification", "--out", str(out / "train_cls")])
-    _stage("train-survival",
-           ["train", *common, "--model", "abmil", "--task", "survival", "--out", str(out / "train_surv")])
-    _stage("probe",
-           ["probe", "--embeddings", str(feats), "--labels", str(labels), "--method", "linear",
-            "--folds", str(args.folds), "--seed", seed, "--out", str(out / "probe")])
+    common = [
+        "--features",
+        str(feats),
+        "--labels",
+        str(labels),
+        "--folds",
+        str(args.folds),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        seed,
+    ]
+    _stage(
+        "train-classification",
+        ["train", *common, "--model", "abmil", "--task", "classification", "--out", str(out / "train_cls")],
+    )
+    _stage(
+        "train-survival",
+        ["train", *common, "--model", "abmil", "--task", "survival", "--out", str(out / "train_surv")],
+    )
+    _stage(
+        "probe",
+        [
+            "probe",
+            "--embeddings",
+            str(feats),
+            "--labels",
+            str(labels),
+            "--method",
+            "linear",
+            "--folds",
+            str(args.folds),
+            "--seed",
+            seed,
+            "--out",
+            str(out / "probe"),
+        ],
+    )
     first = sorted((cohort / "slides").glob("*.tiff"))[0]
-    _stage("heatmap",
-           ["heatmap", "--slide", str(first), "--scores", str(out / "train_cls" / "attention" / f"{first.stem}.h5"),
-            "--out", str(out / "heatmap.png")])
+    _stage(
+        "heatmap",
+        [
+            "heatmap",
+            "--slide",
+            str(first),
+            "--scores",
+            str(out / "train_cls" / "attention" / f"{first.stem}.h5"),
+            "--out",
+            str(out / "heatmap.png"),
+        ],
+    )
     _print_summary(out)
     return 0
 

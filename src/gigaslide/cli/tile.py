@@ -46,7 +46,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from gigaslide.pipeline.inputs import SlideListError, collect_slides
     from gigaslide.pipeline.tile_job import run_tiling
-
     from gigaslide.preprocess.tiling_spec import magnification_to_mpp
 
     if args.magnification is not None:
