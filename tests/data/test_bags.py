@@ -58,7 +58,10 @@ def test_subsampling_is_seeded_per_epoch(cohort: Cohort) -> None:
         ds.set_epoch(epoch)
         draws.add(tuple(ds[0].tile_index.tolist() + ds[0].slide_index.tolist()))
     assert len(draws) > 1  # a new subset each epoch
-    assert BagDataset(cohort, samples, max_tiles=5, train=False)[0].features.shape == (16, 3)  # eval: all tiles
+    assert BagDataset(cohort, samples, max_tiles=5, train=False)[0].features.shape == (
+        16,
+        3,
+    )  # eval: all tiles
     assert ds[1].features.shape == (3, 3)  # smaller bags untouched
 
 

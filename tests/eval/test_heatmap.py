@@ -62,7 +62,9 @@ def test_top_tile_gets_top_colour_at_its_place(tmp_path: Path) -> None:
 def test_alpha_blend_and_unpainted_background(tmp_path: Path) -> None:
     coords, scores = _grid()
     keep = coords[:, 0] < 500  # paint the left half only
-    out = render_heatmap(ArraySlide(), coords[keep], scores[keep], 100, tmp_path / "h.png", max_size=250, alpha=0.5)
+    out = render_heatmap(
+        ArraySlide(), coords[keep], scores[keep], 100, tmp_path / "h.png", max_size=250, alpha=0.5
+    )
     img = np.asarray(Image.open(out).convert("RGB")).astype(int)
     assert img.shape == (150, 250, 3)
     np.testing.assert_array_equal(img[75, 200], [200, 200, 200])  # right half untouched
@@ -73,7 +75,9 @@ def test_alpha_blend_and_unpainted_background(tmp_path: Path) -> None:
 def test_region_reads_finer_level(tmp_path: Path) -> None:
     coords, scores = _grid()
     slide = ArraySlide()
-    out = render_heatmap(slide, coords, scores, 100, tmp_path / "r.png", max_size=200, region=(200, 100, 200, 200))
+    out = render_heatmap(
+        slide, coords, scores, 100, tmp_path / "r.png", max_size=200, region=(200, 100, 200, 200)
+    )
     img = np.asarray(Image.open(out).convert("RGB"))
     assert img.shape == (200, 200, 3)  # 1 output px per level-0 px
     assert slide.reads[-1] == 0  # read at full resolution, not from the 4x level
@@ -85,8 +89,9 @@ def test_region_reads_finer_level(tmp_path: Path) -> None:
 
 
 def test_attention_file_roundtrip(tmp_path: Path) -> None:
-    spec = TileSpec.create(tile_size=256, target_mpp=0.5, slide_mpp=0.25, level_downsamples=[1.0],
-                           level0_dims=(4096, 4096))
+    spec = TileSpec.create(
+        tile_size=256, target_mpp=0.5, slide_mpp=0.25, level_downsamples=[1.0], level0_dims=(4096, 4096)
+    )
     coords, scores = _grid()
     path = write_attention(tmp_path / "a.h5", coords, scores, spec=spec, meta={"slide_id": "s1", "fold": 2})
     ts = read_scores(path)

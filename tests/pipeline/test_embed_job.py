@@ -259,3 +259,12 @@ def test_torchrun_two_ranks_cover_each_slide_once(tmp_path):
         got = read_features(out / "h5_files" / f"{sid}.h5").features
         np.testing.assert_allclose(got, read_features(tmp_path / "ref" / "h5_files" / f"{sid}.h5").features,
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_resolution_mismatch_warns_once(tiling, tmp_path, caplog):
+    enc = tiny_encoder()  # resnet18_trunc expects 1.0 um/px; the tiles are at 2.0 um/px
+    with caplog.at_level(logging.WARNING, logger="gigaslide.pipeline.embed_job"):
+        run_embedding(tiling, enc, tmp_path / "f", device="cpu", progress=False)
+    msgs = [r.getMessage() for r in caplog.records if "expects" in r.getMessage()]
+    assert len(msgs) == 1
+    assert "2 um/px" in msgs[0] and "1 um/px" in msgs[0] and "--target-mpp 1" in msgs[0]

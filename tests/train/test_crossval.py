@@ -33,8 +33,9 @@ def _one_thread():
 def _cohort(root: Path, task: str = "classification") -> Cohort:
     """18 cases; every third case has two slides. Positive cases carry shifted tiles."""
     rng = np.random.default_rng(1)
-    spec = TileSpec.create(tile_size=256, target_mpp=0.5, slide_mpp=0.25, level_downsamples=[1.0],
-                           level0_dims=(8192, 8192))
+    spec = TileSpec.create(
+        tile_size=256, target_mpp=0.5, slide_mpp=0.25, level_downsamples=[1.0], level0_dims=(8192, 8192)
+    )
     rows = []
     for c in range(18):
         label = c % 2
@@ -65,8 +66,19 @@ def test_outputs_splits_and_resume(tmp_path: Path) -> None:
     cohort = _cohort(tmp_path / "data")
     out = tmp_path / "run"
     res = run_crossval(cohort, "abmil", "classification", _cfg(), out)
-    for name in ("results.json", "per_fold.csv", "predictions.csv", "summary.md", "roc.png", "config.yaml",
-                 "label_map.json", "pooled.json", "splits/splits_0.csv", "checkpoints/fold2.pt", "folds/fold0.json"):
+    for name in (
+        "results.json",
+        "per_fold.csv",
+        "predictions.csv",
+        "summary.md",
+        "roc.png",
+        "config.yaml",
+        "label_map.json",
+        "pooled.json",
+        "splits/splits_0.csv",
+        "checkpoints/fold2.pt",
+        "folds/fold0.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "label_map.json").read_text()) == {"benign": 0, "tumor": 1}
     assert set(res.summary) == {"auc", "balanced_accuracy", "accuracy", "f1"}
@@ -107,6 +119,9 @@ def test_case_level_and_budget(tmp_path: Path) -> None:
     assert (out / "attention" / "c03_s0.h5").is_file() and (out / "attention" / "c03_s1.h5").is_file()
     full = run_crossval(cohort, "abmil", "classification", _cfg(case_level=True), tmp_path / "full")
     assert all(a["n_train"] < b["n_train"] for a, b in zip(res.per_fold, full.per_fold))
+    with pytest.warns(UserWarning, match="whole cases"):  # 2-slide cases cannot always make exactly N
+        few = run_crossval(cohort, "abmil", "classification", _cfg(few_shot=2, epochs=1), tmp_path / "few")
+    assert all(2 <= r["n_train"] <= 4 for r in few.per_fold)  # slide-level bags: <= 2 per class
 
 
 def test_survival_crossval(tmp_path: Path) -> None:

@@ -82,18 +82,27 @@ def test_abmil_learns_few_signal_tiles(tmp_path: Path) -> None:
     auc = classification_metrics([s.label for s in pred.samples], pred.probs)["auc"]
     assert auc > 0.85, f"ABMIL test AUC {auc:.3f}"
     # attention concentrates on the shifted tiles (the first rows of positive bags)
-    pos = [s for s in pred.samples if s.label == 1][0]
+    pos = next(s for s in pred.samples if s.label == 1)
     att = pred.attention[pos.slide_ids[0]]
     assert att["scores"].shape == att["tile_index"].shape and att["coords"].shape[1] == 2
     assert int(np.argmax(att["scores"])) < 4
-    assert len(result.history) == 10 and {"train_loss", "val_loss", "val_metric", "lr"} <= set(result.history[0])
+    assert len(result.history) == 10 and {"train_loss", "val_loss", "val_metric", "lr"} <= set(
+        result.history[0]
+    )
 
 
 @pytest.mark.parametrize("loss", ["nll", "nll+cox", "cox"])
 def test_survival_learns_hazard_signal(tmp_path: Path, loss: str) -> None:
     cohort = _cohort(tmp_path, 90, "survival")
-    cfg = TrainConfig(task="survival", survival_loss=loss, epochs=8, lr=5e-3, warmup_epochs=0,
-                      accum_steps=8 if "cox" in loss else 1, n_bins=4)
+    cfg = TrainConfig(
+        task="survival",
+        survival_loss=loss,
+        epochs=8,
+        lr=5e-3,
+        warmup_epochs=0,
+        accum_steps=8 if "cox" in loss else 1,
+        n_bins=4,
+    )
     model, result, test = _fit(cohort, cfg, 60, 10)
     if "nll" in loss:
         assert result.time_bins is not None and result.time_bins.shape == (5,)
@@ -141,6 +150,8 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "ck" / "fold0.pt", result.best_state, meta)
     loaded, got = load_checkpoint(path)
     assert got["in_dim"] == DIM
-    np.testing.assert_allclose(predict(loaded, test, "cpu").probs, predict(model, test, "cpu").probs, rtol=1e-6)
+    np.testing.assert_allclose(
+        predict(loaded, test, "cpu").probs, predict(model, test, "cpu").probs, rtol=1e-6
+    )
     with pytest.raises(ValueError, match="lacks"):
         save_checkpoint(tmp_path / "x.pt", result.best_state, {"model": "abmil"})

@@ -21,7 +21,9 @@ def test_cosine_endpoints_and_warmup() -> None:
 
 def test_cosine_without_warmup_and_edge_cases() -> None:
     s = cosine_schedule(2.0, 0.0, total_steps=5)
-    np.testing.assert_allclose(s, [2.0, 2.0 * (1 + np.cos(np.pi / 4)) / 2, 1.0, 2.0 * (1 + np.cos(3 * np.pi / 4)) / 2, 0.0])
+    np.testing.assert_allclose(
+        s, [2.0, 2.0 * (1 + np.cos(np.pi / 4)) / 2, 1.0, 2.0 * (1 + np.cos(3 * np.pi / 4)) / 2, 0.0]
+    )
     assert cosine_schedule(1.0, 0.5, total_steps=1).tolist() == [0.5]
     assert cosine_schedule(1.0, 0.0, total_steps=0).shape == (0,)
     with pytest.raises(ValueError):

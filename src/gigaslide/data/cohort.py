@@ -136,7 +136,9 @@ class Cohort:
         table = self._read_table()
         self.class_names: list[str] | None = None
         if task == "classification":
-            labels, self.class_names = _map_labels(table["label"], table["slide_id"], classes, self.labels_path)
+            labels, self.class_names = _map_labels(
+                table["label"], table["slide_id"], classes, self.labels_path
+            )
             table["label"] = labels
         table["path"] = [find_feature_file(self.features_dir, s) for s in table["slide_id"]]
         missing = table.loc[table["path"].isna(), "slide_id"]

@@ -241,6 +241,7 @@ class _Embedder:
     def __init__(self, encoder: nn.Module, out_dir: Path, opts: dict[str, Any]) -> None:
         self.encoder = encoder
         self.meta = encoder.meta
+        self._mpp_warned: set[float] = set()
         self.out_dir = out_dir
         self.opts = opts
         self.device: torch.device = opts["device"]
@@ -287,6 +288,24 @@ class _Embedder:
             torch.save(feats, tmp)
         return pt
 
+    def check_resolution(self, slide_id: str, tile_mpp: float) -> None:
+        """Warn (once per resolution) when tiles are not at the resolution the encoder was trained at."""
+        want = getattr(self.meta, "mpp", None)
+        if not want or not np.isfinite(tile_mpp) or abs(tile_mpp / want - 1.0) <= 0.1:
+            return
+        key = round(float(tile_mpp), 4)
+        if key not in self._mpp_warned:
+            self._mpp_warned.add(key)
+            log.warning(
+                "%s: tiles are at %.3g um/px but encoder %s expects %.3g um/px; re-tile with "
+                "`gigaslide tile --target-mpp %.3g` for features comparable to the encoder's training data",
+                slide_id,
+                tile_mpp,
+                self.meta.name,
+                want,
+                want,
+            )
+
     def run_slide(self, job: SlideJob, pbar: tqdm) -> SlideResult:
         t0 = time.perf_counter()
         if job.error:
@@ -295,6 +314,7 @@ class _Embedder:
         cf = read_coords(job.coords_path, slide_mpp=job.mpp)
         coords = cf.coords  # (N, 2)
         n = int(coords.shape[0])
+        self.check_resolution(job.slide_id, cf.spec.target_mpp)
         fp = self.fingerprint(coords, cf.attrs)
         final = self.h5_dir / f"{job.slide_id}.h5"
         dim = int(self.meta.embed_dim)
