@@ -154,3 +154,21 @@ def test_case_level_samples_and_conflicts(tmp_path: Path) -> None:
 def test_format_ids() -> None:
     assert format_ids(["a", "b"]) == "[2] a, b"
     assert format_ids(range(30)).endswith("(+10 more, 30 in total)")
+
+
+def test_case_level_survival_needs_one_outcome_per_case(tmp_path: Path) -> None:
+    rows = [
+        {"slide_id": "a1", "case_id": "A", "time": 5.0, "event": 1},
+        {"slide_id": "a2", "case_id": "A", "time": 5.0, "event": 1},
+        {"slide_id": "b1", "case_id": "B", "time": 9.0, "event": 0},
+    ]
+    csv = _write(tmp_path, rows)
+    cases = Cohort(csv, tmp_path, task="survival").samples(case_level=True)
+    assert [(s.sample_id, s.slide_ids, s.time, s.event) for s in cases] == [
+        ("A", ("a1", "a2"), 5.0, 1),
+        ("B", ("b1",), 9.0, 0),
+    ]
+    rows[1]["time"] = 6.0
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    with pytest.raises(CohortError, match=r"time/event per case.*case_id \[1\] A"):
+        Cohort(csv, tmp_path, task="survival").samples(case_level=True)

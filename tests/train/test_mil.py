@@ -12,6 +12,7 @@ import torch
 from gigaslide.data.bags import BagDataset
 from gigaslide.data.cohort import Cohort
 from gigaslide.data.features_io import write_features
+from gigaslide.eval.crossval import validation_metric
 from gigaslide.eval.metrics import classification_metrics, concordance_index
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig
@@ -69,7 +70,7 @@ def _fit(cohort: Cohort, cfg: TrainConfig, n_train: int, n_val: int):
     model = create_slide_model("abmil", cohort.dim, n_outputs(cfg, cohort.n_classes), **SMALL)
     train = BagDataset(cohort, s[:n_train], max_tiles=cfg.max_tiles, train=True, seed=cfg.seed)
     val = BagDataset(cohort, s[n_train : n_train + n_val])
-    result = train_model(model, train, val, cfg, "cpu")
+    result = train_model(model, train, val, cfg, "cpu", validation_metric(cfg.task))
     model.load_state_dict(result.best_state)
     return model, result, BagDataset(cohort, s[n_train + n_val :])
 
@@ -89,6 +90,15 @@ def test_abmil_learns_few_signal_tiles(tmp_path: Path) -> None:
     assert len(result.history) == 10 and {"train_loss", "val_loss", "val_metric", "lr"} <= set(
         result.history[0]
     )
+
+
+def test_metric_monitor_needs_a_metric_fn(tmp_path: Path) -> None:
+    cohort = _cohort(tmp_path, 12, "classification")
+    s = cohort.samples()
+    model = create_slide_model("abmil", cohort.dim, 2, **SMALL)
+    cfg = TrainConfig(epochs=1, monitor="metric")
+    with pytest.raises(ValueError, match="metric_fn"):
+        train_model(model, BagDataset(cohort, s[:8], train=True), BagDataset(cohort, s[8:]), cfg, "cpu")
 
 
 @pytest.mark.parametrize("loss", ["nll", "nll+cox", "cox"])

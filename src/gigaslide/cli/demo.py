@@ -19,12 +19,15 @@ from pathlib import Path
 
 log = logging.getLogger("gigaslide.demo")
 
+# resnet18_trunc (the Giga-SSL tile embedder) was trained on 10x tiles: 256 px at 1.0 um/px
+TILE_MPP = "1.0"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic cohort")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     p.add_argument("--n-slides", type=int, default=24, help="number of synthetic slides")
-    p.add_argument("--size", type=int, default=2048, help="synthetic slide side in pixels at 0.5 um/px")
+    p.add_argument("--size", type=int, default=4096, help="synthetic slide side in pixels at 0.5 um/px")
     p.add_argument("--folds", type=int, default=4, help="cross-validation folds")
     p.add_argument("--epochs", type=int, default=20, help="training epochs per fold")
     p.add_argument("--seed", type=int, default=0)
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             "--out",
             str(tiles),
             "--target-mpp",
-            "0.5",
+            TILE_MPP,
             "--tile-size",
             "256",
             "--workers",
@@ -167,7 +170,7 @@ def _print_summary(out: Path) -> None:
         if not path.exists():
             continue
         res = json.loads(path.read_text())
-        summary = res.get("summary", res)
+        summary = res.get("metrics", {})
         shown = []
         for metric, value in summary.items():
             if isinstance(value, dict) and "mean" in value:

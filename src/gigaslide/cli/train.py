@@ -85,7 +85,7 @@ def resolve_device(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gigaslide.data.cohort import Cohort, CohortError
-    from gigaslide.train.crossval import run_crossval
+    from gigaslide.eval.crossval import run_crossval
 
     try:
         cfg = build_config(args)

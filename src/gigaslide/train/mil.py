@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ from torch import Tensor, nn
 
 from gigaslide.data.bags import BagBatch, BagDataset, collate_bags
 from gigaslide.data.cohort import Sample
-from gigaslide.eval.metrics import UndefinedMetricError, classification_metrics, concordance_index
 from gigaslide.models.slide import SlideOutput, create_slide_model
 from gigaslide.train.config import TrainConfig
 from gigaslide.train.losses import CoxPHLoss, NLLSurvLoss, discretize_times, make_time_bins, risk_from_hazards
@@ -36,6 +36,9 @@ from gigaslide.train.schedules import lr_schedule, steps_per_epoch
 from gigaslide.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+# scores a validation set: (samples, logits (N, C)) -> AUC / c-index, NaN when undefined
+MetricFn = Callable[[list[Sample], np.ndarray], float]
 
 
 @dataclass
@@ -138,24 +141,18 @@ def _forward(model: nn.Module, batch: BagBatch, labels: Tensor | None = None) ->
     return model(batch.x, coords=coords, mask=batch.mask, labels=labels)
 
 
-def _metric(task: str, samples: list[Sample], logits: np.ndarray) -> float:
-    """Validation AUC (classification) or c-index (survival); NaN when undefined on this set."""
-    try:
-        if task == "classification":
-            probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-            y = np.array([s.label for s in samples])
-            return classification_metrics(y, probs, undefined="nan")["auc"]
-        risk = survival_risk(torch.from_numpy(logits)).numpy()
-        return concordance_index([s.time for s in samples], [s.event for s in samples], risk)
-    except (UndefinedMetricError, ValueError):
-        return float("nan")
-
-
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, bags: BagDataset, objective: Objective, device: torch.device
+    model: nn.Module,
+    bags: BagDataset,
+    objective: Objective,
+    device: torch.device,
+    metric_fn: MetricFn | None = None,
 ) -> tuple[float, float]:
-    """(loss, metric) of ``model`` on every bag (no tile subsampling), in eval mode."""
+    """(loss, metric) of ``model`` on every bag (no tile subsampling), in eval mode.
+
+    The metric is NaN without ``metric_fn`` (the evaluation layer supplies it: AUC or c-index).
+    """
     model.eval()
     losses, logits = [], []
     for i in range(len(bags)):
@@ -167,7 +164,8 @@ def evaluate(
     loss = float(np.mean(losses))
     if objective.use_cox:
         loss += float(objective.cox_loss([survival_risk(all_logits)], bags.samples))
-    return loss, _metric(objective.task, bags.samples, all_logits.numpy())
+    metric = metric_fn(bags.samples, all_logits.numpy()) if metric_fn is not None else float("nan")
+    return loss, metric
 
 
 def train_model(
@@ -176,8 +174,13 @@ def train_model(
     val_bags: BagDataset | None,
     cfg: TrainConfig,
     device: torch.device | str,
+    metric_fn: MetricFn | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_bags``; select the best epoch on ``val_bags`` (the last one without).
+
+    ``metric_fn(samples, logits) -> float`` scores the validation set each epoch (NaN when
+    undefined); it is required when ``cfg.monitor == "metric"``. The evaluation layer provides
+    one per task (:func:`gigaslide.eval.crossval.validation_metric`).
 
     Randomness (bag order, tile draws, dropout) derives from ``cfg.seed``: the same seed, data and
     initial weights give identical results. Seed the model's initialisation before building it.
@@ -189,6 +192,10 @@ def train_model(
     if cfg.task == "survival" and cfg.survival_loss in ("nll", "nll+cox"):
         objective_bins = make_time_bins(train_bags.times(), train_bags.events(), cfg.n_bins)
     objective = Objective(cfg, objective_bins)
+    if cfg.monitor == "metric" and metric_fn is None:
+        raise ValueError(
+            "cfg.monitor='metric' needs a metric_fn (e.g. gigaslide.eval.crossval.validation_metric)"
+        )
     if objective.use_cox and cfg.accum_steps < 2:
         raise ValueError(
             "the Cox loss compares the bags of one accumulation window: set accum_steps >= 2 "
@@ -243,7 +250,7 @@ def train_model(
             step += 1
         row = {"epoch": epoch, "lr": float(lrs[step - 1]), "train_loss": float(np.mean(epoch_losses))}
         if has_val:
-            row["val_loss"], row["val_metric"] = evaluate(model, val_bags, objective, device)
+            row["val_loss"], row["val_metric"] = evaluate(model, val_bags, objective, device, metric_fn)
             score = row["val_metric"] if higher_better else row["val_loss"]
         else:
             score = float(epoch)  # without validation the last epoch is kept

@@ -47,17 +47,47 @@ from gigaslide.eval.heatmap import write_attention
 from gigaslide.eval.metrics import (
     UndefinedMetricError,
     classification_metrics,
+    concordance_index,
     summarize_folds,
     survival_metrics,
 )
 from gigaslide.eval.reports import write_report
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig, replace, save_config
-from gigaslide.train.mil import Predictions, n_outputs, predict, save_checkpoint, train_model
+from gigaslide.train.mil import (
+    MetricFn,
+    Predictions,
+    n_outputs,
+    predict,
+    save_checkpoint,
+    survival_risk,
+    train_model,
+)
 from gigaslide.utils.atomic import atomic_write_text
 from gigaslide.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
+
+
+def validation_metric(task: str) -> MetricFn:
+    """The per-epoch validation score for ``train_model``: AUC (classification) or c-index (survival).
+
+    Returns NaN when the metric is undefined on the set (one class, no comparable pairs).
+    """
+
+    def score(samples: list[Sample], logits: np.ndarray) -> float:
+        try:
+            if task == "classification":
+                probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+                y = np.array([s.label for s in samples])
+                return float(classification_metrics(y, probs, undefined="nan")["auc"])
+            risk = survival_risk(torch.from_numpy(logits)).numpy()
+            return float(concordance_index([s.time for s in samples], [s.event for s in samples], risk))
+        except (UndefinedMetricError, ValueError):
+            return float("nan")
+
+    return score
+
 
 CLASSIFICATION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1")
 SURVIVAL_METRICS = ("c_index",)
@@ -192,7 +222,7 @@ def _run_fold(
     model = create_slide_model(cfg.model, cohort.dim, n_out, **cfg.model_kwargs)
     train_ds = BagDataset(cohort, train_s, max_tiles=cfg.max_tiles, train=True, seed=fold_cfg.seed)
     val_ds = BagDataset(cohort, val_s) if val_s else None
-    result = train_model(model, train_ds, val_ds, fold_cfg, device)
+    result = train_model(model, train_ds, val_ds, fold_cfg, device, validation_metric(fold_cfg.task))
     model.load_state_dict(result.best_state)
     pred = predict(model, BagDataset(cohort, test_s), device)
     frame = pred.to_frame(cohort.class_names)
