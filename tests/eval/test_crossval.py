@@ -14,9 +14,9 @@ import torch
 from gigaslide.data.cohort import Cohort
 from gigaslide.data.features_io import write_features
 from gigaslide.data.splits import load_split_csvs
+from gigaslide.eval.crossval import run_crossval
 from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.train.config import TrainConfig
-from gigaslide.eval.crossval import run_crossval
 
 DIM = 8
 KW = {"hidden_dims": [16, 8], "dropout": 0.0}
