@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gigaslide.data.tile_dataset import TileDataset, resize_tile
+from gigaslide.data.tile_dataset import TileBatch, TileDataset, collate_tiles, resize_tile, tile_to_chw
 from gigaslide.io import open_slide
 from gigaslide.preprocess.coords_io import write_coords
 from gigaslide.preprocess.tiling import grid_coords
@@ -111,6 +111,36 @@ def test_dataloader_workers_match_single_process(slide_path: Path) -> None:
     for (a, ca), (b, cb) in zip(single, multi):
         assert torch.equal(a, b) and torch.equal(ca, cb)
     assert torch.equal(torch.cat([c for _, c in multi]), torch.from_numpy(coords))
+
+
+def test_batched_reads_equal_per_tile_reads(slide_path: Path) -> None:
+    spec = _spec(slide_path, 0.5)
+    coords = grid_coords(spec)[::5]
+    ds = TileDataset(slide_path, coords, spec)
+    batch = ds.__getitems__([0, 2, -1])
+    assert isinstance(batch, TileBatch) and batch.images.shape == (3, 3, 128, 128)
+    for j, i in enumerate([0, 2, len(ds) - 1]):
+        img, c = ds[i]
+        assert torch.equal(batch.images[j], img) and torch.equal(batch.coords[j], c)
+        assert torch.equal(batch[j][0], img)  # list view for the default collate
+    with pytest.raises(IndexError, match="out of range"):
+        ds.__getitems__([0, len(ds)])
+    # the zero-copy collate and the default collate give the same batches, with and without workers
+    ref = list(DataLoader(ds, batch_size=4, num_workers=0))
+    for workers in (0, 2):
+        fast = list(DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_tiles))
+        assert len(fast) == len(ref)
+        for (a, ca), (b, cb) in zip(ref, fast):
+            assert torch.equal(a, b) and torch.equal(ca, cb)
+            assert b.dtype == torch.uint8 and b.is_contiguous()
+
+
+def test_tile_to_chw_equals_transpose() -> None:
+    tile = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    ref = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))
+    assert torch.equal(tile_to_chw(tile), ref)
+    out = torch.zeros((3, 64, 48), dtype=torch.uint8)
+    assert tile_to_chw(tile[:, :, :], out) is out and torch.equal(out, ref)
 
 
 def test_pickle_drops_handle(slide_path: Path) -> None:

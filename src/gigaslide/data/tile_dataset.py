@@ -4,6 +4,12 @@ Each tile is ``slide.read_region(coord, spec.read_level, (read_size, read_size))
 ``spec.tile_size`` (cv2 INTER_AREA when shrinking). The slide handle is opened on first
 use in each process, so the dataset is safe with DataLoader worker processes: a handle
 inherited through ``fork`` (different pid) or a pickled dataset reopens its own.
+
+Batched reads: a DataLoader with automatic batching calls :meth:`TileDataset.__getitems__`,
+which decodes a whole batch straight into one (B, 3, S, S) uint8 tensor (allocated in shared
+memory inside worker processes, so handing it to the main process copies nothing). Pass
+``collate_fn=collate_tiles`` to receive that tensor as is; the default collate still works and
+gives the same values (at the cost of one more copy).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from gigaslide.preprocess.coords_io import read_coords
 from gigaslide.preprocess.tiling_spec import TileSpec
@@ -32,6 +38,44 @@ def resize_tile(tile: np.ndarray, size: int) -> np.ndarray:
         return tile
     interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_CUBIC
     return np.ascontiguousarray(cv2.resize(tile, (size, size), interpolation=interp))
+
+
+def tile_to_chw(tile: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(S, S, 3) uint8 HWC -> (3, S, S) uint8 CHW tensor, written into ``out`` when given.
+
+    ``cv2.split`` into the channel planes is ~8x faster than a strided transpose copy.
+    """
+    if out is None:
+        out = torch.empty((3, tile.shape[0], tile.shape[1]), dtype=torch.uint8)
+    planes = out.numpy()
+    cv2.split(np.ascontiguousarray(tile), [planes[0], planes[1], planes[2]])
+    return out
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor, in shared memory when built inside a DataLoader worker (zero-copy hand-over)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+class TileBatch(list):
+    """A batch from :meth:`TileDataset.__getitems__`: a list of ``(image, coord)`` samples (views)
+    that also holds the stacked ``images`` (B, 3, S, S) uint8 and ``coords`` (B, 2) int64 tensors."""
+
+    def __init__(self, images: torch.Tensor, coords: torch.Tensor) -> None:
+        super().__init__(zip(images, coords))
+        self.images = images
+        self.coords = coords
+
+
+def collate_tiles(batch: list[Any]) -> Any:
+    """DataLoader ``collate_fn``: a :class:`TileBatch` passes through as ``(images, coords)`` without
+    copying; anything else goes to torch's default collate."""
+    if isinstance(batch, TileBatch):
+        return batch.images, batch.coords
+    return default_collate(batch)
 
 
 class TileDataset(Dataset):
@@ -140,7 +184,25 @@ class TileDataset(Dataset):
         coord = torch.from_numpy(self.coords[index].copy())  # (2,) int64
         if self.transform is not None:
             return self.transform(tile), coord
-        return torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1))), coord  # (3, S, S)
+        return tile_to_chw(tile), coord  # (3, S, S)
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """A whole batch (DataLoader automatic batching): decoded straight into one tensor.
+
+        With a ``transform`` the samples are built one by one, as ``dataset[i]`` would.
+        """
+        if self.transform is not None:
+            return [self[i] for i in indices]
+        n = len(self)
+        idx = [int(i) + n if int(i) < 0 else int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"tile indices {bad[:5]} out of range for {n} tiles")
+        size = self.spec.tile_size
+        images = _batch_tensor((len(idx), 3, size, size))  # (B, 3, S, S)
+        for j, i in enumerate(idx):
+            tile_to_chw(self.read_tile(i), images[j])
+        return TileBatch(images, torch.from_numpy(self.coords[idx].copy()))  # coords (B, 2)
 
     def __repr__(self) -> str:
         s = self.spec
