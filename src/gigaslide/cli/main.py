@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "probe": "probe",
     "heatmap": "heatmap",
     "encoders": "encoders",
+    "models": "models",
     "demo": "demo",
 }
 

@@ -1,8 +1,15 @@
 """Tile transforms: uint8 HWC RGB arrays -> normalised float CHW tensors for an encoder.
 
-The transform runs inside DataLoader workers, so it is a plain picklable class (no lambdas).
-Resizing (when the tile size differs from the encoder's input size) uses bilinear
-interpolation with antialiasing, which is what PIL/torchvision do for downscaling.
+Two ways to apply the same preprocessing:
+
+- :class:`TileTransform`, per tile, inside DataLoader worker processes (a plain picklable class);
+- :class:`BatchNormalizer`, per batch of uint8 tiles, on the device after the copy (used with
+  :class:`~gigaslide.data.tile_loader.TileLoader`).
+
+Both call :func:`normalize_batch` (scale to [0, 1], resize, subtract mean, divide by std), so
+they agree to float rounding. Resizing (when the tile size differs from the encoder's input
+size) uses bilinear interpolation with antialiasing, which is what PIL/torchvision do for
+downscaling.
 """
 
 from __future__ import annotations
@@ -48,8 +55,8 @@ class TileTransform:
         self.input_size = _size_pair(input_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std_t = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
 
     @classmethod
     def from_meta(cls, meta: Any) -> TileTransform:
@@ -69,10 +76,7 @@ class TileTransform:
             raise TypeError(f"expected a numpy array or torch tensor tile, got {type(tile).__name__}")
         if x.dtype != torch.uint8:
             raise ValueError(f"expected a uint8 tile (0-255), got dtype {x.dtype}")
-        x = x.to(torch.float32).div_(255.0)
-        if tuple(x.shape[1:]) != self.input_size:
-            x = resize_chw(x, self.input_size)
-        return (x - self._mean_t) / self._std_t
+        return normalize_batch(x.unsqueeze(0), self.input_size, self._mean_t, self._std_t).squeeze(0)
 
     def __repr__(self) -> str:
         return f"TileTransform(input_size={self.input_size}, mean={self.mean}, std={self.std})"
@@ -82,6 +86,70 @@ def resize_chw(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear, antialiased resize of a (C, H, W) float tensor to ``size`` = (H', W')."""
     y = F.interpolate(x.unsqueeze(0), size=size, mode="bilinear", align_corners=False, antialias=True)
     return y.squeeze(0)
+
+
+def normalize_batch(
+    images: torch.Tensor, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> (B, 3, H', W') float32: ``/ 255``, resize to ``size``, ``(x - mean) / std``.
+
+    ``mean`` and ``std`` are (1, 3, 1, 1) float32 tensors on the device of ``images``. The single
+    implementation behind :class:`TileTransform` and :class:`BatchNormalizer`.
+    """
+    x = images.to(torch.float32).div_(255.0)
+    if tuple(x.shape[2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (x - mean) / std
+
+
+class BatchNormalizer:
+    """The :class:`TileTransform` of a whole batch of uint8 tiles, run wherever the batch is (GPU).
+
+    Args:
+        input_size: encoder input side (int) or (H, W); tiles of another size are resized.
+        mean, std: per-channel normalisation applied after scaling to [0, 1].
+
+    Call with a (B, 3, H, W) uint8 tensor; returns (B, 3, H', W') float32 on the same device.
+    """
+
+    def __init__(
+        self,
+        input_size: int | Sequence[int],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        ref = TileTransform(input_size, mean, std)  # same validation
+        self.input_size, self.mean, self.std = ref.input_size, ref.mean, ref.std
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> BatchNormalizer:
+        """Build from an encoder's ``EncoderMeta`` (``input_size``, ``mean``, ``std``)."""
+        return cls(meta.input_size, meta.mean, meta.std)
+
+    @classmethod
+    def from_transform(cls, transform: TileTransform) -> BatchNormalizer:
+        """The batch equivalent of a :class:`TileTransform`."""
+        return cls(transform.input_size, transform.mean, transform.std)
+
+    def _device_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._stats:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            self._stats[device] = (mean, std)
+        return self._stats[device]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"expected a (B, 3, H, W) batch of tiles, got {shape}")
+        if images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 tiles (0-255), got dtype {images.dtype}")
+        mean, std = self._device_stats(images.device)
+        return normalize_batch(images, self.input_size, mean, std)
+
+    def __repr__(self) -> str:
+        return f"BatchNormalizer(input_size={self.input_size}, mean={self.mean}, std={self.std})"
 
 
 def make_transform(meta: Any) -> TileTransform:
