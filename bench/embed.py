@@ -1,10 +1,12 @@
 """Feature-extraction throughput: end-to-end pipeline vs. the model alone, same machine, one run.
 
-End-to-end = `run_embedding` on a synthetic slide: DataLoader workers read + decode JPEG tiles,
-normalise them, the encoder runs, rows stream into the h5 file. Model-only = the same encoder on
-random tensors already on the device, same batch size and precision. The feed ratio
-(end-to-end / model-only tiles/s) says how well the data pipeline keeps the model busy
-(target >= 0.9 on a GPU).
+End-to-end = `run_embedding` on a synthetic slide, once per loader: ``threads`` (a TileLoader
+thread pool reads + decodes uint8 tiles in the main process, normalisation on the device) and
+``processes`` (DataLoader worker processes read, decode and normalise tiles); the encoder runs,
+rows stream into the h5 file. ``--workers`` is the thread count for the first and the process
+count for the second. Model-only = the same encoder on random tensors already on the device,
+same batch size and precision. The feed ratio (end-to-end / model-only tiles/s) says how well
+the data pipeline keeps the model busy (target >= 0.9 on a GPU).
 
     .venv/bin/python bench/embed.py --device cpu --workers 2 --batch-size 32
 """
@@ -103,6 +105,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=4096, help="synthetic slide width (level-0 px)")
     p.add_argument("--height", type=int, default=2048)
     p.add_argument("--model-batches", type=int, default=8, help="batches timed for the model-only figure")
+    p.add_argument("--loaders", nargs="+", choices=["threads", "processes"], default=["threads", "processes"])
     args = p.parse_args()
     device = resolve_device(args.device)
     print(f"machine: {machine()}")
@@ -118,18 +121,20 @@ def main() -> None:
             n = make_tiling(tiling, args.width, args.height, size, 0.5) if not tiling.exists() else None
             n = n or int(Manifest(tiling / "manifest.csv").rows["bench"]["n_tiles"])
             mo = model_only(enc, args, device, args.model_batches)
-            t0 = time.perf_counter()
-            s = run_embedding(
-                tiling, enc, root / f"out_{name}", batch_size=args.batch_size, num_workers=args.workers,
-                precision=args.precision, device=device, progress=False,
-            )  # fmt: skip
-            e2e = n / (time.perf_counter() - t0)
-            assert s.n_done == 1, s.describe()
-            rows.append((name, n, size, e2e, mo, e2e / mo))
-    print("\n| encoder | tiles | tile px | end-to-end tiles/s | model-only tiles/s | feed ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, n, size, e2e, mo, ratio in rows:
-        print(f"| {name} | {n} | {size} | {e2e:.1f} | {mo:.1f} | {ratio:.2f} |")
+            for loader in args.loaders:
+                t0 = time.perf_counter()
+                s = run_embedding(
+                    tiling, enc, root / f"out_{name}_{loader}", batch_size=args.batch_size,
+                    num_workers=args.workers, loader=loader, precision=args.precision, device=device,
+                    progress=False,
+                )  # fmt: skip
+                e2e = n / (time.perf_counter() - t0)
+                assert s.n_done == 1, s.describe()
+                rows.append((name, n, size, loader, e2e, mo, e2e / mo))
+    print("\n| encoder | tiles | tile px | loader | end-to-end tiles/s | model-only tiles/s | feed ratio |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for name, n, size, loader, e2e, mo, ratio in rows:
+        print(f"| {name} | {n} | {size} | {loader} | {e2e:.1f} | {mo:.1f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

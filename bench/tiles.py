@@ -4,11 +4,14 @@ Builds (once, cached under ``bench_out/``) a large JPEG-tiled 256x256 pyramidal 
 0.5 um/px whose content repeats real tissue (CMU-1 read through OpenSlide; synthetic
 tissue when ../shared/data is absent), then measures on the same 256x256 grid at 0.5 um/px:
 
-  (a) ``TileDataset`` + torch ``DataLoader`` with one worker per core (our reader path),
+  (a) ``TileDataset`` + torch ``DataLoader`` with one worker process per core,
+  (a') ``TileDataset`` + ``TileLoader`` with one reader thread per core, in one process,
   (b) a plain single-process ``openslide.OpenSlide.read_region`` loop,
   (c) the decode ceiling: imagecodecs.jpeg_decode of the same tile bitstreams, held in memory, one core,
   (d) single-process ``read_region`` loops of tiff-direct, tiffslide and OpenSlide side by side,
   (b), (c) and (d) run interleaved chunk by chunk, so load changes on a shared machine hit them alike;
+  around (a) and (a') the ceiling is re-sampled on one core and with one decoding thread per worker
+  (what the shared cores could decode at that moment);
   plus the time to detect tissue and compute coordinates (``tile_slide``).
 
 Usage: ``python bench/tiles.py [--size 40000] [--quick] [--workers N] [--out bench_out]``
@@ -188,11 +191,21 @@ def interleaved(readers: Readers, dataset: object | None = None, n_chunks: int =
     return seconds
 
 
-def ceiling_sample(readers: Readers, n: int = 2000) -> float:
-    """Decode-ceiling rate (tiles/s) on a sample, to bracket a measurement made at another time."""
-    n = min(n, len(readers.blobs))
+def ceiling_sample(readers: Readers, n: int = 2000, threads: int = 1) -> float:
+    """Decode-ceiling rate (tiles/s) on a sample, to bracket a measurement made at another time.
+
+    With ``threads`` > 1 the sample is decoded by that many threads (imagecodecs releases the
+    GIL): what the cores this process actually gets can decode together at this moment.
+    """
+    n = min(n * threads, len(readers.blobs))
     t0 = time.perf_counter()
-    readers.ceiling(0, n)
+    if threads == 1:
+        readers.ceiling(0, n)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda lo: readers.ceiling(lo, min(lo + 64, n)), range(0, n, 64)))
     return n / (time.perf_counter() - t0)
 
 
@@ -216,6 +229,30 @@ def dataloader_rate(
         persistent_workers=False,
         collate_fn=collate_tiles,
     )
+    n = 0
+    t0 = time.perf_counter()
+    t_first, n_first = t0, 0
+    for images, _ in loader:
+        n += images.shape[0]
+        if n_first == 0:
+            t_first, n_first = time.perf_counter(), n
+    end = time.perf_counter()
+    return end - t0, n, end - t_first, n - n_first
+
+
+def tileloader_rate(
+    path: Path, coords: np.ndarray, spec: object, threads: int, batch: int
+) -> tuple[float, int, float, int]:
+    """As :func:`dataloader_rate`, for a :class:`TileLoader` with ``threads`` reader threads."""
+    import torch
+
+    from gigaslide.data.tile_dataset import TileDataset
+    from gigaslide.data.tile_loader import TileLoader
+
+    torch.set_num_threads(1)
+    # as the embedding pipeline runs it: batch tensors recycled from a ring
+    ds = TileDataset(path, coords, spec)
+    loader = TileLoader(ds, batch_size=batch, num_threads=threads, reuse_buffers=True)
     n = 0
     t0 = time.perf_counter()
     t_first, n_first = t0, 0
@@ -254,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=40_000, help="slide side in px at level 0 (default 40000)")
     p.add_argument("--quick", action="store_true", help="8192 px slide and at most 3000 tiles per loop")
     p.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (default nproc)"
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="DataLoader worker processes and TileLoader threads (default nproc)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-tiles", type=int, default=0, help="cap the tiles per single-process loop (0: all)")
@@ -325,16 +365,23 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("(b) OpenSlide read_region, 1 process", n, secs["openslide"]))
     rows.append(("(d) tiffslide read_region, 1 process", n, secs["tiffslide"]))
     workers = max(1, args.workers)
-    ceiling_around_a = None
+    around: dict[str, float] = {}  # the 1-core ceiling re-sampled just before and after each loader run
+    around_n: dict[str, float] = {}  # the same with `workers` decoding threads
+    a_name = f"(a) TileDataset+DataLoader, {workers} worker processes"
+    t_name = f"(a') TileDataset+TileLoader, {workers} threads"
     if spec is not None and dataset.exists():
-        before = ceiling_sample(readers)
-        total, n_all, steady_secs, steady_n = dataloader_rate(path, coords, spec, workers, args.batch_size)
-        ceiling_around_a = (before + ceiling_sample(readers)) / 2
-        rows.append((f"(a) TileDataset+DataLoader, {workers} workers, total", n_all, total))
-        rows.append((f"(a) TileDataset+DataLoader, {workers} workers", steady_n, steady_secs))
-        results["ceiling_around_a_tiles_per_s"] = ceiling_around_a
+        before, before_n = ceiling_sample(readers), ceiling_sample(readers, threads=workers)
+        for name, fn in ((a_name, dataloader_rate), (t_name, tileloader_rate)):
+            total, n_all, steady_secs, steady_n = fn(path, coords, spec, workers, args.batch_size)
+            after, after_n = ceiling_sample(readers), ceiling_sample(readers, threads=workers)
+            around[name], around_n[name] = (before + after) / 2, (before_n + after_n) / 2
+            before, before_n = after, after_n
+            rows.append((f"{name}, total", n_all, total))
+            rows.append((name, steady_n, steady_secs))
+        results["ceiling_around_loaders_tiles_per_s"] = around
+        results[f"ceiling_{workers}_threads_around_loaders_tiles_per_s"] = around_n
     else:
-        print("TileDataset or tile_slide not present: skipping (a)")
+        print("TileDataset or tile_slide not present: skipping (a) and (a')")
 
     rate = {name: n / s for name, n, s in rows}
     print(f"\n{'path':52s} {'tiles':>7s} {'seconds':>8s} {'tiles/s':>9s}")
@@ -350,11 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "(a1) TileDataset[i] loop, 1 process" in rate:
         ratios["(a1) / (c) (1 process)"] = rate["(a1) TileDataset[i] loop, 1 process"] / ceiling
-    a_name = f"(a) TileDataset+DataLoader, {workers} workers"
-    if a_name in rate:
-        ratios["(a) / (b)"] = rate[a_name] / osl
-        # the ceiling sampled just before and after (a): the shared machine's load drifts
-        ratios[f"(a) per core ({cores}) / (c)"] = rate[a_name] / cores / (ceiling_around_a or ceiling)
+    for tag, name in (("(a)", a_name), ("(a')", t_name)):
+        if name in rate:
+            ratios[f"{tag} / (b)"] = rate[name] / osl
+            # the ceiling sampled just before and after the run: the shared machine's load drifts
+            ratios[f"{tag} per core ({cores}) / (c)"] = rate[name] / cores / around[name]
+            # against what `workers` threads of pure decoding got from the shared cores meanwhile
+            ratios[f"{tag} / (c) with {workers} threads"] = rate[name] / around_n[name]
+    if a_name in rate and t_name in rate:
+        ratios["(a') / (a)"] = rate[t_name] / rate[a_name]
     print()
     for k, v in ratios.items():
         print(f"{k:52s} {v:6.2f}")

@@ -34,7 +34,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes"
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="reader threads (--loader threads) or DataLoader worker processes (--loader processes)",
+    )
+    p.add_argument(
+        "--loader",
+        choices=["threads", "processes"],
+        default="threads",
+        help="threads: a thread pool reads uint8 tiles, normalisation on the device (default); "
+        "processes: DataLoader worker processes read and normalise tiles",
     )
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
@@ -74,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             batch_size=args.batch_size,
             num_workers=args.workers,
+            loader=args.loader,
             precision=args.precision,
             device=args.device,
             save_pt=args.save_pt,

@@ -9,9 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"TileDataset": "gigaslide.data.tile_dataset"}
+_LAZY = {
+    "TileDataset": "gigaslide.data.tile_dataset",
+    "TileLoader": "gigaslide.data.tile_loader",
+    "read_features": "gigaslide.data.features_io",
+    "write_features": "gigaslide.data.features_io",
+}
 
-__all__ = ["TileDataset"]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,6 @@ import h5py
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from gigaslide import __version__
@@ -37,9 +36,10 @@ from gigaslide.data.feature_writer import (
 from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.transforms import TileTransform
 from gigaslide.pipeline.extract import (
+    check_loader,
     check_precision,
     iter_features,
-    make_loader,
+    make_batches,
     prepare_encoder,
     resolve_device,
     weights_identity,
@@ -347,11 +347,18 @@ class _Embedder:
             if start:
                 pbar.total = max(0, (pbar.total or 0) - start)
                 pbar.refresh()
-            dataset = TileDataset(job.slide_path, coords, cf.spec, transform=self.transform, mpp=job.mpp)
-            subset = Subset(dataset, range(start, n)) if start else dataset
-            loader = make_loader(subset, self.opts["batch_size"], self.opts["num_workers"], self.device)
+            dataset = TileDataset(job.slide_path, coords, cf.spec, mpp=job.mpp)
+            batches, preprocess = make_batches(
+                dataset,
+                self.transform,
+                self.opts["loader"],
+                self.opts["batch_size"],
+                self.opts["num_workers"],
+                self.device,
+                start=start,
+            )
             for feats, got in iter_features(
-                self.encoder, loader, self.device, self.opts["precision"], self.channels_last
+                self.encoder, batches, self.device, self.opts["precision"], self.channels_last, preprocess
             ):
                 row = writer.rows_written
                 if feats.shape[1] != dim:
@@ -414,6 +421,7 @@ def run_embedding(
     weights: str | os.PathLike[str] | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
+    loader: str = "threads",
     precision: str = "fp32",
     device: str | torch.device = "auto",
     save_pt: bool = False,
@@ -430,7 +438,11 @@ def run_embedding(
         coords_dir: tiling output folder, or a CLAM/TRIDENT patches folder (then ``slides`` is needed).
         encoder: an encoder name for :func:`~gigaslide.models.encoders.create_encoder` or a built encoder.
         weights: checkpoint path when ``encoder`` is a name.
-        batch_size, num_workers: DataLoader settings (workers read and normalise tiles).
+        batch_size: tiles per encoder call.
+        num_workers: reader threads (``loader="threads"``) or DataLoader worker processes
+            (``loader="processes"``); 0 reads in the main thread.
+        loader: ``threads`` (TileLoader + normalisation on the device, default) or ``processes``
+            (DataLoader workers read and normalise tiles); see :mod:`gigaslide.pipeline.extract`.
         precision: ``fp32|fp16|bf16`` (autocast); device: ``auto|cpu|cuda[:i]``.
         save_pt: also write CLAM's ``pt_files/<slide_id>.pt``.
         chunk_size: rows per committed chunk of the partial file (resume granularity).
@@ -441,6 +453,9 @@ def run_embedding(
     """
     t0 = time.perf_counter()
     check_precision(precision)
+    check_loader(loader)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     if chunk_size < 1:
@@ -475,6 +490,7 @@ def run_embedding(
         "precision": precision,
         "batch_size": batch_size,
         "num_workers": num_workers,
+        "loader": loader,
         "save_pt": save_pt,
         "chunk_size": chunk_size,
         "store_dtype": store_dtype,

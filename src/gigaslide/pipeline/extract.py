@@ -1,7 +1,15 @@
 """Tile feature extraction: run a tile encoder over the tiles of one slide.
 
-DataLoader workers read, decode and normalise tiles (:class:`TileDataset` with a
-:class:`~gigaslide.data.transforms.TileTransform`); the main process runs the encoder under
+Two ways to feed the encoder (``loader=``):
+
+- ``"threads"`` (default): a :class:`~gigaslide.data.tile_loader.TileLoader` reads uint8 tiles
+  with a thread pool in this process (the readers release the GIL); each batch is copied to the
+  device as uint8 and converted, resized and normalised there
+  (:class:`~gigaslide.data.transforms.BatchNormalizer`);
+- ``"processes"``: a torch DataLoader whose worker processes read, decode and normalise tiles
+  (:class:`TileDataset` with a :class:`~gigaslide.data.transforms.TileTransform`).
+
+Both give the same features to float rounding. The main process runs the encoder under
 ``torch.inference_mode()``, with autocast for fp16/bf16 and channels-last memory for conv
 nets. :func:`iter_features` yields one batch at a time so callers can stream rows to disk
 (see :mod:`gigaslide.pipeline.embed_job`); :func:`extract_features` collects them in memory.
@@ -12,16 +20,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from gigaslide.data.tile_dataset import TileDataset
-from gigaslide.data.transforms import TileTransform
+from gigaslide.data.tile_loader import TileLoader
+from gigaslide.data.transforms import BatchNormalizer, TileTransform
 from gigaslide.preprocess.tiling_spec import TileSpec
 
 if TYPE_CHECKING:
@@ -29,6 +38,8 @@ if TYPE_CHECKING:
 
 RANDOM_INIT = "RANDOM-INIT"  # `weights` attribute of features made with random weights
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOADERS = ("threads", "processes")
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images (B, 3, H, W), coords (B, 2))
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
@@ -83,10 +94,21 @@ def prepare_encoder(encoder: nn.Module, device: torch.device) -> bool:
 
 
 def encode_batch(
-    encoder: nn.Module, images: torch.Tensor, device: torch.device, precision: str, channels_last: bool
+    encoder: nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B, 3, H, W) normalised float -> (B, D) float32 features on the CPU."""
+    """(B, 3, H, W) images -> (B, D) float32 features on the CPU.
+
+    ``images`` are normalised floats, or uint8 tiles when ``preprocess`` (e.g. a
+    :class:`BatchNormalizer`) turns them into the encoder input on ``device``.
+    """
     x = images.to(device, non_blocking=True)
+    if preprocess is not None:
+        x = preprocess(x)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_context(device, precision):
@@ -113,19 +135,75 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
     )
 
 
+def check_loader(loader: str) -> str:
+    """Validate a ``loader=`` choice (``threads`` or ``processes``)."""
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {list(LOADERS)}, got {loader!r}")
+    return loader
+
+
+def make_batches(
+    dataset: TileDataset,
+    transform: Callable[[np.ndarray], torch.Tensor],
+    loader: str,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    start: int = 0,
+) -> tuple[Batches, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The batches of ``dataset`` from row ``start`` on, and the step that turns them into encoder input.
+
+    ``threads``: a :class:`TileLoader` with ``num_workers`` threads (uint8 batches) and a
+    :class:`BatchNormalizer` equal to ``transform`` (which must be a :class:`TileTransform`).
+    ``processes``: a DataLoader with ``num_workers`` processes applying ``transform`` per tile,
+    and no further step. ``dataset`` must have ``transform=None``; it is rebuilt as needed.
+    """
+    check_loader(loader)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if loader == "threads":
+        if not isinstance(transform, TileTransform):
+            raise ValueError(
+                f"loader='threads' normalises batches on the device and supports TileTransform only, got "
+                f"{transform!r}; use loader='processes' for another per-tile transform"
+            )
+        tiles = TileLoader(
+            dataset,
+            batch_size=batch_size,
+            num_threads=num_workers,
+            start=start,
+            pin_memory=device.type == "cuda",
+            reuse_buffers=True,  # iter_features is done with a batch before asking for the next
+        )
+        return tiles, BatchNormalizer.from_transform(transform)
+    ds = TileDataset(
+        dataset.slide_path, dataset.coords, dataset.spec, transform=transform, mpp=dataset.mpp,
+        backend=dataset.backend,
+    )  # fmt: skip
+    subset: Dataset = Subset(ds, range(start, len(ds))) if start else ds
+    return make_loader(subset, batch_size, num_workers, device), None
+
+
 def iter_features(
     encoder: nn.Module,
-    loader: DataLoader,
+    loader: Batches,
     device: torch.device,
     precision: str = "fp32",
     channels_last: bool | None = None,
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(features (B, D) float32, coords (B, 2) int64)`` batch by batch, in loader order."""
+    """Yield ``(features (B, D) float32, coords (B, 2) int64)`` batch by batch, in loader order.
+
+    ``loader`` yields ``(images, coords)``; ``preprocess`` runs on each image batch once it is on
+    ``device`` (see :func:`make_batches`).
+    """
     check_precision(precision)
     if channels_last is None:
         channels_last = prepare_encoder(encoder, device)
     for images, coords in loader:
-        feats = encode_batch(encoder, images, device, precision, channels_last)
+        feats = encode_batch(encoder, images, device, precision, channels_last, preprocess)
         yield feats.numpy(), np.asarray(coords, dtype=np.int64).reshape(-1, 2)
 
 
@@ -173,6 +251,7 @@ def extract_features(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+    loader: str = "threads",
 ) -> np.ndarray:
     """Features of the tiles at ``coords`` of ``slide``.
 
@@ -182,19 +261,24 @@ def extract_features(
         coords: (N, 2) level-0 top-left corners.
         spec: the tile geometry the coordinates were made with.
         encoder: a tile encoder, (B, 3, H, W) -> (B, D).
-        batch_size, num_workers: DataLoader settings.
+        batch_size: tiles per encoder call.
+        num_workers: reader threads (``loader="threads"``) or DataLoader worker processes
+            (``loader="processes"``); 0 reads in the calling thread.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
         precision: ``fp32``, ``fp16`` or ``bf16`` (autocast).
-        transform: tile transform; default from ``encoder.meta``.
+        transform: tile transform; default from ``encoder.meta``. With ``loader="threads"`` it
+            must be a :class:`TileTransform` (applied batch-wise on the device).
+        loader: ``threads`` (default) or ``processes`` (see the module docstring).
 
     Returns:
         (N, D) float32 features in the order of ``coords``.
     """
     dev = resolve_device(device)
+    check_loader(loader)
     tf = transform if transform is not None else default_transform(encoder)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
     if isinstance(slide, (str, os.PathLike)):
-        dataset = TileDataset(slide, coords, spec, transform=tf)
+        dataset = TileDataset(slide, coords, spec)
     else:
         from gigaslide.io import list_backends
 
@@ -203,15 +287,14 @@ def extract_features(
             slide.path,
             coords,
             spec,
-            transform=tf,
             mpp=slide.mpp,
             backend=backend if backend in list_backends() else None,
         )
     channels_last = prepare_encoder(encoder, dev)
-    loader = make_loader(dataset, batch_size, num_workers, dev)
+    batches, preprocess = make_batches(dataset, tf, loader, batch_size, num_workers, dev)
     out: list[np.ndarray] = []
     n = 0
-    for feats, got in iter_features(encoder, loader, dev, precision, channels_last):
+    for feats, got in iter_features(encoder, batches, dev, precision, channels_last, preprocess):
         if not np.array_equal(got, coords[n : n + len(got)]):
             raise RuntimeError(f"tiles arrived out of order at row {n}; the loader must not shuffle")
         out.append(feats)
