@@ -35,6 +35,7 @@ from gigaslide.data.feature_writer import (
 )
 from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.transforms import TileTransform
+from gigaslide.pipeline.embed_inputs import EmbedInputError, SlideJob, discover_jobs
 from gigaslide.pipeline.extract import (
     check_loader,
     check_precision,
@@ -64,22 +65,6 @@ MANIFEST_COLUMNS = (
     "rank",
 )
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-class EmbedInputError(ValueError):
-    """The coordinates folder or slide list cannot be used; the message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    """One slide to embed: its coordinates file and slide file (``None`` if it was not found)."""
-
-    slide_id: str
-    coords_path: Path
-    slide_path: Path | None
-    mpp: float | None = None
-    n_tiles: int = 0
-    error: str = ""  # a problem found while listing (e.g. no matching slide file)
 
 
 @dataclass
@@ -151,87 +136,6 @@ class EmbedSummary:
         ]
         lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
         return "\n".join(lines)
-
-
-# -- inputs ---------------------------------------------------------------------------------
-def _h5_rows(path: Path) -> int:
-    try:
-        with h5py.File(path, "r") as f:
-            return int(f["coords"].shape[0]) if "coords" in f else 0
-    except OSError:
-        return 0
-
-
-def _strip_patches(stem: str) -> str:
-    return stem[: -len("_patches")] if stem.endswith("_patches") else stem
-
-
-def discover_jobs(
-    coords_dir: str | os.PathLike[str],
-    slides: str | os.PathLike[str] | None = None,
-    slide_mpp: float | None = None,
-) -> list[SlideJob]:
-    """List the slides of a tiling output (``manifest.csv`` + ``patches/``) or a CLAM/TRIDENT patches folder.
-
-    A tiling output names its slide files in its manifest (``slides`` overrides them); a
-    CLAM/TRIDENT folder (``*.h5``, or ``patches/*.h5``; TRIDENT names end in ``_patches.h5``)
-    needs ``slides`` (a folder or a CSV with a ``path`` column) matched by file stem.
-    Jobs come back sorted by slide id, identically on every rank.
-    """
-    from gigaslide.pipeline.inputs import collect_slides
-
-    root = Path(coords_dir)
-    if not root.is_dir():
-        raise EmbedInputError(f"{root}: not a folder; pass a tiling output folder or a patches folder")
-    by_id: dict[str, Any] = {}
-    if slides is not None:
-        for s in collect_slides(slides, slide_mpp=slide_mpp):
-            by_id.setdefault(s.slide_id, s)
-            by_id.setdefault(s.path.stem, s)
-    manifest = root / "manifest.csv"
-    jobs: list[SlideJob] = []
-    if manifest.is_file() and (root / "patches").is_dir():
-        with manifest.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        for row in rows:
-            sid = row.get("slide_id", "")
-            if row.get("status") != STATUS_DONE:
-                log.info("%s: not tiled (status %r) - not embedded", sid, row.get("status"))
-                continue
-            cfile = Path(row.get("coords_file") or f"patches/{sid}.h5")
-            cpath = cfile if cfile.is_absolute() else root / cfile
-            if not cpath.exists():
-                cpath = root / "patches" / f"{sid}.h5"
-            mpp = float(row["mpp"]) if row.get("mpp") else slide_mpp
-            if sid in by_id:
-                spath, mpp = by_id[sid].path, by_id[sid].mpp or mpp
-            else:
-                spath = Path(row["path"]) if row.get("path") else None
-                if spath is not None and not spath.is_absolute() and (root / spath).exists():
-                    spath = root / spath  # relative to the tiling folder
-            err = "" if spath is not None else "no slide path in the tiling manifest; pass --slides"
-            jobs.append(SlideJob(sid, cpath, spath, mpp, _h5_rows(cpath), err))
-    else:
-        pdir = root / "patches" if (root / "patches").is_dir() else root
-        files = sorted(p for p in pdir.glob("*.h5") if not p.name.startswith("."))
-        if not files:
-            raise EmbedInputError(
-                f"{root}: neither a tiling output (manifest.csv + patches/) nor a folder of CLAM/TRIDENT "
-                "coordinate files (*.h5); run `gigaslide tile` first"
-            )
-        if slides is None:
-            raise EmbedInputError(
-                f"{root}: a CLAM/TRIDENT patches folder has no slide paths; pass --slides (a folder of "
-                "slides or a CSV with a `path` column, matched to the coordinate files by file stem)"
-            )
-        for cpath in files:
-            sid = _strip_patches(cpath.stem)
-            s = by_id.get(sid)
-            err = "" if s is not None else f"no slide named {sid!r} in --slides {slides}"
-            jobs.append(
-                SlideJob(sid, cpath, s.path if s else None, s.mpp if s else slide_mpp, _h5_rows(cpath), err)
-            )
-    return sorted(jobs, key=lambda j: j.slide_id)
 
 
 # -- the job -------------------------------------------------------------------------------
