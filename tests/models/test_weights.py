@@ -257,3 +257,21 @@ def test_filter_state_dict_returns_model_ready_dict() -> None:
     sd = filter_state_dict(ckpt, dst)
     assert set(sd) == set(dst.state_dict())
     dst.load_state_dict(sd, strict=True)
+
+
+def test_resnet_checkpoint_without_batchnorm_counters_loads_strictly(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    src = create_encoder("resnet18_trunc", weights="random")
+    sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(sd) < len(src.state_dict())  # the export really lacks the counters
+    torch.save(sd, tmp_path / "legacy.pth")
+    dst = create_encoder("resnet18_trunc", weights=tmp_path / "legacy.pth")
+    assert dst.weights_info["missing"] == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+    # a real weight missing is still an error
+    del sd["conv1.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(WeightsMismatchError, match="conv1.weight"):
+        create_encoder("resnet18_trunc", weights=tmp_path / "broken.pth")

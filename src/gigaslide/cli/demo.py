@@ -24,7 +24,15 @@ TILE_MPP = "1.0"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="run the whole pipeline on a generated synthetic cohort")
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on a generated synthetic cohort",
+        description=(
+            "Generate a synthetic H&E cohort, tile it, embed the tiles (randomly initialised "
+            "resnet18_trunc: no weights are downloaded), cross-validate ABMIL for classification and "
+            "survival, run a linear probe and draw an attention heatmap. Every stage resumes on a rerun."
+        ),
+    )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     p.add_argument("--n-slides", type=int, default=24, help="number of synthetic slides")
     p.add_argument("--size", type=int, default=4096, help="synthetic slide side in pixels at 0.5 um/px")

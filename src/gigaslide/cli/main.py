@@ -62,7 +62,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"gigaslide {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        # bad input (a file, a label table, a config, weights ...): the message names it and the fix
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"gigaslide {args.command}: error: {msg}", file=sys.stderr)
+        print("(run `gigaslide -v ...` for the full traceback)", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe bad input rather than a bug: shown as one line, exit status 2."""
+    from gigaslide.io.base import SlideReadError
+    from gigaslide.models.weights import WeightsError
+
+    errors: list[type[BaseException]] = [ValueError, KeyError, OSError, SlideReadError, WeightsError]
+    try:
+        import yaml
+
+        errors.append(yaml.YAMLError)
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

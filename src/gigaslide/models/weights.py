@@ -277,7 +277,8 @@ def load_weights(
     sd = load_checkpoint(file, checkpoint_key=checkpoint_key, trust_pickle=trust_pickle)
     sd, dropped = adapt_state_dict(sd, model)
     model_sd = model.state_dict()
-    missing = [k for k in model_sd if k not in sd]
+    # BatchNorm step counters are not weights (many exports drop them): they keep their initial 0
+    missing = [k for k in model_sd if k not in sd and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in sd if k not in model_sd]
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"

@@ -5,7 +5,7 @@ Output layout of ``run_tiling(slides, OUT)``::
     OUT/manifest.csv              one row per slide (status done/failed, counts, timing, error)
     OUT/patches/<slide_id>.h5     tile coordinates + tissue fractions (CLAM/TRIDENT-readable)
     OUT/tissue/<slide_id>.geojson tissue polygons in level-0 pixels
-    OUT/regions/<slide_id>.h5     with ``region_size``: HIPT regions (e.g. 4096 px)
+    OUT/regions/<slide_id>.h5     with ``region_size``: HIPT regions (e.g. 4096 px), see below
     OUT/previews/<slide_id>.png   with ``preview``: thumbnail + tissue outline + tile grid
 
 Every file is written atomically and the coordinate file last, so a slide is finished exactly
@@ -13,6 +13,12 @@ when the manifest says ``done`` and its coordinate file exists. A rerun skips fi
 (with the same tiling parameters) and retries failed ones. A failing slide is recorded and the
 batch carries on; slides run in parallel over ``workers`` processes, the manifest is written
 only by the parent. One output folder must not be used by two concurrent runs.
+
+Regions follow their own rule (:func:`gigaslide.preprocess.tiling.tile_regions`): a region is
+kept when tissue covers at least ``region_min_tissue`` (default 0.05) of the region's area
+INSIDE the slide. Regions never fail a slide: a slide without any region (or whose region step
+raised) is still ``done`` with its patches, ``n_regions`` 0 and the reason in the ``warning``
+column. A rerun with another ``region_size`` or ``region_min_tissue`` tiles the slide again.
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ import h5py
 from tqdm import tqdm
 
 from gigaslide.pipeline.inputs import SlideInput
+from gigaslide.preprocess.tiling import DEFAULT_REGION_MIN_TISSUE
 from gigaslide.utils.atomic import atomic_write_text
 from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
 
 if TYPE_CHECKING:
-    from gigaslide.preprocess.tissue import TissueParams
+    from gigaslide.io.base import Slide
+    from gigaslide.preprocess.tissue import TissueMask, TissueParams
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "backend",
     "seconds",
     "error",
+    "warning",
     "coords_file",
 )
 OUTPUT_DIRS: tuple[str, ...] = ("patches", "tissue", "regions", "previews")
@@ -70,6 +79,7 @@ class TilingParams:
     stride: int | None = None
     min_tissue: float = 0.25
     region_size: int | None = None
+    region_min_tissue: float = DEFAULT_REGION_MIN_TISSUE
     backend: str | None = None
     preview: bool = False
     tissue_params: TissueParams | None = None
@@ -88,6 +98,10 @@ class TilingParams:
             raise ValueError(f"--min-tissue must be a fraction in [0, 1], got {self.min_tissue}")
         if self.region_size is not None and self.region_size <= 0:
             raise ValueError(f"--region-size must be positive, got {self.region_size}")
+        if not 0.0 <= self.region_min_tissue <= 1.0:
+            raise ValueError(
+                f"--region-min-tissue must be a fraction in [0, 1], got {self.region_min_tissue}"
+            )
 
 
 @dataclass
@@ -100,6 +114,7 @@ class TilingSummary:
     skipped: list[str] = field(default_factory=list)  # already finished by an earlier run
     failed: dict[str, str] = field(default_factory=dict)  # slide_id -> "ExceptionType: message"
     n_tiles: int = 0  # tiles written in this run
+    warnings: dict[str, str] = field(default_factory=dict)  # slide_id -> warning (done slides)
 
     @property
     def n_total(self) -> int:
@@ -115,6 +130,9 @@ class TilingSummary:
             f"{self.n_total} slide(s): {len(self.done)} tiled ({self.n_tiles} tiles), "
             f"{len(self.skipped)} already done, {len(self.failed)} failed. Manifest: {self.manifest_path}"
         ]
+        if self.warnings:
+            lines.append(f"{len(self.warnings)} slide(s) done with a warning:")
+            lines += [f"  {sid}: {msg}" for sid, msg in self.warnings.items()]
         if self.failed:
             lines.append(f"{len(self.failed)} of {self.n_total} slides failed:")
             lines += [f"  {sid}: {err}" for sid, err in self.failed.items()]
@@ -162,6 +180,7 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
     paths = output_paths(out, slide.slide_id)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"path": str(slide.path), "mpp": slide.mpp, "n_tiles": "", "n_regions": ""}
+    warning = ""
     try:
         with open_slide(slide.path, mpp=slide.mpp, backend=params.backend) as s:
             row["backend"] = s.backend
@@ -177,17 +196,7 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
             atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
             attrs = {"slide_id": slide.slide_id, "slide_path": str(slide.path)}
             if params.region_size:
-                regions = tile_slide(
-                    s,
-                    params.target_mpp,
-                    params.region_size,
-                    min_tissue=params.min_tissue,
-                    tissue=tiles.tissue,
-                )
-                write_coords(
-                    paths["regions"], regions.coords, regions.spec, regions.tissue_fraction, extra_attrs=attrs
-                )
-                row["n_regions"] = regions.n_tiles
+                row["n_regions"], warning = _write_regions(s, slide, tiles.tissue, paths["regions"], params)
             if params.preview:
                 from gigaslide.preprocess.preview import render_preview
 
@@ -199,8 +208,57 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
     except Exception as exc:
         logger.debug("slide %s failed", slide.slide_id, exc_info=True)
         row.update(status=STATUS_FAILED, error=format_error(exc), coords_file="")
+    row["warning"] = warning
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def _write_regions(
+    s: Slide, slide: SlideInput, tissue: TissueMask, path: Path, params: TilingParams
+) -> tuple[int, str]:
+    """Write the slide's region file; returns (n_regions, warning). Never raises.
+
+    Zero regions still writes an (empty) region file, so a rerun sees the slide as finished;
+    an error leaves no region file, so a rerun tries the regions again.
+    """
+    from gigaslide.preprocess.coords_io import write_coords
+    from gigaslide.preprocess.tiling import tile_regions
+
+    assert params.region_size is not None
+    try:
+        regions = tile_regions(
+            s, params.target_mpp, params.region_size, tissue, min_tissue=params.region_min_tissue
+        )
+        attrs = {
+            "slide_id": slide.slide_id,
+            "slide_path": str(slide.path),
+            "tissue_fraction_of": "in-slide area of the region",
+        }
+        write_coords(path, regions.coords, regions.spec, regions.tissue_fraction, extra_attrs=attrs)
+    except Exception as exc:
+        logger.debug("regions of %s failed", slide.slide_id, exc_info=True)
+        path.unlink(missing_ok=True)  # no stale regions from an earlier run
+        return 0, f"no regions written: {format_error(exc)}"
+    if regions.n_tiles == 0:
+        return 0, (
+            f"no {params.region_size} px region has tissue on >= {params.region_min_tissue:g} of its "
+            "in-slide area; lower --region-min-tissue (0 keeps any region touching tissue)"
+        )
+    return regions.n_tiles, ""
+
+
+def _region_spec_matches(path: Path, params: TilingParams) -> bool:
+    """True when the region file at ``path`` was written with the requested region parameters."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = f["coords"].attrs
+            return (
+                int(attrs["tile_size"]) == params.region_size
+                and math.isclose(float(attrs["target_mpp"]), params.target_mpp, rel_tol=1e-9)
+                and math.isclose(float(attrs["min_tissue"]), params.region_min_tissue, abs_tol=1e-12)
+            )
+    except (OSError, KeyError, ValueError, TypeError):
+        return False
 
 
 def is_finished(manifest: Manifest, slide: SlideInput, out_dir: Path, params: TilingParams) -> bool:
@@ -208,7 +266,8 @@ def is_finished(manifest: Manifest, slide: SlideInput, out_dir: Path, params: Ti
     paths = output_paths(out_dir, slide.slide_id)
     if not manifest.is_done(slide.slide_id) or not paths["patches"].is_file():
         return False
-    if params.region_size and not paths["regions"].is_file():
+    if params.region_size and not _region_spec_matches(paths["regions"], params):
+        logger.info("%s: regions missing or made with other region parameters; tiling again", slide.slide_id)
         return False
     if params.preview and not paths["previews"].is_file():
         return False
@@ -298,6 +357,7 @@ def run_tiling(
     preview: bool = False,
     tissue_params: TissueParams | None = None,
     progress: bool = True,
+    region_min_tissue: float = DEFAULT_REGION_MIN_TISSUE,
 ) -> TilingSummary:
     """Tile every slide into ``out_dir`` (layout in the module docstring); resumable.
 
@@ -306,6 +366,7 @@ def run_tiling(
         out_dir: output folder (created).
         target_mpp, tile_size, stride, min_tissue: the tile grid (see :func:`tile_slide`).
         region_size: also write regions of this size (4096 for HIPT) at ``target_mpp``.
+        region_min_tissue: keep a region when tissue covers this fraction of its in-slide area.
         workers: slides processed in parallel (processes); 1 runs in this process.
         backend: reader backend name (None = automatic).
         preview: also write a preview PNG per slide.
@@ -321,6 +382,7 @@ def run_tiling(
         stride=None if stride is None else int(stride),
         min_tissue=float(min_tissue),
         region_size=None if not region_size else int(region_size),
+        region_min_tissue=float(region_min_tissue),
         backend=backend,
         preview=bool(preview),
         tissue_params=tissue_params,
@@ -354,6 +416,9 @@ def run_tiling(
             if row["status"] == STATUS_DONE:
                 summary.done.append(slide.slide_id)
                 summary.n_tiles += int(row["n_tiles"])
+                if row.get("warning"):
+                    summary.warnings[slide.slide_id] = row["warning"]
+                    logger.warning("%s: %s", slide.slide_id, row["warning"])
             else:
                 summary.failed[slide.slide_id] = row["error"]
                 logger.warning("%s failed: %s", slide.slide_id, row["error"])

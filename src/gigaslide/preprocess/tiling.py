@@ -146,6 +146,61 @@ def tile_slide(
 
 
 # -- HIPT regions ------------------------------------------------------------------------
+DEFAULT_REGION_MIN_TISSUE = 0.05  # regions: tissue fraction of the region's in-slide area
+
+
+def in_slide_area(coords: np.ndarray, size_level0: int, level0_dims: tuple[int, int]) -> np.ndarray:
+    """Level-0 area of each ``size_level0`` square that lies inside the slide; (N,) float64.
+
+    Args:
+        coords: (N, 2) level-0 (x, y) top-left corners.
+        size_level0: side of the squares in level-0 pixels.
+        level0_dims: (width, height) of level 0.
+    """
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)  # (N, 2)
+    w, h = level0_dims
+    dx = np.clip(np.minimum(coords[:, 0] + size_level0, w) - np.maximum(coords[:, 0], 0), 0, None)
+    dy = np.clip(np.minimum(coords[:, 1] + size_level0, h) - np.maximum(coords[:, 1], 0), 0, None)
+    return dx * dy
+
+
+def tile_regions(
+    slide: Slide,
+    target_mpp: float,
+    region_size: int,
+    tissue: TissueMask,
+    min_tissue: float = DEFAULT_REGION_MIN_TISSUE,
+) -> TilingResult:
+    """Large regions (4096 px for HIPT) of ``slide`` that contain tissue; may keep none.
+
+    Unlike :func:`tile_slide`, a region's tissue fraction is measured over the part of the
+    region INSIDE the slide, not over the whole square: a 4096 px region hanging far over the
+    border of a small slide is not penalised for its white padding. A region is kept when
+    that fraction is ``>= min_tissue`` (``0`` keeps any region touching tissue).
+
+    Args:
+        slide: an opened slide.
+        target_mpp: resolution of the regions in microns per pixel.
+        region_size: region side in output pixels.
+        tissue: the slide's tissue mask (reused from the tiles).
+        min_tissue: minimum tissue fraction of a region's in-slide area.
+
+    Returns:
+        A :class:`TilingResult` (possibly with zero regions, never raises :class:`NoTissueError`);
+        ``tissue_fraction`` holds the in-slide fractions and ``spec.min_tissue`` is ``min_tissue``.
+    """
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"--region-min-tissue must be a fraction in [0, 1], got {min_tissue}")
+    spec = make_spec(slide, target_mpp, region_size, min_tissue=min_tissue)
+    grid = grid_coords(spec)  # (G, 2)
+    full = np.asarray(tissue.tissue_fraction(grid, spec.level0_size), dtype=np.float64)  # (G,)
+    inside = in_slide_area(grid, spec.level0_size, spec.level0_dims)  # (G,)
+    fractions = np.clip(full * float(spec.level0_size) ** 2 / np.maximum(inside, 1.0), 0.0, 1.0)
+    fractions = fractions.astype(np.float32)  # (G,)
+    keep = select_tiles(fractions, min_tissue)
+    return TilingResult(coords=grid[keep], spec=spec, tissue_fraction=fractions[keep], tissue=tissue)
+
+
 def subtile_spec(region_spec: TileSpec, sub_size: int = 256) -> TileSpec:
     """The spec of the ``sub_size`` px sub-tiles of ``region_spec``'s regions (same resolution).
 
