@@ -166,3 +166,41 @@ def test_embedding_file_formats_and_label_errors(tmp_path: Path) -> None:
     pd.DataFrame({"slide_id": ["a", "b"], "label": [0, 1]}).to_csv(csv, index=False)
     with pytest.warns(UserWarning, match="no case_id"):
         assert read_labels_csv(csv)["case_id"].tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("method", ["knn", "linear"])
+def test_probe_cli_monte_carlo(tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from gigaslide.data.splits import assert_no_case_leakage
+
+    feats, labels = _features_dir(tmp_path)
+    out = tmp_path / "mc"
+    rc = main(["probe", "--embeddings", str(feats), "--labels", str(labels), "--method", method, "--k", "5",
+               "--monte-carlo", "4", "--test-fraction", "0.25", "--val-fraction", "0.1", "--n-boot", "50",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in (out / "splits").glob("splits_*.csv")) == [
+        f"splits_{k}.csv" for k in range(4)
+    ]
+    table = pd.read_csv(labels)
+    splits = load_split_csvs(out / "splits", df=table)
+    assert_no_case_leakage(splits, table)
+    info = table.set_index("slide_id")
+    for sp in splits:
+        assert info.loc[sp.test, "case_id"].nunique() == 5  # 25% of 20 cases
+        assert set(info.loc[sp.test, "label"]) == set(info.loc[sp.val, "label"]) == {"LUAD", "LUSC"}
+    assert len({tuple(sp.test) for sp in splits}) > 1
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["n_folds"] == 4 and doc["config"]["splits_source"] == "monte_carlo_splits"
+    assert doc["config"]["test_fraction"] == 0.25 and "Monte Carlo" in doc["title"]
+    assert (
+        doc["n_predictions"]
+        == sum(len(sp.test) for sp in splits)
+        == len(pd.read_csv(out / "predictions.csv"))
+    )
+    assert doc["metrics"]["auc"]["mean"] > 0.9 and doc["pooled"]["auc"]["value"] > 0.9
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["auc"]["fold_mean"] == doc["metrics"]["auc"]["mean"]
+    assert printed["auc"]["pooled"] == doc["pooled"]["auc"]["value"]
+    with pytest.raises(SystemExit, match="exclude each other"):
+        main(["probe", "--embeddings", str(feats), "--labels", str(labels), "--monte-carlo", "2",
+              "--splits", str(out / "splits"), "--out", str(tmp_path / "x")])  # fmt: skip

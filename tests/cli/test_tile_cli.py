@@ -127,3 +127,18 @@ def test_tile_cli_magnification_equals_target_mpp(tmp_path: Path) -> None:
     assert a.spec.target_mpp == b.spec.target_mpp == 1.0
     assert a.spec.level0_size == 512
     assert (a.coords == b.coords).all()
+
+
+def test_tile_cli_region_4096_on_a_small_slide(shared_data: Path, tmp_path: Path, capsys) -> None:
+    # the slide fits in one 4096 px region: regions are judged on their in-slide area, never fail the slide
+    out = tmp_path / "o"
+    cmu = str(shared_data / "cmu-1-small-region.svs")
+    assert main(["tile", cmu, "--out", str(out), "--region-size", "4096", "--no-progress"]) == 0
+    row = _manifest(out)["cmu-1-small-region"]
+    assert row["status"] == "done" and row["n_regions"] == "1" and int(row["n_tiles"]) > 0
+    args = ["tile", cmu, "--out", str(out), "--region-size", "4096", "--region-min-tissue", "0.99"]
+    assert main([*args, "--no-progress"]) == 0
+    assert "done with a warning" in capsys.readouterr().out
+    row = _manifest(out)["cmu-1-small-region"]
+    assert row["status"] == "done" and row["n_regions"] == "0" and "--region-min-tissue" in row["warning"]
+    assert read_coords(out / "regions" / "cmu-1-small-region.h5").spec.min_tissue == 0.99

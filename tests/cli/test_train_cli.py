@@ -166,6 +166,9 @@ def test_config_precedence_and_validation(tmp_path: Path) -> None:
         model=None,
         task="survival",
         folds=None,
+        monte_carlo=None,
+        test_fraction=None,
+        val_fraction=0.3,
         train_fraction=0.25,
         few_shot=None,
         case_level=None,
@@ -178,9 +181,46 @@ def test_config_precedence_and_validation(tmp_path: Path) -> None:
     cfg = build_config(ns)
     assert (cfg.lr, cfg.epochs, cfg.task, cfg.train_fraction, cfg.seed) == (1e-3, 4, "survival", 0.25, 3)
     assert cfg.max_tiles is None and cfg.classes == ["a", "b"]
+    assert (cfg.val_fraction, cfg.monte_carlo, cfg.test_fraction) == (0.3, None, 0.2)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        apply_overrides(cfg, ["monte_carlo=5", "test_fraction=0.8"])  # 0.8 + 0.3 >= 1
     with pytest.raises(ValueError, match="expected"):
         apply_overrides(cfg, ["epochs=many"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(cfg, ["epochs"])
     with pytest.raises(ValueError, match="monitor must be one of"):
         apply_overrides(cfg, ["monitor=auc"])
+
+
+def test_train_monte_carlo_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gigaslide.data.splits import assert_no_case_leakage, load_split_csvs
+
+    feats, labels = _cohort(tmp_path)
+    table = pd.read_csv(labels)
+    table["label"] = [["lo", "hi"][int(c[1:]) % 2] for c in table.case_id]  # one label per case
+    table.to_csv(labels, index=False)
+    out = tmp_path / "mc"
+    argv = ["train", "--features", str(feats), "--labels", str(labels), "--monte-carlo", "3",
+            "--test-fraction", "0.34", "--val-fraction", "0.2", "--epochs", "1", "--set", "bootstrap=20",
+            "--set", "model_kwargs.hidden_dims=[8,4]", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "3 Monte Carlo splits, 0.34 test" in printed
+    assert "fold mean ± std" in printed and "95% CI over folds" in printed and "95% CI pooled" in printed
+    assert sorted(p.name for p in (out / "splits").glob("splits_*.csv")) == [
+        f"splits_{k}.csv" for k in range(3)
+    ]
+    splits = load_split_csvs(out / "splits", df=table)
+    assert_no_case_leakage(splits, table)
+    label = table.set_index("slide_id")["label"]
+    for sp in splits:
+        assert len(set(table.set_index("slide_id").loc[sp.test, "case_id"])) == 2  # round(0.34 * 6) cases
+        assert set(label[sp.test]) == set(label[sp.val]) == set(label[sp.train]) == {"lo", "hi"}
+    assert splits[0].test != splits[1].test or splits[1].test != splits[2].test
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert (used["monte_carlo"], used["test_fraction"], used["val_fraction"]) == (3, 0.34, 0.2)
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_folds"] == 3 and "Monte Carlo" in results["title"]
+    assert results["n_predictions"] == len(pd.read_csv(out / "predictions.csv")) == 3 * 4
+    code = main([*argv[:-2], "--splits", str(out / "splits"), "--out", str(tmp_path / "x")])
+    assert code == 2 and "exclude each other" in capsys.readouterr().err

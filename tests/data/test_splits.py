@@ -175,3 +175,68 @@ def test_too_few_cases_error() -> None:
     df = _cohort(n_cases=4)
     with pytest.raises(ValueError, match="cannot fill 10 folds"):
         kfold_splits(df, n_folds=10)
+
+
+def _tiny(n_cases: int, n_classes: int = 2) -> pd.DataFrame:
+    """One slide per case, balanced classes; events on every other case of each class."""
+    return pd.DataFrame(
+        {
+            "slide_id": [f"s{c:02d}" for c in range(n_cases)],
+            "case_id": [f"c{c:02d}" for c in range(n_cases)],
+            "label": [c % n_classes for c in range(n_cases)],
+            "time": [float(10 + 7 * c % 23) for c in range(n_cases)],
+            "event": [int((c // n_classes) % 2 == 0) for c in range(n_cases)],
+        }
+    )
+
+
+@pytest.mark.parametrize("n_cases", [6, 12])
+def test_small_cohort_validation_has_every_class(n_cases: int) -> None:
+    # round(0.1 * 4) = 0 and round(0.1 * 8) = 1 validation cases: empty or one-class validation sets
+    df = _tiny(n_cases)
+    splits = kfold_splits(df, n_folds=3, val_fraction=0.1, seed=0)
+    assert_no_case_leakage(splits, df)
+    assert sorted(s for sp in splits for s in sp.test) == sorted(df.slide_id)
+    label = df.set_index("slide_id")["label"]
+    for sp in splits:
+        assert set(label[sp.val]) == {0, 1}, sp
+        assert set(label[sp.train]) == {0, 1}, sp
+        assert sorted(sp.all_ids()) == sorted(df.slide_id)
+    assert [s.to_dict() for s in splits] == [s.to_dict() for s in kfold_splits(df, 3, val_fraction=0.1)]
+    # val_fraction 0 still means no validation set
+    assert all(sp.val == [] for sp in kfold_splits(df, n_folds=3, val_fraction=0.0))
+
+
+def test_small_cohort_validation_keeps_training_class() -> None:
+    # class 1 has two cases: one is tested, the other must stay in training (validation lacks it)
+    df = pd.DataFrame({"slide_id": [f"s{i}" for i in range(8)], "case_id": [f"c{i}" for i in range(8)],
+                       "label": [0, 0, 0, 0, 0, 0, 1, 1]})  # fmt: skip
+    splits = kfold_splits(df, n_folds=2, val_fraction=0.75, seed=1)  # round(0.75 * 4) = 3 of 4 cases
+    label = df.set_index("slide_id")["label"]
+    for sp in splits:
+        assert set(label[sp.train]) == {0, 1}
+        assert 1 not in set(label[sp.val]) and len(sp.val) >= 1
+
+
+def test_small_survival_validation_has_two_cases_and_an_event() -> None:
+    df = _tiny(10)
+    splits = kfold_splits(df, n_folds=3, val_fraction=0.1, seed=0, task="survival")
+    assert_no_case_leakage(splits, df)
+    event = df.set_index("slide_id")["event"]
+    for sp in splits:
+        assert len(sp.val) >= 2 and event[sp.val].sum() >= 1, sp
+        assert event[sp.train].sum() >= 1, sp
+
+
+def test_monte_carlo_small_cohort_minimums() -> None:
+    df = _tiny(10)
+    splits = monte_carlo_splits(df, n_splits=5, test_fraction=0.2, val_fraction=0.05, seed=2)
+    assert_no_case_leakage(splits, df)
+    label = df.set_index("slide_id")["label"]
+    for sp in splits:
+        assert len(sp.test) == 2 and set(label[sp.test]) == {0, 1}  # stratified test set
+        assert set(label[sp.val]) == {0, 1} and set(label[sp.train]) == {0, 1}
+    with pytest.raises(ValueError, match="n_splits"):
+        monte_carlo_splits(df, n_splits=0)
+    with pytest.raises(ValueError, match="bad fractions"):
+        monte_carlo_splits(df, test_fraction=0.7, val_fraction=0.3)

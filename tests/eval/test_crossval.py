@@ -82,8 +82,9 @@ def test_outputs_splits_and_resume(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     assert json.loads((out / "label_map.json").read_text()) == {"benign": 0, "tumor": 1}
     assert set(res.summary) == {"auc", "balanced_accuracy", "accuracy", "f1"}
-    assert set(res.pooled["auc"]) == {"value", "low", "high"}
-    assert res.pooled["auc"]["low"] <= res.pooled["auc"]["value"] <= res.pooled["auc"]["high"]
+    assert set(res.pooled["auc"]) == {"value", "ci_low", "ci_high", "ci_method", "n"}
+    assert res.pooled["auc"]["ci_low"] <= res.pooled["auc"]["value"] <= res.pooled["auc"]["ci_high"]
+    assert res.pooled["auc"]["n"] == len(cohort) and "pooled test slides" in res.pooled["auc"]["ci_method"]
     # splits: slide ids grouped by case, every slide tested exactly once
     splits = load_split_csvs(out / "splits", df=cohort.table)
     case_of = dict(zip(cohort.table["slide_id"], cohort.table["case_id"]))
@@ -134,3 +135,49 @@ def test_survival_crossval(tmp_path: Path) -> None:
     assert len(ckpt["time_bins"]) == 3 and ckpt["n_outputs"] == 2
     with pytest.raises(ValueError, match="differs from the cohort"):
         run_crossval(cohort, "abmil", "classification", _cfg(), tmp_path / "x")
+
+
+def test_unusable_validation_sets_warned_and_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cohort = _cohort(tmp_path / "data")
+    with caplog.at_level("WARNING", logger="gigaslide.eval.crossval"):
+        res = run_crossval(
+            cohort, "abmil", "classification", _cfg(val_fraction=0.0, epochs=2), tmp_path / "a"
+        )
+    for r in res.per_fold:
+        assert r["n_val"] == 0 and r["best_epoch"] == 1  # last epoch kept
+        assert r["val_warning"] == (
+            f"fold {r['fold']}: validation set is empty; early stopping and best-checkpoint selection are "
+            "OFF: the LAST epoch is kept"
+        )
+        assert f"WARNING {r['val_warning']}" in caplog.messages
+    assert pd.read_csv(tmp_path / "a" / "per_fold.csv")["val_warning"].str.contains("LAST epoch").all()
+    # given split files whose validation set holds one class, selected on the (undefined) AUC
+    table = cohort.table
+    tumor = set(table.loc[table.label == 1, "slide_id"])
+    cases = sorted(table.case_id.unique())
+    test = table.loc[table.case_id.isin(cases[:6]), "slide_id"].tolist()
+    val = [s for s in table.loc[table.case_id.isin(cases[6:10]), "slide_id"] if s in tumor]
+    train = sorted(set(table.slide_id) - set(test) - set(val))
+    split_dir = tmp_path / "given"
+    split_dir.mkdir()
+    n = max(len(train), len(val), len(test))
+    pad = lambda xs: xs + [""] * (n - len(xs))  # noqa: E731
+    pd.DataFrame({"train": pad(train), "val": pad(val), "test": pad(test)}).to_csv(split_dir / "splits_0.csv")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gigaslide.eval.crossval"):
+        res = run_crossval(
+            cohort,
+            "abmil",
+            "classification",
+            _cfg(monitor="metric", epochs=2),
+            tmp_path / "b",
+            splits_dir=split_dir,
+        )
+    row = res.per_fold[0]
+    assert row["val_warning"].startswith(
+        f"fold 0: validation set ({len(val)} slide(s)) lacks class(es) ['0']"
+    )
+    assert "FIRST epoch is kept" in row["val_warning"] and row["best_epoch"] == 0
+    assert f"WARNING {row['val_warning']}" in caplog.messages

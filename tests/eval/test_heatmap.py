@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gigaslide.eval.heatmap import percentile_scores, read_scores, render_heatmap, write_attention
+from gigaslide.eval.heatmap import (
+    ScoresMismatchError,
+    check_scores_match_slide,
+    percentile_scores,
+    read_scores,
+    render_heatmap,
+    write_attention,
+)
 from gigaslide.io.base import Slide
 from gigaslide.preprocess.tiling_spec import TileSpec
 
@@ -100,3 +107,27 @@ def test_attention_file_roundtrip(tmp_path: Path) -> None:
     assert ts.tile_size_level0 == 512 and ts.attrs["slide_id"] == "s1" and ts.attrs["fold"] == 2
     with pytest.raises(ValueError, match="4 coordinates for 3 scores"):
         write_attention(tmp_path / "b.h5", coords[:4], scores[:3])
+
+
+def test_scores_of_another_slide_are_refused(tmp_path: Path) -> None:
+    coords, scores = _grid()  # corners up to (900, 500)
+    path = write_attention(tmp_path / "slide_003.h5", coords, scores, slide_id="slide_003")
+    ts = read_scores(path)
+    assert ts.attrs["slide_id"] == "slide_003"
+    check_scores_match_slide(ts, (1000, 600), tmp_path / "slide_003.tiff", path)  # same slide: fine
+    with pytest.raises(ScoresMismatchError, match=r"slide_003\.h5 holds scores of slide 'slide_003'") as info:
+        check_scores_match_slide(ts, (1000, 600), tmp_path / "slide_005.tiff", path)
+    assert "slide_005.tiff" in str(info.value) and "--force" in str(info.value)
+    check_scores_match_slide(ts, (1000, 600), tmp_path / "slide_005.tiff", path, force=True)
+    # a recorded slide_path naming the same file also matches (slide ids from a CSV)
+    ts.attrs["slide_path"] = "/data/slide_005.tiff"
+    check_scores_match_slide(ts, (1000, 600), tmp_path / "slide_005.tiff", path)
+    # tiles outside the slide: refused even with force
+    with pytest.raises(ScoresMismatchError, match=r"6 of 60 tile\(s\) lie outside .*900 x 600"):
+        check_scores_match_slide(ts, (900, 600), tmp_path / "slide_003.tiff", path, force=True)
+    with pytest.raises(ScoresMismatchError, match="outside"):
+        check_scores_match_slide(ts, (1000, 500), tmp_path / "slide_003.tiff", path, force=True)
+    # no slide id recorded (e.g. a third-party file): only the bounds are checked
+    bare = read_scores(write_attention(tmp_path / "x.h5", coords, scores))
+    assert "slide_id" not in bare.attrs
+    check_scores_match_slide(bare, (1000, 600), tmp_path / "other.tiff", tmp_path / "x.h5")

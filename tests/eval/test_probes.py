@@ -125,3 +125,21 @@ def test_cox_probe_survival_signal() -> None:
     assert res.summary["c_index"][0] > 0.7
     assert {"slide_id", "fold", "time", "event", "risk"} <= set(res.predictions.columns)
     assert all(r["hp_penalizer"] in (0.01, 0.1) for r in res.per_fold)
+
+
+def test_unusable_validation_set_warned_and_recorded(caplog: pytest.LogCaptureFixture) -> None:
+    X, ids, df = _data(n=40)
+    sp = kfold_splits(df, n_folds=4, seed=0)
+    label = df.set_index("slide_id")["label"]
+    one_class = [s for s in sp[1].val if label[s] == 0]
+    bad = [Split(0, sp[0].train + sp[0].val, [], sp[0].test), Split(1, sp[1].train, one_class, sp[1].test)]
+    with caplog.at_level("WARNING", logger="gigaslide.eval.probes"):
+        res = run_probe(X, ids, df, [*bad, *sp[2:]], method="linear")
+    w = [r["val_warning"] for r in res.per_fold]
+    assert w[0] == "fold 0: validation set is empty; no hyper-parameter selection: the default C is used"
+    assert w[1].startswith(f"fold 1: validation set ({len(one_class)} slide(s)) lacks class(es) ['1']")
+    assert w[2] is None and w[3] is None
+    assert res.per_fold[0]["hp_C_selected_on_val"] is False
+    assert [r.getMessage() for r in caplog.records] == [f"WARNING {w[0]}", f"WARNING {w[1]}"]
+    knn = run_probe(X, ids, df, bad, method="knn", k=5)  # KNN never uses the validation set
+    assert [r["val_warning"] for r in knn.per_fold] == [None, None]

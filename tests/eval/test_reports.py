@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 from lifelines import KaplanMeierFitter
 from lifelines.statistics import logrank_test as lifelines_logrank
+from sklearn.metrics import roc_auc_score
 
 from gigaslide.data.splits import kfold_splits
+from gigaslide.eval.bootstrap import bootstrap_ci
 from gigaslide.eval.probes import run_probe
-from gigaslide.eval.reports import write_report
+from gigaslide.eval.reports import format_metric_table, pooled_metrics, write_report
 from gigaslide.eval.survival_plots import kaplan_meier, logrank_test
 
 
@@ -110,3 +112,60 @@ def test_survival_report_km_and_logrank(tmp_path: Path) -> None:
     assert (tmp_path / "km.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "roc.png").exists()
     assert "logrank" in (tmp_path / "summary.md").read_text()
+
+
+def test_report_fold_and_pooled_cis_separate_and_labelled(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    n = 60
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, 6)) + 1.2 * np.eye(2, 6)[y]
+    ids = [f"s{i}" for i in range(n)]
+    df = pd.DataFrame({"slide_id": ids, "case_id": ids, "label": y})
+    splits = kfold_splits(df, n_folds=4, seed=0)
+    res = run_probe(X, ids, df, splits, method="linear")
+    write_report(tmp_path, res.summary, res.per_fold, res.predictions, "classification", n_boot=200, seed=5)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    # fold summary: mean of the fold AUCs, CI = bootstrap of the mean over the 4 fold values
+    folds = np.array([r["auc"] for r in res.per_fold])
+    ref = bootstrap_ci(np.mean, folds, n_boot=200, seed=5)
+    auc = doc["metrics"]["auc"]
+    assert auc["mean"] == pytest.approx(folds.mean())
+    assert (auc["ci_low"], auc["ci_high"]) == pytest.approx((ref.low, ref.high))
+    assert "over folds" in auc["ci_method"] and auc["n_folds"] == 4
+    # pooled: the metric of all out-of-fold predictions (sklearn reference) with a CI over slides
+    pooled = doc["pooled"]["auc"]
+    preds = res.predictions
+    assert pooled["value"] == pytest.approx(roc_auc_score(preds["y"], preds["prob_1"]))
+    assert pooled["value"] != pytest.approx(auc["mean"])
+    assert pooled["ci_low"] <= pooled["value"] <= pooled["ci_high"]
+    assert "pooled test slides" in pooled["ci_method"] and pooled["n"] == n == doc["n_predictions"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| metric | fold mean ± std | 95% CI over folds | pooled test | 95% CI pooled |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| auc |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == [
+        "auc",
+        f"{auc['mean']:.3f} ± {auc['std']:.3f}",
+        f"[{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]",
+        f"{pooled['value']:.3f}",
+        f"[{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}]",
+    ]
+    table = format_metric_table(doc["metrics"], doc["pooled"])
+    header = [c for c in table.splitlines()[0].split("  ") if c.strip()]
+    assert [c.strip() for c in header] == [
+        "metric",
+        "fold mean ± std",
+        "95% CI over folds",
+        "pooled test",
+        "95% CI pooled",
+    ]
+    assert f"{pooled['value']:.3f}" in table.splitlines()[1]
+    # given pooled metrics (e.g. case-level bags from crossval) are written as they are
+    given = pooled_metrics(preds, "classification", ["auc"], n_boot=50, seed=0, unit="cases")
+    write_report(tmp_path / "b", res.summary, res.per_fold, preds, "classification", n_boot=50, pooled=given)
+    doc_b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert doc_b["pooled"] == given and "pooled test cases" in doc_b["pooled"]["auc"]["ci_method"]
+    with pytest.raises(ValueError, match="need value, ci_low, ci_high"):
+        write_report(
+            tmp_path / "c", res.summary, res.per_fold, preds, "classification", pooled={"auc": {"low": 0}}
+        )

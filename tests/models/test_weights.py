@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -273,5 +275,32 @@ def test_resnet_checkpoint_without_batchnorm_counters_loads_strictly(tmp_path: P
     # a real weight missing is still an error
     del sd["conv1.weight"]
     torch.save(sd, tmp_path / "broken.pth")
-    with pytest.raises(WeightsMismatchError, match="conv1.weight"):
+    with pytest.raises(WeightsMismatchError, match=r"conv1\.weight"):
         create_encoder("resnet18_trunc", weights=tmp_path / "broken.pth")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"<html>404 Not Found</html>\n", r"KeyError|UnpicklingError"),
+        (bytes(range(256)) * 8, r"Unsupported operand|UnpicklingError"),
+        (b"", r"the file is empty"),
+        (b"PK\x03\x04 half a zip", r"RuntimeError"),
+    ],
+    ids=["text", "random-bytes", "empty", "truncated-zip"],
+)
+def test_non_checkpoint_file_is_named_as_such(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    for trust in (False, True):
+        with pytest.raises(WeightsError, match="is not a readable PyTorch checkpoint") as info:
+            load_checkpoint(path, trust_pickle=trust)
+        msg = str(info.value)
+        assert str(path) in msg and "besides tensors" not in msg and "weights_only" not in msg
+        assert re.search(reason, msg), msg
+    # a truncated real checkpoint: also unreadable, not "Python objects"
+    buf = io.BytesIO()
+    torch.save(_tiny(0).state_dict(), buf)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(WeightsError, match=r"weights\.pth is not a readable PyTorch checkpoint"):
+        load_checkpoint(path)

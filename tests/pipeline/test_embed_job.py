@@ -222,6 +222,44 @@ def test_clam_trident_patches_folder_needs_slides(tiling, tmp_path):
         discover_jobs(tmp_path / "empty")
 
 
+def test_slide_not_found_messages_point_to_slides_option(tiling, tmp_path):
+    pdir = tmp_path / "clam_patches"
+    pdir.mkdir()
+    (pdir / "b.h5").write_bytes((tiling / "patches" / "b.h5").read_bytes())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.tiff").write_bytes((tiling / "slides" / "a.tiff").read_bytes())
+    [job] = discover_jobs(pdir, slides=tmp_path / "other")
+    assert job.slide_path is None
+    assert "--slides DIR_OR_CSV" in job.error and "b.<ext>" in job.error and "b.h5" in job.error
+    # a tiling output whose slides moved: the missing file is named with the same fix
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "patches").mkdir()
+    (moved / "patches" / "b.h5").write_bytes((tiling / "patches" / "b.h5").read_bytes())
+    Manifest(moved / "manifest.csv").update(
+        "b", {"path": str(tmp_path / "gone" / "b.tiff"), "status": "done", "coords_file": "patches/b.h5"}
+    )
+    [job] = discover_jobs(moved)
+    assert "gone/b.tiff" in job.error and "not found" in job.error and "--slides DIR_OR_CSV" in job.error
+    [job] = discover_jobs(moved, slides=tiling / "slides")  # the fix works
+    assert job.error == "" and job.slide_path == tiling / "slides" / "b.tiff"
+
+
+def test_half_precision_on_cpu_warns(tmp_path, caplog):
+    root = make_tiling_dir(tmp_path / "t", {"s": (128, 128)})  # one 32 px tile
+    with caplog.at_level(logging.WARNING, logger="gigaslide.pipeline.extract"):
+        s = run_embedding(
+            root, tiny_encoder(), tmp_path / "o16", precision="bf16", device="cpu", progress=False
+        )
+    assert s.n_done == 1
+    msgs = [r.getMessage() for r in caplog.records if "precision" in r.getMessage()]
+    assert len(msgs) == 1 and "bf16 on a CPU" in msgs[0] and "slower" in msgs[0] and "fp32" in msgs[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gigaslide.pipeline.extract"):
+        run_embedding(root, tiny_encoder(), tmp_path / "o32", precision="fp32", device="cpu", progress=False)
+    assert not [r for r in caplog.records if "precision" in r.getMessage()]
+
+
 @pytest.mark.distributed
 def test_torchrun_two_ranks_cover_each_slide_once(tmp_path):
     root = make_tiling_dir(tmp_path / "t", {"s1": (512, 384), "s2": (384, 256), "s3": (256, 256)}, tile=64)

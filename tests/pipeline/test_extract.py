@@ -8,7 +8,12 @@ import torch
 
 from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.transforms import TileTransform
-from gigaslide.pipeline.extract import extract_features, is_conv_net, resolve_device
+from gigaslide.pipeline.extract import (
+    extract_features,
+    is_conv_net,
+    resolve_device,
+    warn_half_precision_on_cpu,
+)
 from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.utils.seed import seed_everything
 
@@ -101,6 +106,17 @@ def test_transform_matches_formula():
         tf(torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         tf(tile[..., :2])
+
+
+def test_half_precision_on_cpu_warns(cmu1, resnet18, caplog):
+    path, spec, _ = cmu1
+    with caplog.at_level("WARNING", logger="gigaslide.pipeline.extract"):
+        feats = extract_features(path, np.zeros((0, 2), np.int64), spec, resnet18, precision="fp16")
+    assert feats.shape == (0, 256)
+    assert "fp16 on a CPU device" in caplog.text and "use --precision fp32" in caplog.text
+    assert warn_half_precision_on_cpu(torch.device("cpu"), "bf16")
+    assert not warn_half_precision_on_cpu(torch.device("cpu"), "fp32")
+    assert not warn_half_precision_on_cpu(torch.device("cuda", 0), "fp16")  # no CUDA needed: a device name
 
 
 def test_errors_and_helpers(cmu1, resnet18):

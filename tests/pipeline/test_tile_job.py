@@ -46,6 +46,35 @@ def test_csv_with_ids_mpp_and_relative_paths(tmp_path) -> None:
     ]
 
 
+def test_csv_relative_paths_ignore_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _touch(tmp_path / "lists" / "slides" / "x.svs", tmp_path / "lists" / "slides" / "y.svs")
+    (tmp_path / "lists" / "l.csv").write_text("path\nslides/x.svs\nslides/y.svs\n")
+    cwd = tmp_path / "elsewhere"
+    _touch(cwd / "slides" / "x.svs", cwd / "slides" / "z.svs")  # decoys next to the CWD
+    monkeypatch.chdir(cwd)
+    expected = [tmp_path / "lists" / "slides" / "x.svs", tmp_path / "lists" / "slides" / "y.svs"]
+    assert [s.path for s in collect_slides(tmp_path / "lists" / "l.csv")] == expected
+    # a relative CSV path: slide paths still absolute, under the CSV's folder
+    monkeypatch.chdir(tmp_path)
+    slides = collect_slides(Path("lists") / "l.csv")
+    assert [s.path for s in slides] == expected and all(s.path.is_absolute() for s in slides)
+    # paths written relative to the CWD instead: refused, and the message says how paths resolve
+    monkeypatch.chdir(cwd)
+    (tmp_path / "lists" / "bad.csv").write_text("path\nslides/z.svs\n")
+    with pytest.raises(
+        SlideListError, match=r"bad\.csv.*slides/z\.svs.*relative to the CSV's folder"
+    ) as info:
+        collect_slides(tmp_path / "lists" / "bad.csv")
+    assert str(tmp_path / "lists") in str(info.value) and "not the current directory" in str(info.value)
+    # some missing: listed with the same hint, the others still run
+    (tmp_path / "lists" / "some.csv").write_text("path\nslides/x.svs\nslides/z.svs\n")
+    with caplog.at_level("WARNING", logger="gigaslide.pipeline.inputs"):
+        assert [s.slide_id for s in collect_slides(tmp_path / "lists" / "some.csv")] == ["x", "z"]
+    assert "1 of 2 listed slide files do not exist" in caplog.text and "CSV's folder" in caplog.text
+
+
 def test_csv_errors_name_the_file(tmp_path) -> None:
     csv = tmp_path / "l.csv"
     csv.write_text("file\na.svs\n")
@@ -177,11 +206,78 @@ def test_real_slides_batch(shared_data: Path, tmp_path: Path) -> None:
     assert tcga.spec.slide_mpp == 0.25 and tcga.spec.level0_size == 512 and len(tcga.coords) > 0
 
 
+def test_regions_never_fail_the_slide(shared_data: Path, tmp_path: Path) -> None:
+    # CMU-1-small-region (2220 x 2967 px) fits in one 4096 px region: its tissue covers 0.14 of the
+    # square, but far more of the square's in-slide part -> kept under the default region rule
+    slides = [SlideInput("cmu", shared_data / "cmu-1-small-region.svs")]
+    out = tmp_path / "out"
+    summary = run_tiling(slides, out, region_size=4096, progress=False)
+    assert summary.done == ["cmu"] and summary.warnings == {}
+    row = Manifest(out / "manifest.csv").rows["cmu"]
+    assert row["status"] == "done" and row["n_regions"] == "1" and row["warning"] == ""
+    regions = read_coords(out / "regions" / "cmu.h5")
+    assert regions.coords.tolist() == [[0, 0]] and regions.spec.min_tissue == 0.05
+    assert regions.tissue_fraction[0] > 0.14
+    # no region passes: the slide is still done with its patches, 0 regions and a warning
+    strict = run_tiling(slides, out, region_size=4096, region_min_tissue=0.99, progress=False)
+    assert strict.done == ["cmu"] and "--region-min-tissue" in strict.warnings["cmu"]
+    row = Manifest(out / "manifest.csv").rows["cmu"]
+    assert row["status"] == "done" and row["n_regions"] == "0" and row["error"] == ""
+    assert "no 4096 px region" in row["warning"] and int(row["n_tiles"]) > 0
+    assert read_coords(out / "regions" / "cmu.h5").coords.shape == (0, 2)
+    assert "done with a warning" in strict.describe()
+    # finished: a rerun with the same parameters skips it
+    assert run_tiling(slides, out, region_size=4096, region_min_tissue=0.99, progress=False).skipped == [
+        "cmu"
+    ]
+
+
+def test_region_errors_keep_the_patches(
+    synth_slides: list[SlideInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gigaslide.preprocess.tiling as tiling
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("region grid exploded")
+
+    monkeypatch.setattr(tiling, "tile_regions", boom)
+    out = tmp_path / "out"
+    summary = run_tiling(synth_slides[:1], out, tile_size=128, region_size=512, progress=False)
+    assert summary.done == ["s0"] and "RuntimeError: region grid exploded" in summary.warnings["s0"]
+    row = Manifest(out / "manifest.csv").rows["s0"]
+    assert row["status"] == "done" and row["n_regions"] == "0" and "exploded" in row["warning"]
+    assert len(read_coords(out / "patches" / "s0.h5").coords) > 0
+    assert not (out / "regions" / "s0.h5").exists()
+    # the regions are retried on the next run; a success clears the warning
+    monkeypatch.undo()
+    again = run_tiling(synth_slides[:1], out, tile_size=128, region_size=512, progress=False)
+    assert again.done == ["s0"] and again.warnings == {}
+    row = Manifest(out / "manifest.csv").rows["s0"]
+    assert row["warning"] == "" and int(row["n_regions"]) > 0
+
+
+def test_rerun_with_other_region_parameters_retiles(synth_slides: list[SlideInput], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    kw = dict(tile_size=128, progress=False)
+    assert run_tiling(synth_slides[:1], out, region_size=512, **kw).done == ["s0"]
+    assert run_tiling(synth_slides[:1], out, region_size=512, **kw).skipped == ["s0"]
+    other = run_tiling(synth_slides[:1], out, region_size=256, **kw)
+    assert other.done == ["s0"]
+    regions = read_coords(out / "regions" / "s0.h5")
+    assert regions.spec.tile_size == 256
+    assert int(Manifest(out / "manifest.csv").rows["s0"]["n_regions"]) == len(regions.coords)
+    stricter = run_tiling(synth_slides[:1], out, region_size=256, region_min_tissue=0.5, **kw)
+    assert stricter.done == ["s0"] and read_coords(out / "regions" / "s0.h5").spec.min_tissue == 0.5
+    assert run_tiling(synth_slides[:1], out, region_size=256, region_min_tissue=0.5, **kw).skipped == ["s0"]
+
+
 def test_format_error_and_bad_params(tmp_path: Path) -> None:
     assert format_error(ValueError("a\n  b")) == "ValueError: a b"
     assert format_error(KeyError()) == "KeyError"
     with pytest.raises(ValueError, match="--min-tissue"):
         run_tiling([], tmp_path, min_tissue=2.0)
+    with pytest.raises(ValueError, match="--region-min-tissue"):
+        run_tiling([], tmp_path, region_min_tissue=-0.1)
     with pytest.raises(ValueError, match="--workers"):
         run_tiling([], tmp_path, workers=0)
 

@@ -10,9 +10,11 @@ from gigaslide.preprocess.tiling import (
     NoTissueError,
     axis_starts,
     grid_coords,
+    in_slide_area,
     select_tiles,
     subtile_coords,
     subtile_spec,
+    tile_regions,
     tile_slide,
 )
 from gigaslide.preprocess.tiling_spec import TileSpec
@@ -162,3 +164,34 @@ def test_subtiles_on_inexact_scale() -> None:
     step = 256 * 0.5 / 0.265
     np.testing.assert_array_equal(sub[:16, 0], [round(i * step) for i in range(16)])
     assert sub[-1, 0] + subtile_spec(spec).level0_size == pytest.approx(spec.level0_size, abs=1)
+
+
+def test_in_slide_area_reference() -> None:
+    coords = np.array([[0, 0], [900, 0], [900, 600], [-50, 10]])
+    np.testing.assert_array_equal(
+        in_slide_area(coords, 256, (1000, 700)), [256 * 256, 100 * 256, 100 * 100, 206 * 256]
+    )
+
+
+def test_regions_measure_tissue_over_their_in_slide_area() -> None:
+    # one 4096 px region over a 1600 x 1200 slide: 0.022 of the region is tissue, but 0.1875 of
+    # the part of it inside the slide
+    slide, tissue = _tissue_slide()
+    assert tissue.tissue_fraction(np.zeros((1, 2), dtype=np.int64), 4096)[0] == pytest.approx(
+        0.0215, abs=1e-4
+    )
+    with pytest.raises(NoTissueError):  # the old rule (tile fraction of the whole square) kept nothing
+        tile_slide(slide, 0.5, 4096, min_tissue=0.05, tissue=tissue)
+    res = tile_regions(slide, 0.5, 4096, tissue)
+    assert res.coords.tolist() == [[0, 0]] and res.spec.min_tissue == 0.05
+    np.testing.assert_allclose(res.tissue_fraction, [600 * 600 / (1600 * 1200)], rtol=1e-6)
+    # too strict: no region, but no error either
+    none = tile_regions(slide, 0.5, 4096, tissue, min_tissue=0.5)
+    assert none.n_tiles == 0 and none.coords.shape == (0, 2) and none.spec.min_tissue == 0.5
+    # tissue away from the border: same selection and fractions as tile_slide
+    small = tile_regions(slide, 0.5, 256, tissue, min_tissue=0.5)
+    ref = tile_slide(slide, 0.5, 256, min_tissue=0.5, tissue=tissue)
+    np.testing.assert_array_equal(small.coords, ref.coords)
+    np.testing.assert_allclose(small.tissue_fraction, ref.tissue_fraction, rtol=1e-6)
+    with pytest.raises(ValueError, match="--region-min-tissue"):
+        tile_regions(slide, 0.5, 4096, tissue, min_tissue=1.5)

@@ -18,7 +18,17 @@ def _region(text: str) -> tuple[int, int, int, int]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("heatmap", help="overlay per-tile attention/scores on a slide thumbnail (PNG)")
+    p = sub.add_parser(
+        "heatmap",
+        help="overlay per-tile attention/scores on a slide thumbnail (PNG)",
+        description=(
+            "Paint per-tile scores over a slide and write a PNG. Scores come from an attention file "
+            "(OUTDIR/attention/<slide_id>.h5 written by `gigaslide train`), or are computed from a feature "
+            "file with --model CHECKPOINT. Scores are shown as within-slide percentiles. The score file "
+            "must belong to the slide: its slide id must match the slide's file name (--force "
+            "overrides) and its tiles must lie inside the slide."
+        ),
+    )
     p.add_argument("--slide", type=Path, required=True, help="the whole-slide image")
     p.add_argument(
         "--scores",
@@ -42,11 +52,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--tile-size-level0", type=int, default=None, help="tile side in level-0 px if not in the file"
     )
     p.add_argument("--device", default="cpu", help="device for --model (default cpu)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="draw even when the score file's slide id differs from the slide's file name",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from gigaslide.eval.heatmap import attention_from_checkpoint, read_scores, render_heatmap
+    from gigaslide.eval.heatmap import (
+        attention_from_checkpoint,
+        check_scores_match_slide,
+        read_scores,
+        render_heatmap,
+    )
     from gigaslide.io import open_slide
 
     try:
@@ -60,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if size is None:
             raise ValueError(f"{args.scores}: no tile size in the file attributes; pass --tile-size-level0")
         with open_slide(args.slide, mpp=args.slide_mpp, backend=args.backend) as slide:
+            check_scores_match_slide(ts, slide.dimensions, args.slide, args.scores, force=args.force)
             out = render_heatmap(
                 slide,
                 ts.coords,

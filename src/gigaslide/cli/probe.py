@@ -5,6 +5,7 @@ Examples::
     gigaslide probe --embeddings feats/ --labels labels.csv --method knn --folds 10 --out runs/knn
     gigaslide probe --embeddings slides.npz --labels labels.csv --method linear --train-fraction 0.25 --out r/
     gigaslide probe --embeddings slides.h5 --labels labels.csv --method linear --splits clam_splits/ --out r/
+    gigaslide probe --embeddings feats/ --labels labels.csv --monte-carlo 20 --test-fraction 0.2 --out r/
 
 Input readers (:func:`load_slide_embeddings`, :func:`read_labels_csv`) live here; the evaluation itself
 is :func:`gigaslide.eval.probes.run_probe` and :func:`gigaslide.eval.reports.write_report`.
@@ -24,14 +25,8 @@ import numpy as np
 import pandas as pd
 
 from gigaslide.data.features_io import read_features
-from gigaslide.data.splits import (
-    assert_no_case_leakage,
-    few_shot,
-    kfold_splits,
-    load_split_csvs,
-    save_splits,
-    subsample_train,
-)
+from gigaslide.data.split_plan import build_splits
+from gigaslide.data.splits import save_splits
 from gigaslide.eval.probes import run_probe
 from gigaslide.eval.reports import write_report
 
@@ -155,7 +150,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--label-col", default="label")
     p.add_argument("--folds", type=int, default=10, help="number of case-grouped stratified folds")
     p.add_argument(
-        "--val-fraction", type=float, default=0.1, help="fraction of training cases held out for val"
+        "--monte-carlo",
+        type=int,
+        default=None,
+        metavar="R",
+        help="R random case-grouped stratified splits (Monte Carlo CV) instead of k folds",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.2, help="fraction of cases tested per Monte Carlo split"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="validation cases: fraction of the training cases (k-fold) or of all cases (Monte Carlo)",
     )
     p.add_argument("--train-fraction", type=float, default=1.0, help="training-data budget inside each fold")
     p.add_argument(
@@ -185,31 +193,14 @@ def run(args: argparse.Namespace) -> int:
             + (f"; unreadable: {detail}" if detail else "")
             + " (embed them, or drop them from the labels CSV)"
         )
-    if args.splits is not None:
-        splits = load_split_csvs(args.splits, df=df)
-    else:
-        splits = kfold_splits(
-            df,
-            n_folds=args.folds,
-            label_col=args.label_col,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            task=args.task,
-        )
-    assert_no_case_leakage(splits, df)
-    if args.few_shot is not None and args.train_fraction < 1.0:
-        raise SystemExit("error: use either --few-shot or --train-fraction, not both")
-    if args.few_shot is not None:
-        if args.task != "classification":
-            raise SystemExit("error: --few-shot needs --task classification")
-        splits = [few_shot(s, df, args.few_shot, seed=args.seed, label_col=args.label_col) for s in splits]
-    elif args.train_fraction < 1.0:
-        splits = [
-            subsample_train(
-                s, df, args.train_fraction, seed=args.seed, label_col=args.label_col, task=args.task
-            )
-            for s in splits
-        ]
+    try:
+        splits = build_splits(
+            df, args.task, folds=args.folds, monte_carlo=args.monte_carlo, test_fraction=args.test_fraction,
+            val_fraction=args.val_fraction, seed=args.seed, splits_dir=args.splits, few_shot_n=args.few_shot,
+            train_fraction=args.train_fraction, label_col=args.label_col,
+        )  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     save_splits(splits, args.out / "splits")
     kw = (
         {"k": args.k, "metric": args.knn_metric, "weighting": args.knn_weighting}
@@ -219,23 +210,37 @@ def run(args: argparse.Namespace) -> int:
     result = run_probe(
         emb.X, emb.ids, df, splits, method=args.method, task=args.task, label_col=args.label_col, **kw
     )
+    source = "monte_carlo_splits" if args.monte_carlo is not None else "kfold_splits"
     config = {
         **result.config,
         "embeddings": str(args.embeddings),
         "labels": str(args.labels),
         "folds": len(splits),
-        "splits_source": str(args.splits) if args.splits else "kfold_splits",
+        "splits_source": str(args.splits) if args.splits else source,
+        "test_fraction": args.test_fraction if args.monte_carlo is not None else None,
+        "val_fraction": args.val_fraction,
         "train_fraction": args.train_fraction,
         "few_shot": args.few_shot,
         "seed": args.seed,
         "unreadable_features": emb.failed,
     }
-    title = f"{args.method} probe ({args.task})"
-    write_report(
+    protocol = f"{len(splits)} Monte Carlo splits" if args.monte_carlo is not None else f"{len(splits)} folds"
+    title = f"{args.method} probe ({args.task}, {protocol})"
+    paths = write_report(
         args.out, result.summary, result.per_fold, result.predictions, args.task,
         splits=splits, title=title, config=config, n_boot=args.n_boot, seed=args.seed,
     )  # fmt: skip
-    summary = {k: {"mean": round(m, 4), "std": round(s, 4)} for k, (m, s) in result.summary.items()}
+    doc = json.loads(paths["results"].read_text())
+    summary = {}
+    for name, r in doc["metrics"].items():
+        pooled = doc["pooled"].get(name, {})
+        summary[name] = {
+            "fold_mean": r["mean"],
+            "fold_std": r["std"],
+            "ci_over_folds": [r["ci_low"], r["ci_high"]],
+            "pooled": pooled.get("value"),
+            "ci_pooled": [pooled.get("ci_low"), pooled.get("ci_high")],
+        }
     print(json.dumps(summary, indent=1))
     log.info("report written to %s", args.out)
     return 0

@@ -8,6 +8,8 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from gigaslide.preprocess.tiling import DEFAULT_REGION_MIN_TISSUE
+
     p = subparsers.add_parser(
         "tile",
         help="detect tissue and write tile coordinates for many slides",
@@ -34,6 +36,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--region-size", type=int, default=None, help="also write regions of this size (4096 for HIPT)"
+    )
+    p.add_argument(
+        "--region-min-tissue",
+        type=float,
+        default=DEFAULT_REGION_MIN_TISSUE,
+        help="keep a region when tissue covers this fraction of its area INSIDE the slide "
+        f"(default {DEFAULT_REGION_MIN_TISSUE:g}; 0 keeps any region touching tissue). "
+        "A slide without regions is still tiled, with a warning in the manifest",
     )
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 um/px for slides lacking one")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
@@ -65,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             stride=args.stride,
             min_tissue=args.min_tissue,
             region_size=args.region_size,
+            region_min_tissue=args.region_min_tissue,
             workers=args.workers,
             backend=args.backend,
             preview=args.preview,

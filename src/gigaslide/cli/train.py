@@ -1,11 +1,16 @@
 """`gigaslide train`: cross-validated slide-level training on tile features.
 
+Evaluation protocol: case-grouped stratified k-fold (``--folds``), Monte Carlo repeated random splits
+(``--monte-carlo R --test-fraction F``), or CLAM split files (``--splits DIR``). A validation set
+(``--val-fraction``; never left empty by rounding on small cohorts) selects the checkpoint.
+
 Configuration precedence: defaults < ``--config YAML`` < explicit flags < ``--set key=value``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="cross-validated slide-level training (classification or survival) on tile features",
-        description="Train a slide model with case-grouped k-fold cross-validation and write a report.",
+        description="Train a slide model with case-grouped k-fold or Monte Carlo cross-validation and "
+        "write a report.",
     )
     p.add_argument(
         "--features", type=Path, required=True, help="features folder (h5_files/<slide_id>.h5 or *.h5/*.pt)"
@@ -27,6 +33,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="slide model name (default abmil; see models.slide)")
     p.add_argument("--task", choices=["classification", "survival"], default=None)
     p.add_argument("--folds", type=int, default=None, help="number of folds (default 10)")
+    p.add_argument(
+        "--monte-carlo",
+        type=int,
+        default=None,
+        metavar="R",
+        help="R random case-grouped stratified splits (Monte Carlo CV) instead of k folds",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=None, help="cases tested per Monte Carlo split (0.2)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="validation cases (0.1): fraction of the training cases (k-fold) or of all cases (Monte Carlo)",
+    )
     p.add_argument(
         "--train-fraction", type=float, default=None, help="fraction of training cases kept (0.25)"
     )
@@ -61,6 +83,9 @@ def build_config(args: argparse.Namespace):  # -> TrainConfig
         "model": args.model,
         "task": args.task,
         "folds": args.folds,
+        "monte_carlo": args.monte_carlo,
+        "test_fraction": args.test_fraction,
+        "val_fraction": args.val_fraction,
         "train_fraction": args.train_fraction,
         "few_shot": args.few_shot,
         "case_level": args.case_level,
@@ -85,7 +110,8 @@ def resolve_device(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gigaslide.data.cohort import Cohort, CohortError
-    from gigaslide.eval.crossval import run_crossval
+    from gigaslide.eval.crossval import run_crossval, split_description
+    from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table
 
     try:
         cfg = build_config(args)
@@ -100,10 +126,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if result.skipped_folds:
         log.info("resumed: folds %s were already finished", result.skipped_folds)
-    lines = [f"{cfg.model} {cfg.task}, {len(result.per_fold)} folds -> {result.out_dir}"]
-    for name, (mean, std) in result.summary.items():
-        ci = result.pooled.get(name)
-        pooled = f"  pooled {ci['value']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""
-        lines.append(f"  {name:>18}: {mean:.3f} ± {std:.3f}{pooled}")
+    doc = json.loads(result.report["results"].read_text())
+    n_pred = doc["n_predictions"]
+    warned = [r["fold"] for r in result.per_fold if r.get("val_warning")]
+    protocol = split_description(cfg, len(result.per_fold), args.splits)
+    lines = [
+        f"{cfg.model} {cfg.task}, {protocol} -> {result.out_dir}",
+        format_metric_table(doc["metrics"], doc["pooled"]),
+        f"  fold columns: per-fold test metrics, {FOLD_CI_METHOD}",
+        f"  pooled columns: metric on all {n_pred} pooled out-of-fold test predictions, "
+        + next((p["ci_method"] for p in doc["pooled"].values()), "bootstrap CI undefined"),
+    ]
+    if warned:
+        lines.append(
+            f"  WARNING: folds {warned} had an unusable validation set (see val_warning in per_fold.csv)"
+        )
     print("\n".join(lines))
     return 0

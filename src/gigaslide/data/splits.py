@@ -121,6 +121,62 @@ def _pick_cases(cases: pd.DataFrame, n_pick: int, rng: np.random.Generator, min_
     return picked
 
 
+def _val_keys(
+    df: pd.DataFrame, task: str, label_col: str, event_col: str, group_col: str
+) -> pd.Series | None:
+    """Per-case key that a validation set must contain: the class (classification) or ``"1"`` for a
+    case with an observed event (survival). None when the labels table lacks the column."""
+    col = label_col if task == "classification" else event_col
+    if col not in df.columns:
+        return None
+    vals = df[col].astype(str) if task == "classification" else df[col].astype(int).astype(str)
+    tab = pd.DataFrame({"case": df[group_col].astype(str).to_numpy(), "key": vals.to_numpy()})
+    if task == "classification":
+        return tab.groupby("case")["key"].agg(lambda s: s.value_counts().index[0])
+    return tab.groupby("case")["key"].max()  # "1" when any slide of the case has an event
+
+
+def _pick_val(
+    rest: pd.DataFrame,
+    n_val: int,
+    rng: np.random.Generator,
+    keys: pd.Series | None,
+    task: str,
+    enforce: bool,
+) -> set[str]:
+    """Validation cases among the non-test cases ``rest``: ``n_val`` drawn stratified, then (when
+    ``enforce``) adjusted so that, where the training side can spare it, validation holds at least one
+    case of every class (classification) or at least two cases including an event (survival), while
+    training keeps at least one case of every class / one event."""
+    val = set(_pick_cases(rest, n_val, rng))
+    if not enforce or keys is None:
+        return val
+    key = keys.reindex(rest.index).astype(str)
+    required = sorted(set(key)) if task == "classification" else ["1"]
+    for k in required:
+        members = sorted(key.index[key == k])
+        in_val = [c for c in members if c in val]
+        if len(members) < 2:  # a single case: training needs it more than validation
+            val.difference_update(members)
+        elif len(in_val) == len(members):  # training would lack this class: give one back
+            val.discard(str(rng.choice(in_val)))
+        elif not in_val:
+            val.add(str(rng.choice(members)))
+    if task == "survival" and len(val) < 2 and len(rest) - len(val) > 2:
+        train = [str(c) for c in rng.permutation(sorted(set(rest.index) - val))]
+        train.sort(key=lambda c: key[c] == "1")  # censored cases first: training keeps its events
+        n_events_train = sum(key[c] == "1" for c in train)
+        for c in train:
+            if len(val) >= 2 or len(rest) - len(val) <= 2:
+                break
+            if key[c] == "1":
+                if n_events_train <= 1:
+                    continue
+                n_events_train -= 1
+            val.add(c)
+    return val
+
+
 def _slides_of(df: pd.DataFrame, cases: set[str], id_col: str, group_col: str) -> list[str]:
     mask = df[group_col].astype(str).isin(cases)
     return df.loc[mask, id_col].astype(str).tolist()
@@ -147,6 +203,11 @@ def kfold_splits(
     Test folds come from :class:`sklearn.model_selection.StratifiedGroupKFold` (shuffled with ``seed``);
     a validation set of ``val_fraction`` of the remaining cases is then drawn stratified by case. For
     ``task="survival"`` the strata are event x event-time quantile bin (:func:`make_strata`).
+
+    With ``val_fraction > 0`` the validation set is never left empty by rounding on small cohorts: it
+    gets at least one case of every class (survival: two cases, one with an event) whenever the
+    training side keeps at least one case of that class (one event). Whatever still falls short is
+    reported per fold by :func:`gigaslide.data.split_plan.validation_problem`.
     """
     _require_cols(df, [id_col, group_col])
     if n_folds < 2:
@@ -174,10 +235,12 @@ def kfold_splits(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class")
         folds = list(sgkf.split(np.zeros(len(df)), strata.to_numpy(), groups))
+    keys = _val_keys(df, task, label_col, event_col, group_col)
     for k, (_, test_idx) in enumerate(folds):
         test_cases = set(groups[test_idx])
         rest = cases.loc[~cases.index.isin(test_cases)]
-        val_cases = set(_pick_cases(rest, round(val_fraction * len(rest)), rng))
+        n_val = round(val_fraction * len(rest))
+        val_cases = _pick_val(rest, n_val, rng, keys, task, enforce=val_fraction > 0)
         train_cases = set(rest.index) - val_cases
         splits.append(
             Split(
@@ -200,18 +263,35 @@ def monte_carlo_splits(
     group_col: str = "case_id",
     task: str = "classification",
     id_col: str = "slide_id",
+    time_col: str = "time",
+    event_col: str = "event",
 ) -> list[Split]:
-    """``n_splits`` independent random case-grouped stratified splits (fractions of cases)."""
+    """``n_splits`` independent random case-grouped stratified splits (fractions of ALL cases).
+
+    The test set holds at least one case; the validation set follows the same small-cohort minimum as
+    :func:`kfold_splits`.
+    """
     _require_cols(df, [id_col, group_col])
+    if n_splits < 1:
+        raise ValueError(f"n_splits (Monte Carlo repeats) must be >= 1, got {n_splits}")
     if not (0 < test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
-        raise ValueError(f"bad fractions: test={test_fraction}, val={val_fraction}")
-    cases = _case_table(df, make_strata(df, task, label_col, group_col=group_col), group_col)
+        raise ValueError(
+            f"bad fractions: test={test_fraction}, val={val_fraction} "
+            "(need 0 < test, 0 <= val and test + val < 1)"
+        )
+    strata = make_strata(df, task, label_col, time_col, event_col, group_col=group_col)
+    cases = _case_table(df, strata, group_col)
+    if len(cases) < 2:
+        raise ValueError(f"{len(cases)} case(s) cannot be split into train and test sets")
+    keys = _val_keys(df, task, label_col, event_col, group_col)
     rng = np.random.default_rng(seed)
     out = []
     for k in range(n_splits):
-        test_cases = set(_pick_cases(cases, round(test_fraction * len(cases)), rng))
+        n_test = min(max(round(test_fraction * len(cases)), 1), len(cases) - 1)
+        test_cases = set(_pick_cases(cases, n_test, rng))
         rest = cases.loc[~cases.index.isin(test_cases)]
-        val_cases = set(_pick_cases(rest, round(val_fraction * len(cases)), rng))
+        n_val = round(val_fraction * len(cases))
+        val_cases = _pick_val(rest, n_val, rng, keys, task, enforce=val_fraction > 0)
         train_cases = set(rest.index) - val_cases
         out.append(
             Split(

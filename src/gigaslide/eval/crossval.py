@@ -1,4 +1,4 @@
-"""K-fold cross-validation of a slide model: splits, training, best checkpoint, test, report.
+"""Cross-validation of a slide model (k-fold, Monte Carlo or given splits): train, select, test, report.
 
 Output folder::
 
@@ -9,7 +9,11 @@ Output folder::
     folds/fold<k>.json      metrics, history and test predictions of fold k (written last)
     attention/<id>.h5       per-tile attention of every test slide (coords + scores), for heatmaps
     results.json, per_fold.csv, predictions.csv, summary.md, roc.png | km.png   (eval.reports)
-    pooled.json             metrics of the pooled test predictions with bootstrap 95% CIs
+    pooled.json             metrics of the pooled test predictions with bootstrap 95% CIs (also in
+                            results.json["pooled"], next to the fold mean/std in results.json["metrics"])
+
+A fold whose validation set cannot select a model (empty, a class or an event missing) is
+warned about loudly and flagged in its ``val_warning`` column of per_fold.csv.
 
 A fold whose checkpoint and ``folds/fold<k>.json`` both exist is skipped on a rerun, so an
 interrupted run resumes. Rerunning into a folder made with a different config or different
@@ -33,16 +37,8 @@ import yaml
 from gigaslide import __version__
 from gigaslide.data.bags import BagDataset
 from gigaslide.data.cohort import Cohort, Sample
-from gigaslide.data.splits import (
-    Split,
-    assert_no_case_leakage,
-    few_shot,
-    kfold_splits,
-    load_split_csvs,
-    save_splits,
-    subsample_train,
-)
-from gigaslide.eval.bootstrap import bootstrap_ci
+from gigaslide.data.split_plan import build_splits, validation_problem
+from gigaslide.data.splits import Split, save_splits
 from gigaslide.eval.heatmap import write_attention
 from gigaslide.eval.metrics import (
     UndefinedMetricError,
@@ -51,7 +47,7 @@ from gigaslide.eval.metrics import (
     summarize_folds,
     survival_metrics,
 )
-from gigaslide.eval.reports import write_report
+from gigaslide.eval.reports import pooled_metrics, write_report
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig, replace, save_config
 from gigaslide.train.mil import (
@@ -100,7 +96,7 @@ class CVResult:
     summary: dict[str, tuple[float, float]]  # metric -> (mean, std) over folds
     per_fold: list[dict[str, Any]]
     predictions: pd.DataFrame  # pooled test predictions, one row per (fold, bag)
-    pooled: dict[str, dict[str, float]]  # metric -> {value, low, high} on pooled predictions
+    pooled: dict[str, dict[str, Any]]  # metric -> {value, ci_low, ci_high, ci_method, n}: pooled predictions
     splits: list[Split]
     out_dir: Path
     report: dict[str, Path] = field(default_factory=dict)
@@ -110,27 +106,45 @@ class CVResult:
 def make_splits(
     cohort: Cohort, cfg: TrainConfig, splits_dir: str | os.PathLike[str] | None = None
 ) -> list[Split]:
-    """Case-grouped stratified k-fold splits (or CLAM split files), then the training-data budget.
+    """Case-grouped stratified k-fold or Monte Carlo splits (or CLAM split files), then the training
+    budget (:func:`gigaslide.data.split_plan.build_splits`, the same path as ``gigaslide probe``).
 
     Splits are always lists of SLIDE ids, grouped by case, so case-level bags map onto them exactly.
     """
-    table = cohort.table
+    return build_splits(
+        cohort.table, cfg.task, folds=cfg.folds, monte_carlo=cfg.monte_carlo, test_fraction=cfg.test_fraction,
+        val_fraction=cfg.val_fraction, seed=cfg.seed, splits_dir=splits_dir, few_shot_n=cfg.few_shot,
+        train_fraction=cfg.train_fraction,
+    )  # fmt: skip
+
+
+def split_description(cfg: TrainConfig, n_splits: int, splits_dir: str | os.PathLike[str] | None) -> str:
+    """Human-readable name of the evaluation protocol, e.g. ``5-fold CV``."""
     if splits_dir is not None:
-        splits = load_split_csvs(splits_dir, df=table)
-    else:
-        if cfg.folds < 2:
-            raise ValueError(f"cross-validation needs folds >= 2 (got {cfg.folds}); or pass --splits DIR")
-        splits = kfold_splits(
-            table, n_folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.seed, task=cfg.task
+        return f"{n_splits} splits from {splits_dir}"
+    if cfg.monte_carlo is not None:
+        return f"{n_splits} Monte Carlo splits, {cfg.test_fraction:g} test"
+    return f"{n_splits}-fold CV"
+
+
+def _val_warning(cohort: Cohort, cfg: TrainConfig, split: Split) -> str | None:
+    """A loud warning (also returned for per_fold.csv) when the fold's validation set cannot select."""
+    problem = validation_problem(split, cohort.table, cfg.task)
+    if problem is None:
+        return None
+    metric = "AUC" if cfg.task == "classification" else "c-index"
+    if not split.val:
+        effect = "early stopping and best-checkpoint selection are OFF: the LAST epoch is kept"
+    elif cfg.monitor == "metric":
+        effect = (
+            f"the validation {metric} is undefined, so monitor=metric cannot select: the FIRST epoch is "
+            "kept (use monitor=loss or a larger val_fraction)"
         )
-    if cfg.few_shot is not None:
-        if cfg.task != "classification":
-            raise ValueError("few_shot (N training slides per class) applies to classification only")
-        splits = [few_shot(s, table, cfg.few_shot, seed=cfg.seed) for s in splits]
-    elif cfg.train_fraction < 1.0:
-        splits = [subsample_train(s, table, cfg.train_fraction, seed=cfg.seed, task=cfg.task) for s in splits]
-    assert_no_case_leakage(splits, table)
-    return splits
+    else:
+        effect = f"the validation {metric} is undefined (NaN); checkpoint selection uses the validation loss"
+    msg = f"fold {split.fold}: {problem}; {effect}"
+    log.warning("WARNING %s", msg)
+    return msg
 
 
 def _select(samples: list[Sample], slide_ids: list[str]) -> list[Sample]:
@@ -151,51 +165,14 @@ def fold_metrics(task: str, pred: Predictions) -> dict[str, float]:
         return {"c_index": float("nan")}
 
 
-def pooled_metrics(task: str, frame: pd.DataFrame, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
-    """Metrics of all test predictions pooled over folds with percentile-bootstrap 95% CIs."""
-    out: dict[str, dict[str, float]] = {}
-    if task == "classification":
-        y = frame["y"].to_numpy()
-        probs = frame[
-            sorted((c for c in frame if c.startswith("prob_")), key=lambda c: int(c[5:]))
-        ].to_numpy()
-        for m in CLASSIFICATION_METRICS:
-            try:
-                ci = bootstrap_ci(
-                    lambda a, b, m=m: classification_metrics(a, b)[m],
-                    y,
-                    probs,
-                    n_boot=n_boot,
-                    seed=seed,
-                    stratify=y,
-                )
-            except (UndefinedMetricError, ValueError) as e:
-                log.warning("pooled %s undefined: %s", m, e)
-                continue
-            out[m] = {"value": ci.point, "low": ci.low, "high": ci.high}
-        return out
-    arrays = [frame[c].to_numpy() for c in ("time", "event", "risk")]
-    try:
-        ci = bootstrap_ci(
-            lambda t, e, r: survival_metrics(t, e, r)["c_index"],
-            *arrays,
-            n_boot=n_boot,
-            seed=seed,
-            stratify=arrays[1],
-        )
-        out["c_index"] = {"value": ci.point, "low": ci.low, "high": ci.high}
-    except (UndefinedMetricError, ValueError) as e:
-        log.warning("pooled c_index undefined: %s", e)
-    return out
-
-
 def _check_resume(out: Path, cfg_dict: dict[str, Any], splits: list[Split]) -> None:
     """Refuse to continue a run made with another configuration or other splits."""
     cfg_path, splits_path = out / "config.yaml", out / "splits" / "splits.json"
     if cfg_path.exists():
         old = yaml.safe_load(cfg_path.read_text()) or {}
         old.pop("_meta", None)
-        diff = sorted(k for k in set(old) | set(cfg_dict) if old.get(k) != cfg_dict.get(k))
+        defaults = TrainConfig().to_dict()  # keys added since the old run was made hold their defaults
+        diff = sorted(k for k in set(old) | set(cfg_dict) if old.get(k, defaults.get(k)) != cfg_dict.get(k))
         if diff:
             raise ValueError(
                 f"{out} holds a run with a different configuration (keys {diff}); use a new --out folder "
@@ -216,6 +193,7 @@ def _run_fold(
     train_s, val_s, test_s = (_select(samples, getattr(split, n)) for n in ("train", "val", "test"))
     if not train_s or not test_s:
         raise ValueError(f"fold {k}: empty training ({len(train_s)}) or test ({len(test_s)}) set")
+    val_warning = _val_warning(cohort, cfg, split)
     fold_cfg = replace(cfg, seed=cfg.seed + k)
     seed_everything(fold_cfg.seed)
     n_out = n_outputs(cfg, cohort.n_classes)
@@ -247,6 +225,7 @@ def _run_fold(
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
+        "val_warning": val_warning,
     }
     save_checkpoint(
         out / "checkpoints" / f"fold{k}.pt",
@@ -326,7 +305,8 @@ def run_crossval(
     predictions = pd.concat([pd.DataFrame(d["predictions"]) for d in docs], ignore_index=True)
     metric_names = CLASSIFICATION_METRICS if task == "classification" else SURVIVAL_METRICS
     summary = summarize_folds([{m: r[m] for m in metric_names} for r in per_fold])
-    pooled = pooled_metrics(task, predictions, cfg.bootstrap, cfg.seed)
+    unit = "cases" if cfg.case_level else "slides"
+    pooled = pooled_metrics(predictions, task, metric_names, n_boot=cfg.bootstrap, seed=cfg.seed, unit=unit)
     atomic_write_text(out / "pooled.json", json.dumps(pooled, indent=1))
     report = write_report(
         out,
@@ -335,9 +315,11 @@ def run_crossval(
         predictions,
         task,
         splits=splits,
-        title=f"{cfg.model} {task} ({len(splits)}-fold CV)",
-        config={**cfg.to_dict(), "pooled_test": pooled, **meta},
+        title=f"{cfg.model} {task} ({split_description(cfg, len(splits), splits_dir)})",
+        config={**cfg.to_dict(), **meta},
         n_boot=cfg.bootstrap,
         seed=cfg.seed,
+        pooled=pooled,
+        unit=unit,
     )
     return CVResult(summary, per_fold, predictions, pooled, splits, out, report, skipped)

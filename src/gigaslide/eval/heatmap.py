@@ -5,6 +5,8 @@ Attention file (``attention/<slide_id>.h5``, written by cross-validation)::
     coords  (N, 2) int64 level-0 tile corners   attrs: the tile spec (same names as coordinate files)
     scores  (N,)   float32 per-tile score        attrs: slide_id, model, fold, kind
 
+``slide_id`` lets :func:`check_scores_match_slide` refuse scores drawn over another slide.
+
 Rendering follows CLAM: scores are converted to percentiles (rank / N) so the map shows the
 relative ordering of tiles within the slide; each tile is painted over its level-0 footprint
 (overlapping tiles are averaged) and alpha-blended on the thumbnail.
@@ -38,6 +40,10 @@ class TileScores:
     attrs: dict[str, Any]
 
 
+class ScoresMismatchError(ValueError):
+    """The score file does not belong to the slide it is drawn over."""
+
+
 def write_attention(
     path: str | os.PathLike[str],
     coords: np.ndarray,
@@ -45,8 +51,14 @@ def write_attention(
     spec: TileSpec | None = None,
     coords_attrs: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    slide_id: str | None = None,
 ) -> Path:
-    """Atomically write an attention file; ``spec`` (or raw ``coords_attrs``) records the tile geometry."""
+    """Atomically write an attention file; ``spec`` (or raw ``coords_attrs``) records the tile geometry.
+
+    ``slide_id`` (or ``meta["slide_id"]``) is stored on ``scores`` so a heatmap can check the slide.
+    """
+    if slide_id is not None:
+        meta = {**(meta or {}), "slide_id": slide_id}
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     if coords.shape[0] != scores.shape[0]:
@@ -91,6 +103,46 @@ def tile_size_from_attrs(attrs: dict[str, Any], slide_mpp: float | None = None) 
         return int(TileSpec.from_attrs(attrs, slide_mpp=slide_mpp).level0_size) if attrs else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def check_scores_match_slide(
+    scores: TileScores,
+    slide_dims: tuple[int, int],
+    slide_path: str | os.PathLike[str],
+    scores_path: str | os.PathLike[str],
+    force: bool = False,
+) -> None:
+    """Refuse scores that belong to another slide.
+
+    Two checks: (1) the score file's ``slide_id`` attribute (when present) must equal the slide's
+    file stem, or its ``slide_path`` attribute must name the same file; ``force`` skips this one,
+    for slide ids that legitimately differ from the file name. (2) Every tile corner must lie
+    inside the slide's level-0 ``slide_dims`` (width, height); never skipped, since such tiles
+    cannot be placed.
+
+    Raises:
+        ScoresMismatchError: naming both files and the fix.
+    """
+    slide_path, scores_path = Path(slide_path), Path(scores_path)
+    sid = scores.attrs.get("slide_id")
+    recorded = scores.attrs.get("slide_path")
+    same_file = bool(recorded) and Path(str(recorded)).name == slide_path.name
+    if not force and sid not in (None, "") and str(sid) != slide_path.stem and not same_file:
+        raise ScoresMismatchError(
+            f"{scores_path} holds scores of slide {str(sid)!r} but the slide is {slide_path} "
+            f"(slide id {slide_path.stem!r}); pass the matching --scores file, or --force if the "
+            "slide id differs from the file name on purpose"
+        )
+    coords = np.asarray(scores.coords).reshape(-1, 2)  # (N, 2)
+    w, h = int(slide_dims[0]), int(slide_dims[1])
+    outside = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= w) | (coords[:, 1] >= h)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise ScoresMismatchError(
+            f"{scores_path}: {int(outside.sum())} of {len(coords)} tile(s) lie outside {slide_path} "
+            f"(level-0 size {w} x {h}; e.g. a tile at ({coords[i, 0]}, {coords[i, 1]})): these scores "
+            "belong to another slide or another scan; pass the matching --slide/--scores pair"
+        )
 
 
 def percentile_scores(scores: np.ndarray) -> np.ndarray:
@@ -228,4 +280,5 @@ def attention_from_checkpoint(
     with h5py.File(features_path, "r") as f:
         cattrs = {k: _plain(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
     scores = out.attention[0].float().cpu().numpy()
-    return TileScores(bag.coords, scores, tile_size_from_attrs(cattrs, slide_mpp), cattrs)
+    attrs = {**cattrs, **{k: bag.attrs[k] for k in ("slide_id",) if k in bag.attrs}}
+    return TileScores(bag.coords, scores, tile_size_from_attrs(cattrs, slide_mpp), attrs)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from gigaslide.data.split_plan import validation_problem
 from gigaslide.data.splits import Split
 from gigaslide.eval.metrics import (
     UndefinedMetricError,
@@ -28,6 +30,8 @@ from gigaslide.eval.metrics import (
     summarize_folds,
     survival_metrics,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_PENALIZERS: tuple[float, ...] = (0.01, 0.1, 1.0)
@@ -281,6 +285,22 @@ def linear_probe_splits(
 # ----------------------------------------------------------------------------- cross-validated probe
 
 
+def _val_warning(problem: str | None, fold: int, method: str, task: str, empty: bool) -> str | None:
+    """Loud warning (returned for per_fold.csv) when a fold's validation set cannot pick hyper-parameters."""
+    if problem is None or method == "knn":  # KNN does not use the validation set
+        return None
+    hp = "C" if task == "classification" else "penalizer"
+    if empty:
+        effect = f"no hyper-parameter selection: the default {hp} is used"
+    elif task == "classification":
+        effect = "validation AUC is undefined: C is selected on the validation log-likelihood instead"
+    else:
+        effect = "validation c-index is undefined: every penalizer ties and the smallest is used"
+    msg = f"fold {fold}: {problem}; {effect}"
+    log.warning("WARNING %s", msg)
+    return msg
+
+
 def encode_labels(labels: pd.Series) -> tuple[np.ndarray, list[str]]:
     """Map labels to ``0..C-1`` (sorted; numeric labels sorted numerically) and return the class names."""
     vals = labels.to_numpy()
@@ -384,14 +404,16 @@ def run_probe(
 
     per_fold: list[dict[str, Any]] = []
     frames = []
-    for sp in rows:
+    for sp, split in zip(rows, splits):
         if sp.test.size == 0 or sp.train.size == 0:
             raise ValueError(f"split {sp.fold} has an empty train or test set")
+        problem = validation_problem(split, df, task, label_col, time_col, event_col, id_col)
         base = {
             "fold": sp.fold,
             "n_train": int(sp.train.size),
             "n_val": int(sp.val.size),
             "n_test": int(sp.test.size),
+            "val_warning": _val_warning(problem, sp.fold, method, task, empty=sp.val.size == 0),
         }
         sid = [str(ids[i]) for i in sp.test]
         if task == "classification":

@@ -1,12 +1,18 @@
 """Evaluation reports: results.json, per_fold.csv, predictions.csv, summary.md, roc.png / km.png.
 
-Confidence intervals: with >= 2 folds, a 95% percentile-bootstrap interval of the MEAN over folds
-(folds resampled); with a single fold, a bootstrap over that fold's test predictions.
+Two different summaries are reported, always side by side and labelled with their method:
+
+* ``metrics`` (``results.json``) / "fold mean ± std" (summary.md): the metric of every fold (or Monte
+  Carlo split) summarised by mean and sample std, with a 95% percentile-bootstrap interval of the MEAN
+  over folds (folds resampled; none with a single fold).
+* ``pooled`` / "pooled test": the metric of all out-of-fold test predictions pooled together, with a
+  95% percentile-bootstrap interval over the pooled test slides (or cases), stratified by class/event.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +33,16 @@ from gigaslide.eval.metrics import (
 )
 from gigaslide.eval.survival_plots import plot_km_risk_groups
 from gigaslide.utils.atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FOLD_CI_METHOD = "95% percentile bootstrap of the mean over folds (folds resampled)"
+TABLE_HEADER = ("metric", "fold mean ± std", "95% CI over folds", "pooled test", "95% CI pooled")
+
+
+def pooled_ci_method(unit: str = "slides") -> str:
+    """Label of the pooled-prediction interval; ``unit`` is what one prediction row is."""
+    return f"95% percentile bootstrap over pooled test {unit} (stratified by class/event)"
 
 
 def _prob_cols(predictions: pd.DataFrame) -> list[str]:
@@ -50,55 +66,96 @@ def _json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def metric_cis(
-    per_fold: Sequence[Mapping[str, Any]],
+def fold_cis(
+    per_fold: Sequence[Mapping[str, Any]], metrics: Sequence[str], n_boot: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """95% bootstrap CI of the mean over folds per metric (NaN folds dropped; needs >= 2 finite folds)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in metrics:
+        vals = np.asarray([float(r[m]) for r in per_fold if _finite(r.get(m))], dtype=float)
+        if vals.size < 2:
+            continue
+        ci = bootstrap_ci(np.mean, vals, n_boot=n_boot, seed=seed)
+        out[m] = {"low": ci.low, "high": ci.high}
+    return out
+
+
+def pooled_metrics(
     predictions: pd.DataFrame,
     task: str,
     metrics: Sequence[str],
     n_boot: int = 1000,
     seed: int = 0,
+    unit: str = "slides",
 ) -> dict[str, dict[str, Any]]:
-    """95% CI per metric (see module doc for the method)."""
+    """Each metric on ALL test predictions pooled over folds, with a percentile-bootstrap 95% CI over
+    prediction rows (stratified by class / event). Undefined metrics are logged and left out.
+
+    Returns ``{metric: {value, ci_low, ci_high, ci_method, n}}``.
+    """
     out: dict[str, dict[str, Any]] = {}
-    if len(per_fold) >= 2:
-        for m in metrics:
-            vals = np.asarray([float(r[m]) for r in per_fold if m in r], dtype=float)
-            vals = vals[np.isfinite(vals)]
-            if vals.size < 2:
-                continue
-            ci = bootstrap_ci(np.mean, vals, n_boot=n_boot, seed=seed)
-            out[m] = {"low": ci.low, "high": ci.high, "method": "bootstrap over folds (mean)"}
-        return out
     if task == "classification":
         y = predictions["y"].to_numpy()
-        probs = predictions[_prob_cols(predictions)].to_numpy()
-        for m in metrics:
-            try:
-                ci = bootstrap_ci(
-                    lambda a, b, m=m: classification_metrics(a, b)[m],
-                    y,
-                    probs,
-                    n_boot=n_boot,
-                    seed=seed,
-                    stratify=y,
-                )
-            except (UndefinedMetricError, ValueError):
-                continue
-            out[m] = {"low": ci.low, "high": ci.high, "method": "bootstrap over test slides"}
+        probs = predictions[_prob_cols(predictions)].to_numpy()  # (N, C)
+        arrays, strat = [y, probs], y
+
+        def fn(m: str):
+            return lambda a, b: classification_metrics(a, b)[m]
     else:
         arrays = [predictions[c].to_numpy() for c in ("time", "event", "risk")]
+        strat = arrays[1]
+
+        def fn(m: str):
+            return lambda t, e, r: survival_metrics(t, e, r)[m]
+
+    for m in metrics:
         try:
-            ci = bootstrap_ci(
-                lambda t, e, r: survival_metrics(t, e, r)["c_index"],
-                *arrays,
-                n_boot=n_boot,
-                seed=seed,
-                stratify=arrays[1],
-            )
-            out["c_index"] = {"low": ci.low, "high": ci.high, "method": "bootstrap over test slides"}
-        except (UndefinedMetricError, ValueError):
-            pass
+            ci = bootstrap_ci(fn(m), *arrays, n_boot=n_boot, seed=seed, stratify=strat)
+        except (UndefinedMetricError, ValueError, KeyError) as e:
+            log.warning("pooled %s undefined on %d test predictions: %s", m, len(predictions), e)
+            continue
+        out[m] = {
+            "value": ci.point,
+            "ci_low": ci.low,
+            "ci_high": ci.high,
+            "ci_method": pooled_ci_method(unit),
+            "n": len(predictions),
+        }
     return out
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt(v: Any) -> str:
+    return "nan" if v is None or not math.isfinite(float(v)) else f"{float(v):.3f}"
+
+
+def metric_rows(
+    metrics: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, str, str, str, str]]:
+    """Cells of the summary table (columns :data:`TABLE_HEADER`), shared by summary.md and the console."""
+    rows = []
+    for name, r in metrics.items():
+        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r.get("ci_low") is not None else "-"
+        p = pooled.get(name) or {}
+        pv = _fmt(p["value"]) if p.get("value") is not None else "-"
+        pci = f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]" if p.get("ci_low") is not None else "-"
+        rows.append((name, f"{_fmt(r['mean'])} ± {_fmt(r['std'])}", ci, pv, pci))
+    return rows
+
+
+def format_metric_table(
+    metrics: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Mapping[str, Any]]
+) -> str:
+    """Plain-text aligned table of :func:`metric_rows` (for the console)."""
+    rows = [TABLE_HEADER, *metric_rows(metrics, pooled)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def plot_roc(predictions: pd.DataFrame, out_path: str | os.PathLike[str], title: str = "ROC") -> Path:
@@ -143,21 +200,30 @@ def plot_roc(predictions: pd.DataFrame, out_path: str | os.PathLike[str], title:
 
 
 def _markdown(
-    title: str, task: str, results: Mapping[str, Any], n_folds: int, extra: Mapping[str, Any]
+    title: str,
+    task: str,
+    results: Mapping[str, Any],
+    pooled: Mapping[str, Any],
+    n_folds: int,
+    n_predictions: int,
+    unit: str,
+    extra: Mapping[str, Any],
 ) -> str:
     lines = [
         f"# {title}",
         "",
-        f"Task: {task}; folds: {n_folds}.",
+        f"Task: {task}; {n_folds} train/test split(s) (folds); {n_predictions} pooled test predictions.",
         "",
-        "| metric | mean | std | 95% CI |",
-        "|---|---|---|---|",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "---|" * len(TABLE_HEADER),
     ]
-    for name, r in results.items():
-        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else "-"
-        mean = "nan" if r["mean"] is None else f"{r['mean']:.3f}"
-        std = "nan" if r["std"] is None else f"{r['std']:.3f}"
-        lines.append(f"| {name} | {mean} | {std} | {ci} |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in metric_rows(results, pooled)]
+    lines += [
+        "",
+        f"- *fold mean ± std*, *95% CI over folds*: per-fold test metrics; {FOLD_CI_METHOD}.",
+        f"- *pooled test*, *95% CI pooled*: the metric on all {n_predictions} out-of-fold test predictions "
+        f"pooled together; {pooled_ci_method(unit)}.",
+    ]
     if "logrank_p" in extra:
         lines += [
             "",
@@ -177,18 +243,28 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    pooled: Mapping[str, Mapping[str, Any]] | None = None,
+    unit: str = "slides",
 ) -> dict[str, Path]:
     """Write the evaluation report into ``out_dir`` (every file atomically); return name -> path.
 
-    Files: ``results.json`` (mean/std/CI per metric, config, splits), ``per_fold.csv``,
-    ``predictions.csv``, ``summary.md``, and ``roc.png`` (classification) or ``km.png`` (survival:
-    high vs low predicted risk, split at each fold's median risk, with the log-rank p-value).
+    ``pooled`` are the metrics of the pooled test predictions as returned by :func:`pooled_metrics`
+    (computed here when None). Files: ``results.json`` (``metrics``: fold mean/std/CI over folds;
+    ``pooled``: pooled value and its CI over test ``unit``; each with ``ci_method``; config, splits),
+    ``per_fold.csv``, ``predictions.csv``, ``summary.md`` (both, as separate labelled columns), and
+    ``roc.png`` (classification) or ``km.png`` (survival: high vs low predicted risk, split at each
+    fold's median risk, with the log-rank p-value).
     """
     if task not in ("classification", "survival"):
         raise ValueError(f"task must be 'classification' or 'survival', got {task!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cis = metric_cis(per_fold, predictions, task, list(summary), n_boot=n_boot, seed=seed)
+    if pooled is None:
+        pooled = pooled_metrics(predictions, task, list(summary), n_boot=n_boot, seed=seed, unit=unit)
+    bad = [m for m, v in pooled.items() if not {"value", "ci_low", "ci_high"} <= set(v)]
+    if bad:
+        raise ValueError(f"pooled metrics {bad} need value, ci_low, ci_high (see reports.pooled_metrics)")
+    cis = fold_cis(per_fold, list(summary), n_boot=n_boot, seed=seed)
     results: dict[str, dict[str, Any]] = {}
     for name, (mean, std) in summary.items():
         ci = cis.get(name, {})
@@ -197,9 +273,11 @@ def write_report(
             "std": std,
             "ci_low": ci.get("low"),
             "ci_high": ci.get("high"),
-            "ci_method": ci.get("method"),
+            "ci_method": FOLD_CI_METHOD if ci else "none: fewer than 2 folds with a finite value",
+            "n_folds": sum(_finite(r.get(name)) for r in per_fold),  # folds where it is defined
         }
     results = _json_safe(results)
+    pooled_doc = _json_safe({m: dict(v) for m, v in pooled.items()})
     paths: dict[str, Path] = {}
     extra: dict[str, Any] = {}
     if task == "classification":
@@ -222,6 +300,8 @@ def write_report(
         "task": task,
         "n_folds": len(per_fold),
         "metrics": results,
+        "pooled": pooled_doc,
+        "n_predictions": len(predictions),
         **_json_safe(extra),
         "config": _json_safe(dict(config or {})),
         "splits": [_json_safe(s.to_dict()) for s in splits] if splits is not None else None,
@@ -232,6 +312,7 @@ def write_report(
             frame.to_csv(tmp, index=False)
         paths[name] = out / f"{name}.csv"
     paths["summary"] = atomic_write_text(
-        out / "summary.md", _markdown(title, task, results, len(per_fold), extra)
+        out / "summary.md",
+        _markdown(title, task, results, pooled_doc, len(per_fold), len(predictions), unit, extra),
     )
     return paths

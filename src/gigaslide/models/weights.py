@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,18 +86,62 @@ def _safe_globals() -> list[Any]:
     return allowed
 
 
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8"  # pickled torch.save magic number
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """True when ``path`` has the structure of a ``torch.save`` file (zip archive or legacy pickle)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+        with path.open("rb") as f:
+            return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _load_error_reason(e: BaseException) -> str:
+    """The informative part of a torch.load error, on one line."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # skip torch's multi-paragraph preamble about weights_only
+        text = text[text.index(marker) + len(marker) :].strip().split("\n\n")[0]
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _not_a_checkpoint(path: Path, e: BaseException) -> WeightsError:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    reason = "the file is empty" if size == 0 else _load_error_reason(e)
+    return WeightsError(
+        f"{path} is not a readable PyTorch checkpoint ({reason}). Expected a file written by "
+        "torch.save (.pth/.pt/.bin) or a .safetensors file; it may be truncated or corrupt (download it "
+        "again), or another format saved under a checkpoint name (e.g. an HTML page from a failed download)."
+    )
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     if trust_pickle:
         logger.warning(
             "loading %s with full pickle support (trust_pickle=True): only do this for trusted files", path
         )
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise _not_a_checkpoint(path, e) from e
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and friends
+        reason = _load_error_reason(e)
+        if not _looks_like_torch_save(path) or "Unsupported global" not in reason:
+            raise _not_a_checkpoint(path, e) from e
         raise WeightsError(
-            f"cannot load {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
+            f"cannot load {path} with torch.load(weights_only=True): {reason}. "
             "The file holds Python objects besides tensors. If you trust its origin, pass "
             "trust_pickle=True, or re-save just the state dict (torch.save(ckpt['model'], 'clean.pth'))."
         ) from e

@@ -48,6 +48,14 @@ def _strip_patches(stem: str) -> str:
     return stem[: -len("_patches")] if stem.endswith("_patches") else stem
 
 
+def _no_slide_message(sid: str, coords_path: Path, slides: str | os.PathLike[str]) -> str:
+    return (
+        f"{coords_path}: no slide named {sid!r} in --slides {slides}; pass --slides DIR_OR_CSV where "
+        f"DIR holds a slide file named {sid}.<ext> (e.g. {sid}.svs) or the CSV has a row with "
+        f"`path` to the slide (and `slide_id` {sid!r} if the file name differs)"
+    )
+
+
 def discover_jobs(
     coords_dir: str | os.PathLike[str],
     slides: str | os.PathLike[str] | None = None,
@@ -85,13 +93,26 @@ def discover_jobs(
             if not cpath.exists():
                 cpath = root / "patches" / f"{sid}.h5"
             mpp = float(row["mpp"]) if row.get("mpp") else slide_mpp
+            source = f"--slides {slides}"
             if sid in by_id:
                 spath, mpp = by_id[sid].path, by_id[sid].mpp or mpp
             else:
+                source = str(manifest)
                 spath = Path(row["path"]) if row.get("path") else None
                 if spath is not None and not spath.is_absolute() and (root / spath).exists():
                     spath = root / spath  # relative to the tiling folder
-            err = "" if spath is not None else "no slide path in the tiling manifest; pass --slides"
+            if spath is None:
+                err = (
+                    "no slide path in the tiling manifest; pass --slides DIR_OR_CSV "
+                    "(a folder of slides or a CSV with a `path` column)"
+                )
+            elif not spath.exists():
+                err = (
+                    f"slide file {spath} (from {source}) not found; if the slides moved, pass "
+                    "--slides DIR_OR_CSV (their folder, or a CSV with `path`/`slide_id` columns)"
+                )
+            else:
+                err = ""
             jobs.append(SlideJob(sid, cpath, spath, mpp, _h5_rows(cpath), err))
     else:
         pdir = root / "patches" if (root / "patches").is_dir() else root
@@ -103,13 +124,13 @@ def discover_jobs(
             )
         if slides is None:
             raise EmbedInputError(
-                f"{root}: a CLAM/TRIDENT patches folder has no slide paths; pass --slides (a folder of "
-                "slides or a CSV with a `path` column, matched to the coordinate files by file stem)"
+                f"{root}: a CLAM/TRIDENT patches folder has no slide paths; pass --slides DIR_OR_CSV (a folder "
+                "of slides or a CSV with a `path` column, matched to the coordinate files by file stem)"
             )
         for cpath in files:
             sid = _strip_patches(cpath.stem)
             s = by_id.get(sid)
-            err = "" if s is not None else f"no slide named {sid!r} in --slides {slides}"
+            err = "" if s is not None else _no_slide_message(sid, cpath, slides)
             jobs.append(
                 SlideJob(sid, cpath, s.path if s else None, s.mpp if s else slide_mpp, _h5_rows(cpath), err)
             )

@@ -43,6 +43,7 @@ from gigaslide.pipeline.extract import (
     make_batches,
     prepare_encoder,
     resolve_device,
+    warn_half_precision_on_cpu,
     weights_identity,
 )
 from gigaslide.preprocess.coords_io import read_coords
@@ -369,6 +370,8 @@ def run_embedding(
     out.mkdir(parents=True, exist_ok=True)
     main_manifest = out / "manifest.csv"
     dev = resolve_device(device, local_rank=info.local_rank)
+    if info.is_main:
+        warn_half_precision_on_cpu(dev, precision)
     if isinstance(encoder, str):
         from gigaslide.models.encoders import create_encoder
 

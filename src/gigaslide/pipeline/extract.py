@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ from gigaslide.preprocess.tiling_spec import TileSpec
 
 if TYPE_CHECKING:
     from gigaslide.io.base import Slide
+
+logger = logging.getLogger(__name__)
 
 RANDOM_INIT = "RANDOM-INIT"  # `weights` attribute of features made with random weights
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,6 +72,22 @@ def check_precision(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
+
+
+def warn_half_precision_on_cpu(device: torch.device, precision: str) -> bool:
+    """Log a warning when fp16/bf16 is asked for on a CPU; returns whether it warned.
+
+    CPU autocast to half precision is usually slower than fp32 (few CPUs have fast fp16/bf16
+    matrix units) and loses accuracy, so it is rarely what a user wants.
+    """
+    if device.type != "cpu" or check_precision(precision) == torch.float32:
+        return False
+    logger.warning(
+        "--precision %s on a CPU device: half precision on CPU is usually much slower than fp32 and "
+        "less accurate; use --precision fp32 on CPU (fp16/bf16 pay off on a GPU, --device cuda)",
+        precision,
+    )
+    return True
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -275,6 +294,7 @@ def extract_features(
     """
     dev = resolve_device(device)
     check_loader(loader)
+    warn_half_precision_on_cpu(dev, precision)
     tf = transform if transform is not None else default_transform(encoder)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
     if isinstance(slide, (str, os.PathLike)):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 SLIDE_EXTENSIONS: tuple[str, ...] = (
     ".svs",
@@ -58,7 +61,21 @@ def _parse_mpp(value: str | None, where: str) -> float | None:
     return mpp
 
 
+def _relative_hint(csv_path: Path, folder: Path) -> str:
+    return (
+        f"relative paths in a slide list are resolved relative to the CSV's folder ({folder}), "
+        "not the current directory; write them relative to that folder or make them absolute"
+    )
+
+
 def _from_csv(csv_path: Path) -> list[SlideInput]:
+    """Rows of a slide-list CSV; relative paths are resolved against the CSV's folder.
+
+    Raises:
+        SlideListError: no `path` column, an empty path, a bad mpp, or none of the listed files exists.
+    """
+    folder = csv_path.absolute().parent
+    missing: list[tuple[int, str, Path]] = []  # (line, path as written, resolved path)
     with csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = [c.strip() for c in reader.fieldnames or []]
@@ -74,9 +91,29 @@ def _from_csv(csv_path: Path) -> list[SlideInput]:
                 raise SlideListError(f"{csv_path}, line {line}: empty `path`")
             path = Path(os.path.expanduser(row["path"]))
             if not path.is_absolute():
-                path = csv_path.parent / path  # relative to the CSV's folder
+                path = folder / path  # relative to the CSV's folder, whatever the current directory
+            if not path.exists():
+                missing.append((line, row["path"], path))
             slide_id = row.get("slide_id") or path.stem
             slides.append(SlideInput(slide_id, path, _parse_mpp(row.get("mpp"), f"{csv_path}, line {line}")))
+    if missing:
+        listing = "; ".join(f"line {ln}: {raw!r} -> {res}" for ln, raw, res in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        relative = any(not Path(os.path.expanduser(raw)).is_absolute() for _, raw, _ in missing)
+        hint = f" Note: {_relative_hint(csv_path, folder)}." if relative else ""
+        if len(missing) == len(slides):
+            raise SlideListError(
+                f"{csv_path}: none of the listed slide files exists ({listing}{more}).{hint}"
+            )
+        logger.warning(
+            "%s: %d of %d listed slide files do not exist (%s%s); they will be recorded as failed.%s",
+            csv_path,
+            len(missing),
+            len(slides),
+            listing,
+            more,
+            hint,
+        )
     return slides
 
 
@@ -86,7 +123,7 @@ def collect_slides(input: str | os.PathLike[str], slide_mpp: float | None = None
     Args:
         input: a slide file, a folder (its files with a slide extension, not recursive, sorted by
             name), or a ``.csv`` with a ``path`` column and optional ``slide_id``/``mpp`` columns
-            (relative paths are relative to the CSV's folder).
+            (relative paths are relative to the CSV's folder, never the current directory).
         slide_mpp: level-0 mpp applied to every slide that has none from the CSV.
 
     Returns:

@@ -313,6 +313,7 @@ def _crashed_row(slide: SlideInput) -> dict[str, Any]:
         "error": "WorkerCrashed: the worker process died while reading this slide "
         "(e.g. a crash in the slide reader library on a corrupt file)",
         "coords_file": "",
+        "warning": "",
         "seconds": "",
     }
 

@@ -55,6 +55,8 @@ class TrainConfig:
     cox_weight: float = 1.0
     # data / splits
     folds: int = 10
+    monte_carlo: int | None = None  # R random splits (Monte Carlo CV) instead of k folds
+    test_fraction: float = 0.2  # test cases per Monte Carlo split
     val_fraction: float = 0.1
     train_fraction: float = 1.0
     few_shot: int | None = None
@@ -85,6 +87,12 @@ class TrainConfig:
                 f"train_fraction must be in (0, 1], got {self.train_fraction}",
             ),
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.monte_carlo is None or self.monte_carlo >= 1, "monte_carlo must be >= 1 or null"),
+            (
+                0.0 < self.test_fraction < 1.0 and self.test_fraction + self.val_fraction < 1.0,
+                f"test_fraction must be in (0, 1) with test_fraction + val_fraction < 1, got "
+                f"{self.test_fraction} + {self.val_fraction}",
+            ),
             (self.n_bins >= 1, f"n_bins must be >= 1, got {self.n_bins}"),
             (self.max_tiles is None or self.max_tiles >= 1, "max_tiles must be >= 1 or null"),
             (self.few_shot is None or self.few_shot >= 1, "few_shot must be >= 1 or null"),
