@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             str(out / "probe"),
         ],
     )
-    first = sorted((cohort / "slides").glob("*.tiff"))[0]
+    first = _heatmap_slide(cohort)
     _stage(
         "heatmap",
         [
@@ -169,6 +169,18 @@ def run(args: argparse.Namespace) -> int:
     )
     _print_summary(out)
     return 0
+
+
+def _heatmap_slide(cohort: Path) -> Path:
+    """The positive slide with the most tumour (where attention has something to show)."""
+    import pandas as pd
+
+    labels = pd.read_csv(cohort / "labels.csv")
+    positives = labels[labels["label"] == 1]
+    pick = positives if len(positives) else labels
+    if "tumor_fraction" in pick:
+        pick = pick.sort_values("tumor_fraction", ascending=False)
+    return cohort / "slides" / f"{pick['slide_id'].iloc[0]}.tiff"
 
 
 def _print_summary(out: Path) -> None:
