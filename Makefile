@@ -1,4 +1,6 @@
 # gigaslide: every target sets up .venv/ itself on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,14 +8,13 @@ STAMP := $(VENV)/.gigaslide-installed
 # torch/torchvision pinned to a matched pair; the rest comes from pyproject.toml.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-all lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install -q $(TORCH_PINS) 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import gigaslide, torch, timm, openslide" 
+	$(PY) -m pip install -q $(TORCH_PINS) 2>&1 | (grep -v "^WARNING: Location" || true)
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | (grep -v "^WARNING: Location" || true)
+	$(PY) -c "import gigaslide, torch, timm, openslide, tiffslide, lifelines, sklearn, cv2"
 	touch $(STAMP)
 
 venv: $(STAMP)
