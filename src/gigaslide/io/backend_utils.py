@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gigaslide.io.base import SlideReadError
 
@@ -53,3 +55,33 @@ def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+class ProcessLocalHandle:
+    """Mixin for backends wrapping a library handle that must not cross processes.
+
+    The handle (from :meth:`_open_handle`) is opened lazily per process: one inherited through
+    ``fork`` (another pid) is never used nor closed, and pickling drops it, so DataLoader worker
+    processes each open their own.
+    """
+
+    _handle: Any = None
+    _pid: int | None = None
+
+    def _open_handle(self) -> Any:  # pragma: no cover - every subclass defines it
+        raise TypeError(f"{type(self).__name__} must define _open_handle()")
+
+    def _get_handle(self) -> Any:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = self._open_handle(), os.getpid()
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        return state

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gigaslide.io.backend_utils import level0_origin
+from gigaslide.io.backend_utils import ProcessLocalHandle, level0_origin
 from gigaslide.io.base import Slide, SlideReadError, composite_on_white
 from gigaslide.io.metadata import mpp_from_properties, objective_from_properties
 
 
-class OpenSlideSlide(Slide):
+class OpenSlideSlide(ProcessLocalHandle, Slide):
     """A slide read through OpenSlide.
 
     The OpenSlide handle is reopened after ``fork`` (checked with ``os.getpid()``): libtiff
@@ -27,7 +26,7 @@ class OpenSlideSlide(Slide):
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         super().__init__(path, mpp)
-        handle = self._open()
+        handle = self._get_handle()
         self.level_dimensions = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         self.properties: dict[str, str] = dict(handle.properties)
@@ -39,7 +38,7 @@ class OpenSlideSlide(Slide):
         )
         self.vendor = self.properties.get("openslide.vendor")
 
-    def _open(self) -> Any:
+    def _open_handle(self) -> Any:
         import openslide
 
         try:
@@ -48,14 +47,7 @@ class OpenSlideSlide(Slide):
             raise SlideReadError(f"{self.path}: OpenSlide does not recognise the format ({exc})") from exc
         except openslide.OpenSlideError as exc:
             raise SlideReadError(f"{self.path}: OpenSlide failed to open it ({exc})") from exc
-        self._handle = handle
-        self._pid = os.getpid()
         return handle
-
-    def _get_handle(self) -> Any:
-        if getattr(self, "_handle", None) is None or self._pid != os.getpid():
-            self._open()
-        return self._handle
 
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         import openslide
@@ -69,14 +61,3 @@ class OpenSlideSlide(Slide):
                 f"{self.path}: OpenSlide failed reading level {level} at {loc} size {(width, height)} ({exc})"
             ) from exc
         return composite_on_white(np.asarray(img))
-
-    def close(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None and self._pid == os.getpid():
-            handle.close()
-        self._handle = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handle"] = None
-        return state

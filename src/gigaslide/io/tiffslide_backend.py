@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gigaslide.io.backend_utils import level0_origin
+from gigaslide.io.backend_utils import ProcessLocalHandle, level0_origin
 from gigaslide.io.base import Slide, SlideReadError, composite_on_white
 from gigaslide.io.metadata import mpp_from_properties, objective_from_properties
 
 
-class TiffSlideSlide(Slide):
+class TiffSlideSlide(ProcessLocalHandle, Slide):
     """A slide read through tiffslide.
 
     Only tiled images are accepted: a plain strip TIFF (a photo or a small crop) is left to
@@ -26,7 +25,7 @@ class TiffSlideSlide(Slide):
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         super().__init__(path, mpp)
-        handle = self._open()
+        handle = self._get_handle()
         try:
             series = handle.ts_tifffile.series[int(handle.properties.get("tiffslide.series-index") or 0)]
             tiled = bool(series.levels[0].keyframe.is_tiled)
@@ -51,7 +50,7 @@ class TiffSlideSlide(Slide):
         )
         self.vendor = self.properties.get("tiffslide.vendor")
 
-    def _open(self) -> Any:
+    def _open_handle(self) -> Any:
         import tiffslide
 
         try:
@@ -60,14 +59,7 @@ class TiffSlideSlide(Slide):
             raise SlideReadError(
                 f"{self.path}: tiffslide cannot open it ({type(exc).__name__}: {exc})"
             ) from exc
-        self._handle = handle
-        self._pid = os.getpid()
         return handle
-
-    def _get_handle(self) -> Any:
-        if getattr(self, "_handle", None) is None or self._pid != os.getpid():
-            self._open()
-        return self._handle
 
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         ds = self.level_downsamples[level]
@@ -87,14 +79,3 @@ class TiffSlideSlide(Slide):
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[..., 0]
         return np.ascontiguousarray(composite_on_white(arr))
-
-    def close(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None and self._pid == os.getpid():
-            handle.close()
-        self._handle = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handle"] = None
-        return state
