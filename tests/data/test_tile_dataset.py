@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -221,3 +222,31 @@ def test_from_trident_file(slide_path: Path, tmp_path: Path) -> None:
     with open_slide(slide_path) as s:
         ref = cv2.resize(s.read_region((256, 0), 0, (256, 256)), (128, 128), interpolation=cv2.INTER_AREA)
     np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), ref)
+
+
+@pytest.mark.parametrize(
+    ("extra", "dims"),
+    [({}, (4442, 3566)), ({"level0_dim": np.array([4443, 3567])}, (4443, 3567))],
+)
+def test_clam_file_on_tcga_level1(shared_data: Path, tmp_path: Path, extra: dict, dims: tuple) -> None:
+    # TCGA: 4443 x 3567 with level 1 2221 x 1783; level_dim * downsample misses level 0 by a pixel
+    slide = shared_data / "tcga-cr-7395-01a-01-ts1.svs"
+    coords = np.array([[0, 0], [2048, 1536]])
+    attrs = {
+        "patch_size": 256,
+        "patch_level": 1,
+        "downsample": np.array([2.0, 2.0]),
+        "downsampled_level_dim": np.array([2221, 1783]),
+        "level_dim": np.array([2221, 1783]),
+        **extra,
+    }
+    path = _write_h5(tmp_path / "tcga.h5", coords, attrs)
+    ds = TileDataset.from_coords_file(slide, path, mpp=0.25)
+    assert ds.spec.level0_dims == dims and ds.spec.target_mpp == pytest.approx(0.5)
+    img, _ = ds[1]  # the geometry check tolerates one downsample
+    with open_slide(slide) as s:
+        ref = s.read_region((2048, 1536), 1, (256, 256))
+    np.testing.assert_array_equal(img.permute(1, 2, 0).numpy(), ref)
+    off = TileDataset(slide, coords, dataclasses.replace(ds.spec, level0_dims=(4439, 3567)), mpp=0.25)
+    with pytest.raises(ValueError, match="4439x3567 slide but this slide is 4443x3567"):
+        off[0]  # more than one downsample off: another slide

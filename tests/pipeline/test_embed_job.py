@@ -306,3 +306,42 @@ def test_resolution_mismatch_warns_once(tiling, tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records if "expects" in r.getMessage()]
     assert len(msgs) == 1
     assert "2 um/px" in msgs[0] and "1 um/px" in msgs[0] and "--target-mpp 1" in msgs[0]
+
+
+def _clam_file(path: Path, coords: list, level: int, ds: float, level_dim: tuple[int, int]) -> None:
+    """A coordinate file as CLAM's create_patches_fp writes it (no physical resolution)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+        for k, v in {"patch_size": 64, "patch_level": level, "downsample": np.array([ds, ds]),
+                     "downsampled_level_dim": np.array(level_dim), "level_dim": np.array(level_dim)}.items():  # fmt: skip
+            d.attrs[k] = v
+
+
+def test_clam_coords_take_the_slide_metadata_mpp(shared_data, tmp_path, caplog):
+    pdir, slides = tmp_path / "clam", tmp_path / "slides"
+    slides.mkdir()
+    for name in ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"):
+        (slides / name).symlink_to(shared_data / name)
+    _clam_file(pdir / "cmu-1-small-region.h5", [[512, 512], [1024, 1024]], 0, 1.0, (2220, 2967))
+    _clam_file(pdir / "tcga-cr-7395-01a-01-ts1.h5", [[0, 0], [2048, 1536]], 1, 2.0, (2221, 1783))
+
+    def target_mpp(out: Path, sid: str) -> float:
+        with h5py.File(out / "h5_files" / f"{sid}.h5") as f:
+            return float(f["features"].attrs["target_mpp"])
+
+    with caplog.at_level(logging.WARNING, logger="gigaslide.pipeline.embed_job"):
+        s = run_embedding(pdir, tiny_encoder(), tmp_path / "o1", slides=slides, device="cpu", progress=False)
+    assert s.n_done == 2 and s.n_failed == 0
+    assert target_mpp(tmp_path / "o1", "cmu-1-small-region") == pytest.approx(0.499)  # from its metadata
+    assert np.isnan(target_mpp(tmp_path / "o1", "tcga-cr-7395-01a-01-ts1"))  # no metadata mpp
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("cmu-1-small-region: tiles are at 0.499 um/px" in m and "expects 1 um/px" in m for m in msgs)
+    [unknown] = [m for m in msgs if "no mpp metadata" in m]
+    assert "tcga-cr-7395-01a-01-ts1.svs" in unknown and "--slide-mpp" in unknown
+    # --slide-mpp fills in for the slide without metadata (level 1 of 0.25 um/px: 0.5 um/px tiles)
+    s = run_embedding(pdir, tiny_encoder(), tmp_path / "o2", slides=slides, slide_mpp=0.25, device="cpu",
+                      progress=False)  # fmt: skip
+    assert s.n_done == 2
+    assert target_mpp(tmp_path / "o2", "tcga-cr-7395-01a-01-ts1") == pytest.approx(0.5)
+    assert target_mpp(tmp_path / "o2", "cmu-1-small-region") == pytest.approx(0.499)  # metadata wins

@@ -23,7 +23,19 @@ def _touch(*paths: Path) -> None:
 
 def test_single_file(tmp_path) -> None:
     _touch(tmp_path / "a.svs")
-    assert collect_slides(tmp_path / "a.svs", slide_mpp=0.25) == [SlideInput("a", tmp_path / "a.svs", 0.25)]
+    # --slide-mpp is a fallback for files without mpp metadata, never an override
+    assert collect_slides(tmp_path / "a.svs", slide_mpp=0.25) == [
+        SlideInput("a", tmp_path / "a.svs", None, default_mpp=0.25)
+    ]
+
+
+def test_plain_images_beside_slides_are_skipped(tmp_path, caplog) -> None:
+    _touch(tmp_path / "s1.svs", tmp_path / "s1.png", tmp_path / "label.jpg")
+    assert [s.path.name for s in collect_slides(tmp_path)] == ["s1.svs"]
+    assert "skipping 2 plain image(s)" in caplog.text and "s1.png" in caplog.text
+    only_images = tmp_path / "pngs"
+    _touch(only_images / "a.png", only_images / "b.jpg")
+    assert [s.slide_id for s in collect_slides(only_images)] == ["a", "b"]
 
 
 def test_folder_filters_extensions_and_sorts(tmp_path) -> None:
@@ -41,8 +53,8 @@ def test_csv_with_ids_mpp_and_relative_paths(tmp_path) -> None:
     (tmp_path / "list.csv").write_text("path,slide_id,mpp\nslides/x.svs,case-1,0.5\nslides/y.svs,,\n")
     slides = collect_slides(tmp_path / "list.csv", slide_mpp=0.25)
     assert slides == [
-        SlideInput("case-1", tmp_path / "slides" / "x.svs", 0.5),  # the CSV's mpp wins
-        SlideInput("y", tmp_path / "slides" / "y.svs", 0.25),  # --slide-mpp fills the gap
+        SlideInput("case-1", tmp_path / "slides" / "x.svs", 0.5, 0.25),  # the CSV's mpp overrides
+        SlideInput("y", tmp_path / "slides" / "y.svs", None, 0.25),  # --slide-mpp only fills a gap
     ]
 
 
@@ -295,3 +307,43 @@ def test_crashing_worker_is_recorded(synth_slides: list[SlideInput], tmp_path: P
     assert set(summary.failed) == {"s0", "s1"} and summary.done == []
     assert all(err.startswith("WorkerCrashed:") for err in summary.failed.values())
     assert {r["status"] for r in Manifest(out / "manifest.csv").rows.values()} == {"failed"}
+
+
+def test_upsampled_tiles_warned_in_manifest(
+    synth_slides: list[SlideInput], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gigaslide.preprocess.tiling as tiling
+
+    out = tmp_path / "out"
+    summary = run_tiling(synth_slides[:1], out, target_mpp=0.25, tile_size=128, progress=False)
+    assert summary.done == ["s0"] and summary.failed == {}  # warned, not refused
+    row = Manifest(out / "manifest.csv").rows["s0"]
+    assert row["status"] == "done" and int(row["n_tiles"]) > 0
+    assert row["warning"].startswith("tiles are upsampled x2 from level 0")
+    assert summary.warnings["s0"] == row["warning"]
+    assert read_coords(out / "patches" / "s0.h5").spec.read_size == 64
+    # a region warning is appended after '; '
+    monkeypatch.setattr(tiling, "tile_regions", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    run_tiling(synth_slides[:1], out, target_mpp=0.25, tile_size=128, region_size=512, progress=False)
+    up, regions = Manifest(out / "manifest.csv").rows["s0"]["warning"].split("; ")
+    assert up.startswith("tiles are upsampled x2") and regions == "no regions written: RuntimeError: boom"
+
+
+def test_slide_mpp_never_overrides_metadata(shared_data: Path, tmp_path: Path, caplog) -> None:
+    """--slide-mpp fills in for the TCGA slide (no metadata) but leaves CMU-1's 0.499 alone."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"):
+        (folder / name).symlink_to(shared_data / name)
+    summary = run_tiling(collect_slides(folder, slide_mpp=0.25), tmp_path / "out", progress=False)
+    assert summary.ok
+    rows = {r["slide_id"]: r for r in Manifest(tmp_path / "out" / "manifest.csv").rows.values()}
+    assert float(rows["cmu-1-small-region"]["mpp"]) == pytest.approx(0.499)
+    assert float(rows["tcga-cr-7395-01a-01-ts1"]["mpp"]) == pytest.approx(0.25)
+    assert Path(rows["cmu-1-small-region"]["path"]).is_absolute()
+    # an explicit per-slide mpp does override, with a warning naming both values
+    from gigaslide.io import open_slide
+
+    with open_slide(folder / "cmu-1-small-region.svs", mpp=0.25) as s:
+        assert s.mpp == 0.25
+    assert "overrides the file's own 0.499" in caplog.text

@@ -92,3 +92,17 @@ def test_hipt_region_subtiles_are_region_blocks(hipt_slide: Path) -> None:
         np.testing.assert_array_equal(
             tiles.read_tile(k), region[r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256]
         )
+
+
+def test_tiling_finer_than_level0_warns_but_tiles(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_synthetic_slide(tmp_path / "u.tiff", width=512, height=384, mpp=0.5, seed=1)
+    with open_slide(path) as slide, caplog.at_level("WARNING", logger="gigaslide.preprocess.tiling"):
+        res = tile_slide(slide, 0.25, 128, min_tissue=0.1)  # 128 px tiles from 64 level-0 px
+        assert (res.spec.read_level, res.spec.read_size) == (0, 64) and res.n_tiles > 0
+        assert res.warning.startswith("tiles are upsampled x2 from level 0")
+        assert "--target-mpp 0.5" in res.warning
+        assert [r.getMessage() for r in caplog.records] == [f"{path}: {res.warning}"]
+        caplog.clear()
+        for target in (0.5, 0.496):  # at level 0, or finer by less than 1%: no warning
+            assert tile_slide(slide, target, 128, min_tissue=0.1).warning == ""
+        assert caplog.records == []

@@ -14,6 +14,7 @@ none can, :class:`SlideReadError` lists every backend's reason.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from gigaslide.io.image_backend import ImageSlide
 from gigaslide.io.openslide_backend import OpenSlideSlide
 from gigaslide.io.tiff_direct import TiffDirectSlide
 from gigaslide.io.tiffslide_backend import TiffSlideSlide
+
+logger = logging.getLogger(__name__)
 
 BackendFactory = Callable[..., Slide]
 
@@ -145,13 +148,20 @@ def _open_with(info: BackendInfo, path: Path, mpp: float | None) -> Slide:
     return slide
 
 
-def open_slide(path: str | Path, mpp: float | None = None, backend: str | None = None) -> Slide:
+def open_slide(
+    path: str | Path,
+    mpp: float | None = None,
+    backend: str | None = None,
+    default_mpp: float | None = None,
+) -> Slide:
     """Open a whole-slide image (or plain image) for reading.
 
     Args:
         path: the slide file.
-        mpp: level-0 microns per pixel; when given it overrides the file's metadata.
+        mpp: level-0 microns per pixel; when given it overrides the file's metadata (a warning is
+            logged when the two differ by more than 1%).
         backend: a name from :func:`list_backends`; None chooses automatically.
+        default_mpp: level-0 mpp used only when the file has none (``--slide-mpp``).
 
     Raises:
         SlideReadError: the file is missing or no (or the requested) backend can read it;
@@ -160,8 +170,23 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str | None =
         ValueError: unknown backend name, or an invalid ``mpp``.
     """
     path = Path(path)
-    if mpp is not None and (not math.isfinite(float(mpp)) or float(mpp) <= 0):
-        raise ValueError(f"{path}: mpp must be a positive number of microns per pixel, got {mpp!r}")
+    for name, value in (("mpp", mpp), ("default_mpp", default_mpp)):
+        if value is not None and (not math.isfinite(float(value)) or float(value) <= 0):
+            raise ValueError(f"{path}: {name} must be a positive number of microns per pixel, got {value!r}")
+    slide = _open_any(path, mpp, backend)
+    if mpp is not None and slide.metadata_mpp and abs(float(mpp) / slide.metadata_mpp - 1.0) > 0.01:
+        logger.warning(
+            "%s: the given mpp %.4g overrides the file's own %.4g um/px",
+            path,
+            float(mpp),
+            slide.metadata_mpp,
+        )
+    if slide.mpp is None and default_mpp is not None:
+        slide._mpp_override = float(default_mpp)
+    return slide
+
+
+def _open_any(path: Path, mpp: float | None, backend: str | None) -> Slide:
     if backend is not None:
         info = _lookup(backend)
         reason = backend_unavailable_reason(info.name)

@@ -34,6 +34,7 @@ class SlideJob:
     mpp: float | None = None
     n_tiles: int = 0
     error: str = ""  # a problem found while listing (e.g. no matching slide file)
+    default_mpp: float | None = None  # --slide-mpp: used only when neither the file nor a CSV gives one
 
 
 def _h5_rows(path: Path) -> int:
@@ -113,7 +114,7 @@ def discover_jobs(
                 )
             else:
                 err = ""
-            jobs.append(SlideJob(sid, cpath, spath, mpp, _h5_rows(cpath), err))
+            jobs.append(SlideJob(sid, cpath, spath, mpp, _h5_rows(cpath), err, slide_mpp))
     else:
         pdir = root / "patches" if (root / "patches").is_dir() else root
         files = sorted(p for p in pdir.glob("*.h5") if not p.name.startswith("."))
@@ -132,6 +133,8 @@ def discover_jobs(
             s = by_id.get(sid)
             err = "" if s is not None else _no_slide_message(sid, cpath, slides)
             jobs.append(
-                SlideJob(sid, cpath, s.path if s else None, s.mpp if s else slide_mpp, _h5_rows(cpath), err)
+                SlideJob(
+                    sid, cpath, s.path if s else None, s.mpp if s else None, _h5_rows(cpath), err, slide_mpp
+                )
             )
     return sorted(jobs, key=lambda j: j.slide_id)

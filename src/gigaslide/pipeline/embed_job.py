@@ -11,6 +11,7 @@ job carries on. Under ``torchrun`` slides are sharded over global ranks; each ra
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -46,7 +47,7 @@ from gigaslide.pipeline.extract import (
     warn_half_precision_on_cpu,
     weights_identity,
 )
-from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.preprocess.coords_io import CoordsFile, read_coords
 from gigaslide.utils import dist as gdist
 from gigaslide.utils.atomic import atomic_path, atomic_write_text
 from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
@@ -211,12 +212,43 @@ class _Embedder:
                 want,
             )
 
+    def read_job_coords(self, job: SlideJob) -> CoordsFile:
+        """The job's coordinates, with the tile resolution whenever it can be known.
+
+        CLAM files store no physical resolution: without an mpp for the slide (``--slides`` CSV),
+        the slide's metadata mpp is used, else ``--slide-mpp``; if none exists a warning says so.
+        """
+        cf = None
+        if job.mpp is None:
+            with contextlib.suppress(ValueError):  # TRIDENT files without a magnification need an mpp
+                cf = read_coords(job.coords_path)
+        if cf is not None and np.isfinite(cf.spec.slide_mpp):
+            return cf
+        mpp = job.mpp
+        if mpp is None:
+            from gigaslide.io import open_slide
+
+            assert job.slide_path is not None
+            with open_slide(job.slide_path, default_mpp=job.default_mpp) as slide:
+                mpp = slide.mpp
+        cf = read_coords(job.coords_path, slide_mpp=mpp)
+        if not np.isfinite(cf.spec.slide_mpp):
+            log.warning(
+                "%s: the coordinates %s store no physical resolution (CLAM) and the slide %s has no mpp "
+                "metadata: the tile resolution is unknown and the encoder-resolution check is skipped; "
+                "pass --slide-mpp UM_PER_PX (or an `mpp` column in the --slides CSV)",
+                job.slide_id,
+                job.coords_path,
+                job.slide_path,
+            )
+        return cf
+
     def run_slide(self, job: SlideJob, pbar: tqdm) -> SlideResult:
         t0 = time.perf_counter()
         if job.error:
             raise EmbedInputError(job.error)
         assert job.slide_path is not None
-        cf = read_coords(job.coords_path, slide_mpp=job.mpp)
+        cf = self.read_job_coords(job)
         coords = cf.coords  # (N, 2)
         n = int(coords.shape[0])
         self.check_resolution(job.slide_id, cf.spec.target_mpp)

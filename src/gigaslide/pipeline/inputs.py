@@ -35,11 +35,16 @@ class SlideListError(ValueError):
 
 @dataclass(frozen=True)
 class SlideInput:
-    """One slide of a batch: its id (output file names), path and optional level-0 mpp."""
+    """One slide of a batch: its id (output file names), path and optional level-0 mpp.
+
+    ``mpp`` (a CSV ``mpp`` column) overrides the file's metadata; ``default_mpp`` (``--slide-mpp``)
+    is used only when the file has none.
+    """
 
     slide_id: str
     path: Path
     mpp: float | None = None
+    default_mpp: float | None = None
 
 
 def is_slide_file(path: Path) -> bool:
@@ -117,6 +122,29 @@ def _from_csv(csv_path: Path) -> list[SlideInput]:
     return slides
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def _drop_images_beside_slides(folder: Path, files: list[Path]) -> list[Path]:
+    """In a folder of whole-slide images, PNG/JPEG files are thumbnails or label images, not slides.
+
+    They are skipped (and named in a log message) when the folder holds any other slide format;
+    a folder of only plain images is kept as it is.
+    """
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images or len(images) == len(files):
+        return files
+    shown = ", ".join(p.name for p in images[:5]) + (f" (+{len(images) - 5} more)" if len(images) > 5 else "")
+    logger.warning(
+        "%s: skipping %d plain image(s) next to the whole-slide images (%s); list them in a CSV "
+        "to tile them as slides",
+        folder,
+        len(images),
+        shown,
+    )
+    return [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+
+
 def collect_slides(input: str | os.PathLike[str], slide_mpp: float | None = None) -> list[SlideInput]:
     """List the slides of a batch.
 
@@ -124,7 +152,8 @@ def collect_slides(input: str | os.PathLike[str], slide_mpp: float | None = None
         input: a slide file, a folder (its files with a slide extension, not recursive, sorted by
             name), or a ``.csv`` with a ``path`` column and optional ``slide_id``/``mpp`` columns
             (relative paths are relative to the CSV's folder, never the current directory).
-        slide_mpp: level-0 mpp applied to every slide that has none from the CSV.
+        slide_mpp: level-0 mpp for slides whose file has no mpp metadata and whose CSV row gives
+            none (stored as ``default_mpp``: it never overrides a file's own value).
 
     Returns:
         One :class:`SlideInput` per slide; ``slide_id`` defaults to the file stem.
@@ -144,15 +173,16 @@ def collect_slides(input: str | os.PathLike[str], slide_mpp: float | None = None
             raise SlideListError(
                 f"{src}: no slide files in this folder (extensions: {' '.join(SLIDE_EXTENSIONS)})"
             )
-        slides = [SlideInput(p.stem, p, None) for p in files]
+        files = _drop_images_beside_slides(src, files)
+        slides = [SlideInput(p.stem, p.resolve(), None) for p in files]
     elif src.suffix.lower() == ".csv":
         slides = _from_csv(src)
         if not slides:
             raise SlideListError(f"{src}: the slide list is empty")
     else:
-        slides = [SlideInput(src.stem, src, None)]
+        slides = [SlideInput(src.stem, src.resolve(), None)]
     if slide_mpp is not None:
-        slides = [s if s.mpp is not None else SlideInput(s.slide_id, s.path, slide_mpp) for s in slides]
+        slides = [SlideInput(s.slide_id, s.path, s.mpp, slide_mpp) for s in slides]
     dupes = {k: n for k, n in Counter(s.slide_id for s in slides).items() if n > 1}
     if dupes:
         listing = "; ".join(

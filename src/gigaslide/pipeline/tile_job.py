@@ -179,10 +179,17 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
     out = Path(out_dir)
     paths = output_paths(out, slide.slide_id)
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"path": str(slide.path), "mpp": slide.mpp, "n_tiles": "", "n_regions": ""}
+    row: dict[str, Any] = {
+        "path": str(Path(slide.path).resolve()),
+        "mpp": slide.mpp,
+        "n_tiles": "",
+        "n_regions": "",
+    }
     warning = ""
     try:
-        with open_slide(slide.path, mpp=slide.mpp, backend=params.backend) as s:
+        with open_slide(
+            slide.path, mpp=slide.mpp, backend=params.backend, default_mpp=slide.default_mpp
+        ) as s:
             row["backend"] = s.backend
             row["mpp"] = s.mpp
             tiles = tile_slide(
@@ -193,10 +200,14 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
                 min_tissue=params.min_tissue,
                 tissue_params=params.tissue_params,
             )
+            warning = tiles.warning  # e.g. tiles upsampled from level 0
             atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
             attrs = {"slide_id": slide.slide_id, "slide_path": str(slide.path)}
             if params.region_size:
-                row["n_regions"], warning = _write_regions(s, slide, tiles.tissue, paths["regions"], params)
+                row["n_regions"], region_warning = _write_regions(
+                    s, slide, tiles.tissue, paths["regions"], params
+                )
+                warning = "; ".join(w for w in (warning, region_warning) if w)
             if params.preview:
                 from gigaslide.preprocess.preview import render_preview
 
@@ -307,7 +318,7 @@ def clean_stale_temp(out_dir: Path) -> int:
 
 def _crashed_row(slide: SlideInput) -> dict[str, Any]:
     return {
-        "path": str(slide.path),
+        "path": str(Path(slide.path).resolve()),
         "mpp": slide.mpp,
         "status": STATUS_FAILED,
         "error": "WorkerCrashed: the worker process died while reading this slide "

@@ -11,6 +11,7 @@ The same machinery produces HIPT's 4096 px regions (``tile_slide(..., tile_size=
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
     from gigaslide.io.base import Slide
     from gigaslide.preprocess.tissue import TissueMask, TissueParams
 
+logger = logging.getLogger(__name__)
+
 FRACTION_EPS = 1e-6  # tolerance on tissue fractions
+UPSAMPLE_TOLERANCE = 1.01  # a target finer than level 0 by more than 1% upsamples every tile
 
 
 class NoTissueError(ValueError):
@@ -48,6 +52,7 @@ class TilingResult:
     spec: TileSpec
     tissue_fraction: np.ndarray  # (N,) float32 tissue fraction of each kept tile
     tissue: TissueMask
+    warning: str = ""  # e.g. tiles upsampled from level 0 (see :func:`upsampling_warning`)
 
     @property
     def n_tiles(self) -> int:
@@ -82,6 +87,23 @@ def select_tiles(fractions: np.ndarray, min_tissue: float) -> np.ndarray:
     if min_tissue <= 0:
         return fractions > FRACTION_EPS
     return fractions >= min_tissue - FRACTION_EPS
+
+
+def upsampling_warning(spec: TileSpec) -> str:
+    """Why the tiles of ``spec`` are interpolated, or ``""`` when level 0 is fine enough.
+
+    A target resolution finer than level 0 (``slide_mpp > target_mpp * 1.01``) makes every
+    tile an upscale of fewer level-0 pixels: no real detail is added.
+    """
+    if not spec.slide_mpp > spec.target_mpp * UPSAMPLE_TOLERANCE:
+        return ""
+    factor = spec.slide_mpp / spec.target_mpp
+    return (
+        f"tiles are upsampled x{factor:.3g} from level 0 (target {spec.target_mpp:g} um/px is finer than "
+        f"the slide's {spec.slide_mpp:g} um/px, each {spec.tile_size} px tile is read from "
+        f"{spec.read_size} level-0 px): they hold no detail beyond level 0, use --target-mpp "
+        f"{spec.slide_mpp:g} or coarser to tile at the scanned resolution"
+    )  # no ';': the tiling manifest joins warnings with '; '
 
 
 def make_spec(
@@ -130,6 +152,9 @@ def tile_slide(
     Raises:
         MissingMPPError: the slide has no mpp; the message says how to pass one.
         NoTissueError: no tile reached ``min_tissue``.
+
+    Tiling finer than level 0 is allowed but logged as a WARNING and recorded in
+    ``TilingResult.warning`` (see :func:`upsampling_warning`).
     """
     spec = make_spec(slide, target_mpp, tile_size, stride=stride, min_tissue=min_tissue)
     if tissue is None:
@@ -142,7 +167,12 @@ def tile_slide(
     if not keep.any():
         best = float(fractions.max()) if fractions.size else 0.0
         raise NoTissueError(slide.path, spec.min_tissue, int(grid.shape[0]), best)
-    return TilingResult(coords=grid[keep], spec=spec, tissue_fraction=fractions[keep], tissue=tissue)
+    warning = upsampling_warning(spec)
+    if warning:
+        logger.warning("%s: %s", slide.path, warning)
+    return TilingResult(
+        coords=grid[keep], spec=spec, tissue_fraction=fractions[keep], tissue=tissue, warning=warning
+    )
 
 
 # -- HIPT regions ------------------------------------------------------------------------

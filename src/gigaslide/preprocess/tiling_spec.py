@@ -211,7 +211,11 @@ class TileSpec:
             ds_xy = [float(v) for v in ds_attr] if hasattr(ds_attr, "__len__") else [float(ds_attr)] * 2
             ds = ds_xy[0]
             level0_size = round(patch_size * ds)
-            if level_dim is not None:  # CLAM's level_dim is the size of `patch_level`: scale to level 0
+            if attrs.get("level0_dim") is not None:  # exact, when the writer stored it
+                level_dim = attrs["level0_dim"]
+            elif level_dim is not None:
+                # CLAM's level_dim is the size of `patch_level`: scaled to level 0 it may be off by up
+                # to one downsample (e.g. 4442 x 3566 for 4443 x 3567); TileDataset tolerates that
                 level_dim = [level_dim[0] * ds_xy[0], level_dim[1] * ds_xy[-1]]
             mpp = float(slide_mpp) if slide_mpp is not None else float("nan")
             return cls(
