@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     "detect_tissue": "gigaslide.preprocess.tissue",
     "TissueParams": "gigaslide.preprocess.tissue",
     "tile_slide": "gigaslide.preprocess.tiling",
+    "tile_regions": "gigaslide.preprocess.tiling",
     "read_coords": "gigaslide.preprocess.coords_io",
     "write_coords": "gigaslide.preprocess.coords_io",
     "TileDataset": "gigaslide.data.tile_dataset",

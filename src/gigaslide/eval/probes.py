@@ -99,8 +99,12 @@ def knn_predict_proba(
     metric: str = "cosine",
     weighting: str = "uniform",
     temperature: float = 0.07,
+    fold: int | None = None,
 ) -> np.ndarray:
     """(M, C) class probabilities of (M, E) test rows from their ``k`` nearest (N, E) training rows.
+
+    ``k`` larger than the N training rows is clamped to N with a WARNING naming ``fold``: with
+    uniform weighting every prediction is then the training-set class prior.
 
     ``metric="cosine"`` (L2-normalised dot product) or ``"euclidean"``; ``weighting="uniform"``
     (fraction of votes) or ``"distance"`` (``exp(sim / temperature)`` for cosine, ``1 / d`` for
@@ -108,7 +112,17 @@ def knn_predict_proba(
     """
     if X_train.shape[0] == 0:
         raise ValueError("KNN needs at least one training slide")
-    k = int(min(k, X_train.shape[0]))
+    n_train = int(X_train.shape[0])
+    if k > n_train:
+        log.warning(
+            "%sKNN k=%d exceeds the %d training slide(s); using k=%d: every test slide then votes over "
+            "(almost) the whole training set, so predictions approach the class prior; lower --k",
+            "" if fold is None else f"fold {fold}: ",
+            k,
+            n_train,
+            n_train,
+        )
+    k = int(min(k, n_train))
     if metric == "cosine":
         a, b = normalize_features(X_train, X_test, method="l2")
         sim = b @ a.T  # (M, N)
@@ -422,6 +436,7 @@ def run_probe(
                 probs = knn_predict_proba(
                     X[sp.train], y[sp.train], X[sp.test], n_cls,
                     k=kw.get("k", 20), metric=kw.get("metric", "cosine"), weighting=kw.get("weighting", "uniform"),
+                    fold=sp.fold,
                 )  # fmt: skip
                 hp: dict[str, Any] = {"hp_k": int(min(kw.get("k", 20), sp.train.size))}
             else:
