@@ -143,3 +143,26 @@ def test_unusable_validation_set_warned_and_recorded(caplog: pytest.LogCaptureFi
     assert [r.getMessage() for r in caplog.records] == [f"WARNING {w[0]}", f"WARNING {w[1]}"]
     knn = run_probe(X, ids, df, bad, method="knn", k=5)  # KNN never uses the validation set
     assert [r["val_warning"] for r in knn.per_fold] == [None, None]
+
+
+def test_knn_k_clamped_to_training_set_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    X, ids, df = _data(n=40)
+    splits = kfold_splits(df, n_folds=4, seed=0)
+    with caplog.at_level("WARNING", logger="gigaslide.eval.probes"):
+        res = run_probe(X, ids, df, splits, method="knn", k=100)
+    msgs = [r.getMessage() for r in caplog.records if "KNN" in r.getMessage()]
+    assert len(msgs) == 4
+    for sp, fold, msg in zip(splits, res.per_fold, msgs):
+        n = len(sp.train)
+        assert fold["hp_k"] == n < 100
+        assert msg.startswith(f"fold {sp.fold}: KNN k=100 exceeds the {n} training slide(s); using k={n}")
+        assert "class prior" in msg and "--k" in msg
+    # uniform votes over the whole training set: every test slide gets the training class prior
+    sp0 = res.predictions[res.predictions.fold == splits[0].fold]
+    train_labels = df.set_index("slide_id").loc[splits[0].train, "label"]
+    prior = np.bincount(train_labels, minlength=2) / len(train_labels)
+    np.testing.assert_allclose(sp0[["prob_0", "prob_1"]].to_numpy(), np.tile(prior, (len(sp0), 1)))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gigaslide.eval.probes"):
+        run_probe(X, ids, df, splits, method="knn", k=5)
+    assert not [r for r in caplog.records if "KNN" in r.getMessage()]

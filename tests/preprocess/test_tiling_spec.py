@@ -165,7 +165,12 @@ def test_unknown_attrs_rejected(tmp_path) -> None:
 
 
 def test_clam_level0_dim_preferred_over_scaled_level_dim(tmp_path) -> None:
-    attrs = {"patch_size": 256, "patch_level": 1, "downsample": np.array([2.0, 2.0]), "level_dim": [2221, 1783]}
+    attrs = {
+        "patch_size": 256,
+        "patch_level": 1,
+        "downsample": np.array([2.0, 2.0]),
+        "level_dim": [2221, 1783],
+    }
     _write_h5(tmp_path / "a.h5", [[0, 0]], attrs)
     assert read_coords(tmp_path / "a.h5", slide_mpp=0.25).spec.level0_dims == (4442, 3566)  # 2221 * 2.0
     _write_h5(tmp_path / "b.h5", [[0, 0]], {**attrs, "level0_dim": np.array([4443, 3567])})

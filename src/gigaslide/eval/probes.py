@@ -115,8 +115,8 @@ def knn_predict_proba(
     n_train = int(X_train.shape[0])
     if k > n_train:
         log.warning(
-            "%sKNN k=%d exceeds the %d training slide(s); using k=%d: every test slide then votes over "
-            "(almost) the whole training set, so predictions approach the class prior; lower --k",
+            "%sKNN k=%d exceeds the %d training slide(s); using k=%d: every test slide votes over the whole "
+            "training set (with uniform weighting each prediction is the training class prior); lower --k",
             "" if fold is None else f"fold {fold}: ",
             k,
             n_train,
