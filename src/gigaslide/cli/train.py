@@ -50,7 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="validation cases (0.1): fraction of the training cases (k-fold) or of all cases (Monte Carlo)",
     )
     p.add_argument(
-        "--train-fraction", type=float, default=None, help="fraction of each training fold kept, e.g. 0.25 for HIPT's data-efficiency runs (default 1.0)"
+        "--train-fraction",
+        type=float,
+        default=None,
+        help="fraction of each training fold kept, e.g. 0.25 for HIPT's data-efficiency runs (default 1.0)",
     )
     p.add_argument("--few-shot", type=int, default=None, metavar="N", help="N training slides per class")
     p.add_argument("--splits", type=Path, default=None, help="folder of CLAM splits_<k>.csv files to use")
