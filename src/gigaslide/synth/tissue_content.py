@@ -178,7 +178,7 @@ class SlideLayout:
 
         fib = self._fibres(x0, y0, w, h)
         normal = 1.0 - tum
-        eos = 0.24 + 0.34 * fib
+        eos = 0.28 + 0.2 * fib  # soft fibre contrast: collagen bands, not contour lines
         hem = np.full((h, w), 0.05, dtype=np.float32)
         epi = glands == 1
         lumen = glands == 2
