@@ -26,3 +26,23 @@ def test_cli_lists_every_subcommand() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(SUBCOMMANDS)
+
+
+SUBPACKAGES = ["gigaslide.data", "gigaslide.models", "gigaslide.preprocess"]
+
+
+@pytest.mark.parametrize(
+    ("package", "name"),
+    [(pkg, n) for pkg in SUBPACKAGES for n in sorted(importlib.import_module(pkg)._LAZY)],
+)
+def test_subpackage_lazy_exports(package: str, name: str) -> None:
+    pkg = importlib.import_module(package)
+    expected = getattr(importlib.import_module(pkg._LAZY[name]), name)
+    assert getattr(pkg, name) is expected
+    assert name in vars(pkg)  # cached on the package after the first access
+
+
+@pytest.mark.parametrize("package", SUBPACKAGES)
+def test_subpackage_unknown_name(package: str) -> None:
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nope'"):
+        importlib.import_module(package).nope  # noqa: B018

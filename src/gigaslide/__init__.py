@@ -13,8 +13,7 @@ The most used entry points are importable from the top level (loaded lazily, so
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gigaslide._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -45,13 +44,7 @@ _LAZY: dict[str, str] = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gigaslide' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

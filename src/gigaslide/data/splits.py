@@ -182,6 +182,24 @@ def _slides_of(df: pd.DataFrame, cases: set[str], id_col: str, group_col: str) -
     return df.loc[mask, id_col].astype(str).tolist()
 
 
+def _split_of_cases(
+    df: pd.DataFrame,
+    fold: int,
+    train: set[str],
+    val: set[str],
+    test: set[str],
+    id_col: str,
+    group_col: str,
+) -> Split:
+    """A :class:`Split` listing the slides of the given train/val/test case sets."""
+    return Split(
+        fold=fold,
+        train=_slides_of(df, train, id_col, group_col),
+        val=_slides_of(df, val, id_col, group_col),
+        test=_slides_of(df, test, id_col, group_col),
+    )
+
+
 # ----------------------------------------------------------------------------- split makers
 
 
@@ -242,14 +260,7 @@ def kfold_splits(
         n_val = round(val_fraction * len(rest))
         val_cases = _pick_val(rest, n_val, rng, keys, task, enforce=val_fraction > 0)
         train_cases = set(rest.index) - val_cases
-        splits.append(
-            Split(
-                fold=k,
-                train=_slides_of(df, train_cases, id_col, group_col),
-                val=_slides_of(df, val_cases, id_col, group_col),
-                test=_slides_of(df, test_cases, id_col, group_col),
-            )
-        )
+        splits.append(_split_of_cases(df, k, train_cases, val_cases, test_cases, id_col, group_col))
     return splits
 
 
@@ -293,14 +304,7 @@ def monte_carlo_splits(
         n_val = round(val_fraction * len(cases))
         val_cases = _pick_val(rest, n_val, rng, keys, task, enforce=val_fraction > 0)
         train_cases = set(rest.index) - val_cases
-        out.append(
-            Split(
-                fold=k,
-                train=_slides_of(df, train_cases, id_col, group_col),
-                val=_slides_of(df, val_cases, id_col, group_col),
-                test=_slides_of(df, test_cases, id_col, group_col),
-            )
-        )
+        out.append(_split_of_cases(df, k, train_cases, val_cases, test_cases, id_col, group_col))
     return out
 
 

@@ -6,8 +6,7 @@ Submodules are imported on first use so ``import gigaslide.models`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gigaslide._lazy import lazy_getattr
 
 _LAZY = {
     "create_encoder": "gigaslide.models.encoders",
@@ -19,7 +18,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gigaslide.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

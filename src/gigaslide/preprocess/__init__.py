@@ -5,8 +5,7 @@ Public names are imported on first use so that importing the package stays cheap
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gigaslide._lazy import lazy_getattr
 
 _LAZY = {
     "TileSpec": "gigaslide.preprocess.tiling_spec",
@@ -23,7 +22,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'gigaslide.preprocess' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
