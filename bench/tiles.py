@@ -26,9 +26,10 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -209,6 +210,19 @@ def ceiling_sample(readers: Readers, n: int = 2000, threads: int = 1) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def drain(loader: Iterable[tuple[Any, Any]]) -> tuple[float, int, float, int]:
+    """Consume a tile loader: (total seconds, tiles, seconds after the first batch, tiles after it)."""
+    n = 0
+    t0 = time.perf_counter()
+    t_first, n_first = t0, 0
+    for images, _ in loader:
+        n += images.shape[0]
+        if n_first == 0:
+            t_first, n_first = time.perf_counter(), n
+    end = time.perf_counter()
+    return end - t0, n, end - t_first, n - n_first
+
+
 def dataloader_rate(
     path: Path, coords: np.ndarray, spec: object, workers: int, batch: int
 ) -> tuple[float, int, float, int]:
@@ -229,15 +243,7 @@ def dataloader_rate(
         persistent_workers=False,
         collate_fn=collate_tiles,
     )
-    n = 0
-    t0 = time.perf_counter()
-    t_first, n_first = t0, 0
-    for images, _ in loader:
-        n += images.shape[0]
-        if n_first == 0:
-            t_first, n_first = time.perf_counter(), n
-    end = time.perf_counter()
-    return end - t0, n, end - t_first, n - n_first
+    return drain(loader)
 
 
 def tileloader_rate(
@@ -253,15 +259,7 @@ def tileloader_rate(
     # as the embedding pipeline runs it: batch tensors recycled from a ring
     ds = TileDataset(path, coords, spec)
     loader = TileLoader(ds, batch_size=batch, num_threads=threads, reuse_buffers=True)
-    n = 0
-    t0 = time.perf_counter()
-    t_first, n_first = t0, 0
-    for images, _ in loader:
-        n += images.shape[0]
-        if n_first == 0:
-            t_first, n_first = time.perf_counter(), n
-    end = time.perf_counter()
-    return end - t0, n, end - t_first, n - n_first
+    return drain(loader)
 
 
 def wait_for(module_file: Path, timeout: float) -> bool:
