@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
@@ -54,35 +53,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gigaslide.pipeline.inputs import SlideListError, collect_slides
+    from gigaslide.pipeline.inputs import collect_slides
     from gigaslide.pipeline.tile_job import run_tiling
     from gigaslide.preprocess.tiling_spec import magnification_to_mpp
 
+    # bad input (missing path, bad CSV, invalid parameter) raises; cli.main prints it as one line, exit 2
     if args.magnification is not None:
         if args.magnification <= 0:
-            print("gigaslide tile: error: --magnification must be positive", file=sys.stderr)
-            return 2
+            raise ValueError("--magnification must be positive")
         target_mpp = magnification_to_mpp(args.magnification)
     else:
         target_mpp = args.target_mpp if args.target_mpp is not None else 0.5
-    try:
-        slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
-        summary = run_tiling(
-            slides,
-            args.out,
-            target_mpp=target_mpp,
-            tile_size=args.tile_size,
-            stride=args.stride,
-            min_tissue=args.min_tissue,
-            region_size=args.region_size,
-            region_min_tissue=args.region_min_tissue,
-            workers=args.workers,
-            backend=args.backend,
-            preview=args.preview,
-            progress=not args.no_progress,
-        )
-    except (FileNotFoundError, SlideListError, ValueError) as e:
-        print(f"gigaslide tile: error: {e}", file=sys.stderr)
-        return 2
+    slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
+    summary = run_tiling(
+        slides,
+        args.out,
+        target_mpp=target_mpp,
+        tile_size=args.tile_size,
+        stride=args.stride,
+        min_tissue=args.min_tissue,
+        region_size=args.region_size,
+        region_min_tissue=args.region_min_tissue,
+        workers=args.workers,
+        backend=args.backend,
+        preview=args.preview,
+        progress=not args.no_progress,
+    )
     print(summary.describe())
     return 0 if summary.ok else 1
