@@ -1,4 +1,4 @@
-"""The package's one-way layering: io -> preprocess -> data -> models -> (pipeline, train) -> eval -> cli.
+"""The package's one-way layering: io -> preprocess -> data -> models -> (pipeline, train, ssl) -> eval -> experiments -> cli.
 
 Every import between gigaslide subpackages (module level or inside functions) must point to a lower
 layer, or stay inside its own subpackage. ``models`` in particular never imports ``io``.
@@ -25,7 +25,8 @@ RANK = {
     "train": 5,
     "ssl": 5,
     "eval": 6,
-    "cli": 7,
+    "experiments": 7,
+    "cli": 8,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from gigaslide.data.bags import BagDataset
 from gigaslide.data.cohort import Cohort
 from gigaslide.data.features_io import write_features
-from gigaslide.eval.crossval import validation_metric
+from gigaslide.eval.validation import validation_metric
 from gigaslide.eval.metrics import classification_metrics, concordance_index
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig

@@ -180,7 +180,7 @@ def train_model(
 
     ``metric_fn(samples, logits) -> float`` scores the validation set each epoch (NaN when
     undefined); it is required when ``cfg.monitor == "metric"``. The evaluation layer provides
-    one per task (:func:`gigaslide.eval.crossval.validation_metric`).
+    one per task (:func:`gigaslide.eval.validation.validation_metric`).
 
     Randomness (bag order, tile draws, dropout) derives from ``cfg.seed``: the same seed, data and
     initial weights give identical results. Seed the model's initialisation before building it.
@@ -194,7 +194,7 @@ def train_model(
     objective = Objective(cfg, objective_bins)
     if cfg.monitor == "metric" and metric_fn is None:
         raise ValueError(
-            "cfg.monitor='metric' needs a metric_fn (e.g. gigaslide.eval.crossval.validation_metric)"
+            "cfg.monitor='metric' needs a metric_fn (e.g. gigaslide.eval.validation.validation_metric)"
         )
     if objective.use_cox and cfg.accum_steps < 2:
         raise ValueError(

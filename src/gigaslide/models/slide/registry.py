@@ -21,6 +21,13 @@ from torch import nn
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
+#: what a slide model takes as ``x`` in ``forward(x, coords=None, mask=None, labels=None)``:
+#: ``features`` (B, N, D) tile features (+ optional (B, N, 2) coords);
+#: ``features_coords`` (B, N, D) tile features whose (B, N, 2) level-0 coords are required;
+#: ``region_grids`` (B, M, T, D) token grids of M regions (mask (B, M, T));
+#: ``image`` (B, 3, H, W) pixels (mask: optional (B, H/p, W/p) token mask).
+INPUT_KINDS = ("features", "features_coords", "region_grids", "image")
+
 
 @dataclass(frozen=True)
 class SlideModelInfo:
@@ -33,6 +40,7 @@ class SlideModelInfo:
     produces_attention: bool
     accepts_coords: bool = False
     needs_coords: bool = False
+    input_kind: str = "features"
 
 
 _REGISTRY: dict[str, SlideModelInfo] = {}
@@ -46,12 +54,15 @@ def register_slide_model(
     produces_attention: bool,
     accepts_coords: bool = False,
     needs_coords: bool = False,
+    input_kind: str = "features",
 ) -> Callable[[F], F]:
     """Decorator registering a slide-model class or factory under ``name``.
 
     Raises:
         ValueError: if ``name`` is already registered (names are global; pick a new one).
     """
+    if input_kind not in INPUT_KINDS:
+        raise ValueError(f"slide model {name!r}: input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
     if needs_coords and not accepts_coords:
         raise ValueError(f"slide model {name!r}: needs_coords=True implies accepts_coords=True")
 
@@ -66,6 +77,7 @@ def register_slide_model(
             produces_attention=produces_attention,
             accepts_coords=accepts_coords,
             needs_coords=needs_coords,
+            input_kind=input_kind,
         )
         return factory
 

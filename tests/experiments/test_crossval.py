@@ -14,7 +14,7 @@ import torch
 from gigaslide.data.cohort import Cohort
 from gigaslide.data.features_io import write_features
 from gigaslide.data.splits import load_split_csvs
-from gigaslide.eval.crossval import run_crossval
+from gigaslide.experiments.crossval import run_crossval
 from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.train.config import TrainConfig
 
@@ -141,7 +141,7 @@ def test_unusable_validation_sets_warned_and_recorded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cohort = _cohort(tmp_path / "data")
-    with caplog.at_level("WARNING", logger="gigaslide.eval.crossval"):
+    with caplog.at_level("WARNING", logger="gigaslide.experiments.crossval"):
         res = run_crossval(
             cohort, "abmil", "classification", _cfg(val_fraction=0.0, epochs=2), tmp_path / "a"
         )
@@ -166,7 +166,7 @@ def test_unusable_validation_sets_warned_and_recorded(
     pad = lambda xs: xs + [""] * (n - len(xs))  # noqa: E731
     pd.DataFrame({"train": pad(train), "val": pad(val), "test": pad(test)}).to_csv(split_dir / "splits_0.csv")
     caplog.clear()
-    with caplog.at_level("WARNING", logger="gigaslide.eval.crossval"):
+    with caplog.at_level("WARNING", logger="gigaslide.experiments.crossval"):
         res = run_crossval(
             cohort,
             "abmil",

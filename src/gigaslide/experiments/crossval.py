@@ -1,4 +1,4 @@
-"""Cross-validation of a slide model (k-fold, Monte Carlo or given splits): train, select, test, report.
+"""Experiment runner: cross-validation of a slide model (k-fold, Monte Carlo or given splits): train, select, test, report.
 
 Output folder::
 
@@ -40,53 +40,21 @@ from gigaslide.data.cohort import Cohort, Sample
 from gigaslide.data.split_plan import build_splits, validation_problem
 from gigaslide.data.splits import Split, save_splits
 from gigaslide.eval.heatmap import write_attention
-from gigaslide.eval.metrics import (
-    UndefinedMetricError,
-    classification_metrics,
-    concordance_index,
-    summarize_folds,
-    survival_metrics,
-)
+from gigaslide.eval.metrics import summarize_folds
 from gigaslide.eval.reports import pooled_metrics, write_report
+from gigaslide.eval.validation import (
+    CLASSIFICATION_METRICS,
+    SURVIVAL_METRICS,
+    fold_metrics,
+    validation_metric,
+)
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig, replace, save_config
-from gigaslide.train.mil import (
-    MetricFn,
-    Predictions,
-    n_outputs,
-    predict,
-    save_checkpoint,
-    survival_risk,
-    train_model,
-)
+from gigaslide.train.mil import n_outputs, predict, save_checkpoint, train_model
 from gigaslide.utils.atomic import atomic_write_text
 from gigaslide.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def validation_metric(task: str) -> MetricFn:
-    """The per-epoch validation score for ``train_model``: AUC (classification) or c-index (survival).
-
-    Returns NaN when the metric is undefined on the set (one class, no comparable pairs).
-    """
-
-    def score(samples: list[Sample], logits: np.ndarray) -> float:
-        try:
-            if task == "classification":
-                probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-                y = np.array([s.label for s in samples])
-                return float(classification_metrics(y, probs, undefined="nan")["auc"])
-            risk = survival_risk(torch.from_numpy(logits)).numpy()
-            return float(concordance_index([s.time for s in samples], [s.event for s in samples], risk))
-        except (UndefinedMetricError, ValueError):
-            return float("nan")
-
-    return score
-
-
-CLASSIFICATION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1")
-SURVIVAL_METRICS = ("c_index",)
 
 
 @dataclass
@@ -151,18 +119,6 @@ def _select(samples: list[Sample], slide_ids: list[str]) -> list[Sample]:
     """Samples having at least one slide in ``slide_ids`` (whole cases for case-level bags)."""
     wanted = set(slide_ids)
     return [s for s in samples if wanted.intersection(s.slide_ids)]
-
-
-def fold_metrics(task: str, pred: Predictions) -> dict[str, float]:
-    """Test metrics of one fold; undefined values (e.g. one class in a tiny fold) become NaN."""
-    if task == "classification":
-        y = np.array([s.label for s in pred.samples])
-        m = classification_metrics(y, pred.probs, undefined="nan")
-        return {k: m[k] for k in CLASSIFICATION_METRICS}
-    try:
-        return survival_metrics([s.time for s in pred.samples], [s.event for s in pred.samples], pred.risk)
-    except UndefinedMetricError:
-        return {"c_index": float("nan")}
 
 
 def _check_resume(out: Path, cfg_dict: dict[str, Any], splits: list[Split]) -> None:
