@@ -12,8 +12,8 @@ import torch
 from gigaslide.data.bags import BagDataset
 from gigaslide.data.cohort import Cohort
 from gigaslide.data.features_io import write_features
-from gigaslide.eval.validation import validation_metric
 from gigaslide.eval.metrics import classification_metrics, concordance_index
+from gigaslide.eval.validation import validation_metric
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig
 from gigaslide.train.mil import load_checkpoint, n_outputs, predict, save_checkpoint, train_model

@@ -113,8 +113,8 @@ def resolve_device(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gigaslide.data.cohort import Cohort, CohortError
-    from gigaslide.experiments.crossval import run_crossval, split_description
     from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table
+    from gigaslide.experiments.crossval import run_crossval, split_description
 
     try:
         cfg = build_config(args)

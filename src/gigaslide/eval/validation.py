@@ -18,6 +18,7 @@ from gigaslide.eval.metrics import (
 )
 from gigaslide.train.mil import MetricFn, Predictions, survival_risk
 
+
 def validation_metric(task: str) -> MetricFn:
     """The per-epoch validation score for ``train_model``: AUC (classification) or c-index (survival).
 
@@ -40,7 +41,6 @@ def validation_metric(task: str) -> MetricFn:
 
 CLASSIFICATION_METRICS = ("auc", "balanced_accuracy", "accuracy", "f1")
 SURVIVAL_METRICS = ("c_index",)
-
 
 
 def fold_metrics(task: str, pred: Predictions) -> dict[str, float]:
