@@ -25,9 +25,11 @@ import logging
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gigaslide.models.layers.dilated_kernels import DilatedMixFunction, default_scale, dilated_attention_math
+from gigaslide.models.layers.dilated_parallel import SeqParallelDilatedMix
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class DilatedAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.inner_attn_ln = nn.LayerNorm(embed_dim, eps=layernorm_eps) if inner_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.sequence_parallel = False
+        self.seq_group: dist.ProcessGroup | None = None
 
     @property
     def segment_lengths(self) -> tuple[int, ...]:
@@ -111,6 +115,18 @@ class DilatedAttention(nn.Module):
     def set_schedule(self, segment_lengths: Sequence[int], dilated_ratios: Sequence[int]) -> None:
         """Change the (w, r) schedule (e.g. finetuning at another input size); weights are unaffected."""
         self.pairs = check_schedule(segment_lengths, dilated_ratios)
+
+    def set_sequence_parallel(self, enabled: bool = True, group: dist.ProcessGroup | None = None) -> None:
+        """Treat the input as this rank's contiguous chunk of a sequence split over ``group`` (LongNet)."""
+        self.sequence_parallel, self.seq_group = bool(enabled), group
+
+    def _parallel_active(self) -> bool:
+        return (
+            self.sequence_parallel
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.seq_group) > 1
+        )
 
     def _use_fused(self, device: torch.device) -> bool:
         if self.backend == "math" or (self.training and self.dropout > 0.0):
@@ -125,6 +141,11 @@ class DilatedAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None) -> Tensor:
         """The mixture of all pairs on projected heads: q, k, v (B, N, H, d) -> (B, N, H, d)."""
+        if self._parallel_active():
+            if self.training and self.dropout > 0.0:
+                raise ValueError("sequence-parallel DilatedAttention does not support attention dropout")
+            args = (self.pairs, self.reference_padding, self.scale, self.seq_group)
+            return SeqParallelDilatedMix.apply(q, k, v, key_valid, *args)
         if self._use_fused(q.device):
             return DilatedMixFunction.apply(
                 q, k, v, key_valid, self.pairs, self.reference_padding, self.scale

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -131,6 +132,11 @@ class LongNetEncoder(nn.Module):
         """Change every layer's (w, r) schedule."""
         for layer in self.layers:
             layer.self_attn.set_schedule(segment_lengths, dilated_ratios)
+
+    def set_sequence_parallel(self, enabled: bool = True, group: dist.ProcessGroup | None = None) -> None:
+        """Every layer treats its input as this rank's chunk of a sequence split over ``group``."""
+        for layer in self.layers:
+            layer.self_attn.set_sequence_parallel(enabled, group)
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, return_all: bool = False

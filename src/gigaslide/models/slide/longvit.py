@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gigaslide.models.layers.longnet import LongNetEncoder
@@ -29,6 +30,7 @@ from gigaslide.models.layers.longnet_schedule import longvit_schedule
 from gigaslide.models.layers.pos_embed import resize_pos_embed
 from gigaslide.models.slide.base import SlideOutput, masked_mean
 from gigaslide.models.slide.registry import register_slide_model
+from gigaslide.utils.collectives import all_gather_with_grad
 
 POOLING_NORMS = ("fc_norm", "norm")
 
@@ -107,6 +109,8 @@ class LongViT(nn.Module):
         eps = 1e-5 if pooling_norm == "fc_norm" else 1e-6
         setattr(self, pooling_norm, nn.LayerNorm(embed_dim, eps=eps))
         self.head = nn.Linear(embed_dim, n_classes) if n_classes > 0 else None
+        self.seq_group: dist.ProcessGroup | None = None
+        self.sequence_parallel = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -119,6 +123,26 @@ class LongViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def set_sequence_parallel(self, enabled: bool = True, group: dist.ProcessGroup | None = None) -> None:
+        """Split the token sequence over ``group`` (LongNet's sequence parallelism).
+
+        Each rank then passes its own horizontal band of the image: rank ``i`` of ``P`` the rows
+        ``[i * H / P, (i + 1) * H / P)`` of an image of exactly ``img_size`` (the position table is
+        sliced, not interpolated, as in the reference). Every rank returns the whole slide's outputs and
+        computes the same loss; averaging parameter gradients over the group (what DDP does) then gives
+        exactly the one-process gradient (input gradients come back multiplied by the group size).
+        """
+        self.sequence_parallel, self.seq_group = bool(enabled), group
+        self.encoder.set_sequence_parallel(enabled, group)
+
+    def _parallel(self) -> tuple[int, int] | None:
+        """(rank, world) when the sequence is split over several processes, else None."""
+        if self.sequence_parallel and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size(self.seq_group)
+            if world > 1:
+                return dist.get_rank(self.seq_group), world
+        return None
 
     def set_input_size(self, img_size: int) -> None:
         """Use the Table 7 schedule of ``img_size`` (weights, including ``pos_embed``, unchanged)."""
@@ -140,7 +164,19 @@ class LongViT(nn.Module):
         """Patch embeddings plus (interpolated) position embeddings: (B, 3, H, W) -> (B, N, D)."""
         grid = self.token_grid(x)
         t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        pos = resize_pos_embed(self.pos_embed, grid, num_prefix_tokens=0, old_grid=self.grid)
+        par = self._parallel()
+        if par is not None:
+            rank, world = par
+            if grid[1] != self.grid[1] or grid[0] * world != self.grid[0]:
+                raise ValueError(
+                    f"sequence-parallel LongViT: rank band of {grid[0]}x{grid[1]} tokens does not tile the "
+                    f"{self.grid[0]}x{self.grid[1]} grid over {world} ranks; give each rank H/{world} rows of an "
+                    f"image of img_size={self.img_size}"
+                )
+            table = self.pos_embed.reshape(1, *self.grid, -1)[:, rank * grid[0] : (rank + 1) * grid[0]]
+            pos = table.reshape(1, grid[0] * grid[1], -1)
+        else:
+            pos = resize_pos_embed(self.pos_embed, grid, num_prefix_tokens=0, old_grid=self.grid)
         return self.pos_drop(t + pos.to(t.dtype))
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -158,7 +194,7 @@ class LongViT(nn.Module):
             )
         flat = mask.reshape(x.shape[0], -1).to(device=x.device, dtype=torch.bool)
         empty = (~flat.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
+        if empty and self._parallel() is None:  # a rank's band may hold no tissue
             raise ValueError(f"LongViT: image(s) {empty} have no token in the mask; check the tissue mask")
         return flat
 
@@ -166,7 +202,13 @@ class LongViT(nn.Module):
         """Slide embedding (B, D) from encoded tokens (B, N, D); ``valid`` (B, N) bool restricts the mean."""
         if self.pooling_norm == "norm":
             tokens = self.norm(tokens)
-        pooled = tokens.mean(dim=1) if valid is None else masked_mean(tokens, valid)
+        if self._parallel() is not None:  # mean over every rank's tokens, gradients back to each rank
+            w = tokens.new_ones(tokens.shape[:2]) if valid is None else valid.to(tokens.dtype)
+            part = torch.cat([(tokens * w.unsqueeze(-1)).sum(1), w.sum(1, keepdim=True)], dim=-1)  # (B, D+1)
+            total = all_gather_with_grad(part.unsqueeze(0), self.seq_group).sum(0)
+            pooled = total[:, :-1] / total[:, -1:].clamp_min(1.0)
+        else:
+            pooled = tokens.mean(dim=1) if valid is None else masked_mean(tokens, valid)
         return self.fc_norm(pooled) if self.pooling_norm == "fc_norm" else pooled
 
     def forward(
