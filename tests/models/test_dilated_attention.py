@@ -161,3 +161,23 @@ def test_deterministic_and_state_dict_names():
     assert {"q_proj.weight", "k_proj.bias", "v_proj.weight", "out_proj.bias", "inner_attn_ln.weight"} <= names
     x = torch.randn(1, 30, 16)
     torch.testing.assert_close(attn(x), attn(x), rtol=0, atol=0)
+
+
+def test_head_offsets_follow_longnet_groups():
+    from gigaslide.models.layers.dilated_kernels import head_offsets
+
+    assert head_offsets(16, 4).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert head_offsets(6, 4).tolist() == [0, 0, 1, 1, 2, 2]  # heads padded to 8, groups of 2
+    assert head_offsets(3, 8).tolist() == [0, 1, 2]
+
+
+def test_cuda_key_bias_is_broadcast_and_aligned():
+    from gigaslide.models.layers.dilated_kernels import cuda_key_bias
+
+    q = torch.zeros(2, 3, 5, 4)
+    assert cuda_key_bias(None, q) is None
+    bias = torch.zeros(2, 3, 1, 5)
+    bias[0, 1, 0, 2] = float("-inf")
+    full = cuda_key_bias(bias, q)
+    assert full.shape == (2, 3, 5, 5) and full.stride(2) == 0 and full.stride(1) == 16
+    assert torch.isinf(full[0, 1, :, 2]).all() and torch.isfinite(full[1]).all()

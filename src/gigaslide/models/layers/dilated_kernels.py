@@ -117,7 +117,7 @@ def attention_lse(
         )
         return out, lse.to(acc_dtype(q.dtype)), (mask,)
     if q.device.type == "cuda":
-        full = _cuda_bias(bias, q)
+        full = cuda_key_bias(bias, q)
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, full, True, 0.0, False, scale=scale
         )
@@ -142,14 +142,19 @@ def attention_lse_backward(
     return dq, dk, dv
 
 
-def _cuda_bias(bias: Tensor | None, q: Tensor) -> Tensor:
-    """Materialised (B', H, L, L) additive bias in ``q``'s dtype, last dim stored 16-aligned as the kernel needs."""
+def cuda_key_bias(bias: Tensor | None, q: Tensor) -> Tensor | None:
+    """Key bias for the memory-efficient kernel: None without a mask, else (B', H, L, L) in ``q``'s dtype.
+
+    The (B', H, 1, L) key bias is stored with its last dimension padded to a multiple of 16 (the
+    kernel's alignment) and broadcast over the queries (stride 0): memory stays linear in L.
+    """
+    if bias is None:
+        return None
     b, h, length, _ = q.shape
     padded = -(-length // 16) * 16
-    full = q.new_zeros(b, h, length, padded)
-    if bias is not None:
-        full[..., :length] = bias.to(q.dtype)
-    return full[..., :length]
+    store = q.new_zeros(b, h, 1, padded)
+    store[..., :length] = bias.to(q.dtype)
+    return store[..., :length].expand(b, h, length, length)
 
 
 class DilatedMixFunction(torch.autograd.Function):
@@ -207,7 +212,9 @@ class DilatedMixFunction(torch.autograd.Function):
             bias, row_ok = sparse_key_bias(key_valid, b, n_tok, h, w, r, ctx.pad_valid, f, q.device)
             if q.device.type == "cuda":
                 raw_lse, seed, offset = kernel_extra
-                extra: tuple = (_cuda_bias(bias, qs), raw_lse, seed, offset)
+                if row_ok is not None:  # rows with no key: any finite LSE (their gradient is zeroed below)
+                    raw_lse = raw_lse.masked_fill(~row_ok.unsqueeze(-1), 0.0)
+                extra: tuple = (cuda_key_bias(bias, qs), raw_lse, seed, offset)
             else:  # fully masked rows: any finite LSE (their gradient is zeroed below)
                 extra = (None if bias is None else bias.to(q.dtype),)
                 raw_lse = torch.where(lse <= NEG_LSE / 2, torch.zeros_like(lse), lse)

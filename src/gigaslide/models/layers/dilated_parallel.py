@@ -24,6 +24,7 @@ from gigaslide.models.layers.dilated_kernels import (
     acc_dtype,
     attention_lse,
     attention_lse_backward,
+    cuda_key_bias,
     densify,
     sparse_key_bias,
     sparsify,
@@ -139,10 +140,10 @@ class SeqParallelDilatedMix(torch.autograd.Function):
                 key_valid, kv_all, plan, b, n, h, seg, r, pad_valid, f, q.device
             )
             if q.device.type == "cuda":
-                from gigaslide.models.layers.dilated_kernels import _cuda_bias
-
                 raw_lse, seed, offset = kextra
-                extra: tuple = (_cuda_bias(bias, qs), raw_lse, seed, offset)
+                if row_ok is not None:
+                    raw_lse = raw_lse.masked_fill(~row_ok.unsqueeze(-1), 0.0)
+                extra: tuple = (cuda_key_bias(bias, qs), raw_lse, seed, offset)
             else:
                 extra = (None if bias is None else bias.to(q.dtype),)
                 raw_lse = torch.where(lse <= NEG_LSE / 2, torch.zeros_like(lse), lse)
