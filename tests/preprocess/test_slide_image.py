@@ -74,6 +74,10 @@ def test_tissue_box_token_mask_and_cache_reuse(synth_slide, tmp_path):
         assert json.loads(out.with_suffix(".json").read_text())["spec"]["target_size"] == 256
         render_slide_image(slide, SlideImageSpec(target_size=128, region="tissue"), out, tissue=tissue)
         assert np.load(out, mmap_mode="r").shape == (128, 128, 3)  # another spec: re-rendered
+    with pytest.raises(ValueError, match="target_size must be in"):
+        SlideImageSpec(target_size=8)
+    with pytest.raises(ValueError, match="region must be one of"):
+        SlideImageSpec(region="tumour")
     whole = SlideImageSpec(region="tissue")
     with open_slide(synth_slide) as slide, pytest.raises(ValueError, match="needs a tissue mask"):
         render_slide_image(slide, whole, tmp_path / "x.npy")
