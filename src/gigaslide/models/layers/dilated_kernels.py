@@ -58,9 +58,12 @@ def sparsify(x: Tensor, segment: int, ratio: int, fill: float | bool = 0.0) -> T
     x = x.reshape(b, n, s, h, d)
     if length * ratio > s:
         x = F.pad(x, (0, 0, 0, 0, 0, length * ratio - s), value=fill)
-    x = x.reshape(b, n, length, ratio, h, d)
-    off = head_offsets(h, ratio, x.device)
-    x = x[:, :, :, off, torch.arange(h, device=x.device)]  # (B, n, L, H, d)
+    if ratio == 1:
+        x = x.reshape(b, n, length, h, d)
+    else:
+        x = x.reshape(b, n, length, ratio, h, d)
+        off = head_offsets(h, ratio, x.device)
+        x = x[:, :, :, off, torch.arange(h, device=x.device)]  # (B, n, L, H, d)
     return x.permute(0, 1, 3, 2, 4).reshape(b * n, h, length, d)
 
 
@@ -75,6 +78,23 @@ def densify(y: Tensor, n_tokens: int, segment: int, ratio: int, fill: float = 0.
     out[:, :, :, off, torch.arange(h, device=y.device)] = y
     out = out.reshape(b, n, length * ratio, h, d)[:, :, :s].reshape(b, n * s, h, d)
     return out[:, :n_tokens]
+
+
+def densify_add_(dst: Tensor, y: Tensor, segment: int, ratio: int) -> None:
+    """``dst`` (B, N, H, d) += densify(``y`` (B*n, H, L, d)), in place, without a dense temporary when
+    N is a multiple of the segment and the segment a multiple of the ratio."""
+    b, n_tok, h, d = dst.shape
+    s, n, length = segment_geometry(n_tok, segment, ratio)
+    if n * s != n_tok or length * ratio != s or not dst.is_contiguous():
+        dst += densify(y.to(dst.dtype), n_tok, segment, ratio)
+        return
+    yv = y.to(dst.dtype).reshape(b, n, h, length, d)
+    if ratio == 1:
+        dst.view(b, n, length, h, d).add_(yv.permute(0, 1, 3, 2, 4))
+        return
+    view = dst.view(b, n, length, ratio, h, d).permute(3, 4, 0, 1, 2, 5)  # (r, H, B, n, L, d)
+    off = head_offsets(h, ratio, dst.device)
+    view.index_put_((off, torch.arange(h, device=dst.device)), yv.permute(2, 0, 1, 3, 4), accumulate=True)
 
 
 def sparse_key_bias(
@@ -161,17 +181,14 @@ class DilatedMixFunction(torch.autograd.Function):
     """All (w, r) pairs of one dilated-attention call, mixed by their LSE; exact fused backward.
 
     forward(q, k, v (B, N, H, d), key_valid (B, N) bool | None, pairs ((w, r), ...), pad_valid, scale)
-    -> (B, N, H, d). Memory: the dense q, k, v, output and LSE, plus each pair's sparse LSE.
+    -> (B, N, H, d). Saved for backward: the dense q, k, v, output and LSE, plus each pair's sparse LSE.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, key_valid, pairs, pad_valid, scale):  # type: ignore[override]
         b, n_tok, h, _ = q.shape
         f = acc_dtype(q.dtype)
-        acc = torch.zeros(q.shape, dtype=f, device=q.device)
-        m = torch.full((b, n_tok, h, 1), NEG_LSE, dtype=f, device=q.device)
-        ssum = torch.zeros_like(m)
-        saved_lse, extras = [], []
+        saved_lse, extras, outs, dense_lse = [], [], [], []
         for w, r in pairs:
             qs, ks, vs = (sparsify(t, w, r) for t in (q, k, v))
             bias, row_ok = sparse_key_bias(key_valid, b, n_tok, h, w, r, pad_valid, f, q.device)
@@ -181,15 +198,16 @@ class DilatedMixFunction(torch.autograd.Function):
                 lse = lse.masked_fill(~row_ok.unsqueeze(-1), NEG_LSE)
                 o = o.masked_fill(~row_ok[..., None, None], 0.0)
             saved_lse.append(lse)
-            o_d = densify(o.to(f), n_tok, w, r)  # (B, N, H, d)
-            lse_d = densify(lse.unsqueeze(-1), n_tok, w, r, fill=NEG_LSE)  # (B, N, H, 1)
-            m_new = torch.maximum(m, lse_d)
-            a, c = torch.exp(m - m_new), torch.exp(lse_d - m_new)
-            acc = acc * a + o_d * c
-            ssum = ssum * a + c
-            m = m_new
-        out = (acc / ssum).to(q.dtype)
-        lse_total = m + torch.log(ssum)  # (B, N, H, 1)
+            outs.append(o)
+            dense_lse.append(densify(lse.unsqueeze(-1), n_tok, w, r, fill=NEG_LSE))  # (B, N, H, 1)
+        lse_total = torch.logsumexp(torch.stack(dense_lse), dim=0)  # (B, N, H, 1)
+        del dense_lse
+        acc = torch.zeros(q.shape, dtype=f, device=q.device)
+        for (w, r), o, lse in zip(pairs, outs, saved_lse, strict=True):
+            weight = torch.exp(lse - sparsify(lse_total, w, r, fill=0.0)[..., 0]).unsqueeze(-1)
+            densify_add_(acc, o.to(f) * weight, w, r)
+        del outs
+        out = acc.to(q.dtype)
         ctx.save_for_backward(
             q, k, v, out, lse_total, key_valid if key_valid is not None else torch.empty(0), *saved_lse
         )
@@ -222,9 +240,9 @@ class DilatedMixFunction(torch.autograd.Function):
             if row_ok is not None:
                 g_pair = g_pair.masked_fill(~row_ok[..., None, None], 0.0)
             gq, gk, gv = attention_lse_backward(g_pair, qs, ks, vs, outs, raw_lse, extra, ctx.scale)
-            dq += densify(gq.to(f), n_tok, w, r)
-            dk += densify(gk.to(f), n_tok, w, r)
-            dv += densify(gv.to(f), n_tok, w, r)
+            densify_add_(dq, gq, w, r)
+            densify_add_(dk, gk, w, r)
+            densify_add_(dv, gv, w, r)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
