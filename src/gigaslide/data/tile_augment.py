@@ -1,0 +1,154 @@
+"""Tile-level augmentations of the Giga-SSL bank, with parameters shared by all tiles of a view or not.
+
+:meth:`TileAugment.sample` draws one parameter set per tile as numpy arrays (``shared=True`` draws a
+single set and repeats it: every tile of the view gets the same crop, flips, rotation, colour jitter,
+grayscale and blur, the paper's shared augmentation; ``shared=False`` is its "NS" ablation).
+:meth:`TileAugment.__call__` applies per-tile parameters to a (B, 3, H, W) float batch in [0, 1], on
+whatever device the batch is, vectorised over the batch.
+
+Operations, in this order (defaults from the official bank builder where it sets them):
+
+1. geometry, one bilinear resampling: random resized crop (area fraction in [0.5, 1], aspect ratio in
+   [3/4, 4/3]) back to the tile size, a flip of each axis (p = 1/2) and a rotation by k x 90 degrees;
+2. colour jitter with p = 0.8: brightness, contrast, saturation factors in [0.6, 1.4] and a hue
+   shift in [-0.2, 0.2] of a turn (a rotation of the chroma plane in YIQ space), in this fixed order;
+3. grayscale with p = 0.2 (ITU-R 601 luma);
+4. Gaussian blur with p = 0.5, 5 x 5 kernel, sigma in [0.1, 1] (reflect padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_LUMA = (0.299, 0.587, 0.114)
+_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+@dataclass(frozen=True)
+class TileAugment:
+    """Random tile augmentation (see the module docstring for the operations and defaults)."""
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    rotate90: bool = True
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.2)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 1.0)
+    blur_p: float = 0.5
+    blur_kernel: int = 5
+
+    def sample(self, n: int, rng: np.random.Generator, shared: bool = True) -> dict[str, np.ndarray]:
+        """Parameters of ``n`` tiles: a dict of (n,) arrays; ``shared`` repeats one draw n times."""
+        m = 1 if shared else n
+        area = rng.uniform(*self.crop_scale, size=m)
+        log_r = rng.uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), size=m)
+        w = np.minimum(np.sqrt(area * np.exp(log_r)), 1.0)
+        h = np.minimum(np.sqrt(area / np.exp(log_r)), 1.0)
+        b, c, s, hue = self.jitter
+        p = {
+            "crop_w": w,
+            "crop_h": h,
+            "crop_cx": rng.uniform(-1, 1, size=m) * (1 - w),
+            "crop_cy": rng.uniform(-1, 1, size=m) * (1 - h),
+            "flip_x": rng.random(m) < (0.5 if self.flip else 0.0),
+            "flip_y": rng.random(m) < (0.5 if self.flip else 0.0),
+            "rot90": rng.integers(0, 4 if self.rotate90 else 1, size=m),
+            "jitter_on": rng.random(m) < self.jitter_p,
+            "brightness": rng.uniform(1 - b, 1 + b, size=m),
+            "contrast": rng.uniform(1 - c, 1 + c, size=m),
+            "saturation": rng.uniform(1 - s, 1 + s, size=m),
+            "hue": rng.uniform(-hue, hue, size=m),
+            "gray": rng.random(m) < self.gray_p,
+            "blur_on": rng.random(m) < self.blur_p,
+            "sigma": rng.uniform(*self.blur_sigma, size=m),
+        }
+        return {k: np.repeat(v, n) if shared else v for k, v in p.items()}
+
+    def __call__(self, images: Tensor, params: dict[str, np.ndarray]) -> Tensor:
+        """Augment (B, 3, H, W) float images in [0, 1] with per-tile ``params`` -> (B, 3, H, W) in [0, 1]."""
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"expected a (B, 3, H, W) float batch in [0, 1], got {tuple(images.shape)}")
+        n = images.shape[0]
+        if any(len(v) != n for v in params.values()):
+            raise ValueError(
+                f"augmentation parameters for {len(next(iter(params.values())))} tiles, batch of {n}"
+            )
+        t = {k: torch.as_tensor(np.asarray(v), device=images.device) for k, v in params.items()}
+        x = _geometry(images, t)
+        on = t["jitter_on"].view(-1, 1, 1, 1)
+        x = torch.where(on, _color_jitter(x, t), x)
+        x = torch.where(t["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        x = torch.where(t["blur_on"].view(-1, 1, 1, 1), _blur(x, t["sigma"], self.blur_kernel), x)
+        return x.clamp(0.0, 1.0)
+
+
+def params_row(params: dict[str, np.ndarray], i: int) -> dict[str, float | int | bool]:
+    """The parameters of tile ``i`` as plain JSON-able values."""
+    return {k: v[i].item() for k, v in params.items()}
+
+
+def _geometry(x: Tensor, t: dict[str, Tensor]) -> Tensor:
+    """Output pixel p samples the input at ``crop_center + diag(w, h) @ R(k) @ flips @ p`` (normalised coords)."""
+    dt = x.dtype
+    k = t["rot90"].long()
+    cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=x.device, dtype=dt)[k]
+    sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=x.device, dtype=dt)[k]
+    fx = 1.0 - 2.0 * t["flip_x"].to(dt)
+    fy = 1.0 - 2.0 * t["flip_y"].to(dt)
+    w, h = t["crop_w"].to(dt), t["crop_h"].to(dt)
+    theta = torch.stack(
+        [
+            torch.stack([w * cos * fx, -w * sin * fy, t["crop_cx"].to(dt)], dim=1),
+            torch.stack([h * sin * fx, h * cos * fy, t["crop_cy"].to(dt)], dim=1),
+        ],
+        dim=1,
+    )  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _color_jitter(x: Tensor, t: dict[str, Tensor]) -> Tensor:
+    dt = x.dtype
+
+    def f(name: str) -> Tensor:
+        return t[name].to(dt).view(-1, 1, 1, 1)
+
+    x = (x * f("brightness")).clamp(0, 1)
+    mean = _gray(x).mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * f("contrast") + mean).clamp(0, 1)
+    g = _gray(x)
+    x = ((x - g) * f("saturation") + g).clamp(0, 1)
+    m = torch.tensor(_RGB2YIQ, device=x.device, dtype=dt)
+    yiq = torch.einsum("ij,bjhw->bihw", m, x)
+    angle = 2 * math.pi * t["hue"].to(dt)
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(m), yiq).clamp(0, 1)
+
+
+def _blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
+    """Per-tile separable Gaussian blur, ``size`` x ``size`` kernel, reflect padding."""
+    b, c, h, w = x.shape
+    r = torch.arange(size, device=x.device, dtype=x.dtype) - (size - 1) / 2
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma.to(x.dtype)[:, None] ** 2))  # (B, size)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, size)
+    pad = size // 2
+    y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, size), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, size, 1), groups=b * c)
+    return y.view(b, c, h, w)
