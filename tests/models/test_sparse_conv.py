@@ -40,13 +40,13 @@ def dense_at(dense: torch.Tensor, coords: torch.Tensor, origin: tuple[int, int])
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding"), [(3, 1, 1), (1, 1, 0), (5, 1, 2), (3, 2, 1), (1, 2, 0), (2, 2, 0)]
 )
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("bias", "algorithm"), [(False, "gather"), (True, "gather"), (True, "scatter")])
 def test_equals_dense_conv2d_at_output_sites_with_gradients(
-    kernel: int, stride: int, padding: int, bias: bool
+    kernel: int, stride: int, padding: int, bias: bool, algorithm: str
 ) -> None:
     torch.manual_seed(0)
     sparse = random_map(2, 40, 4, seed=kernel * 10 + stride)
-    conv = SparseConv2d(4, 6, kernel, stride, padding, bias=bias).double()
+    conv = SparseConv2d(4, 6, kernel, stride, padding, bias=bias, algorithm=algorithm).double()
     feats = sparse.features.clone().requires_grad_(True)
     out = conv(sparse.replace(feats))
     # dense reference on a window starting at a multiple of the stride, so output (oy, ox) <-> input oy*s
@@ -95,8 +95,13 @@ def test_rules_are_cached_and_shared_by_derived_maps() -> None:
     rules = build_rules(sparse, 3, 1, 1)
     assert build_rules(sparse.replace(sparse.features * 2), 3, 1, 1) is rules
     # centre offset of a submanifold conv pairs every site with itself
-    rows_in, rows_out = rules[1][4]
+    rows_in, rows_out = rules[2][4]
     assert torch.equal(rows_in, rows_out) and rows_in.numel() == 30
+    table = rules[1]
+    assert table.shape == (30, 9) and torch.equal(table[:, 4], torch.arange(30))
+    assert ((table == 30).sum(1) < 9).all()  # 30 marks an inactive neighbour
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        SparseConv2d(4, 4, algorithm="dense")
 
 
 def test_batch_norm_relu_pool_and_add() -> None:

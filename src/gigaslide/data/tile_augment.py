@@ -19,6 +19,7 @@ Operations, in this order (defaults from the official bank builder where it sets
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,11 +84,23 @@ class TileAugment:
             )
         t = {k: torch.as_tensor(np.asarray(v), device=images.device) for k, v in params.items()}
         x = _geometry(images, t)
-        on = t["jitter_on"].view(-1, 1, 1, 1)
-        x = torch.where(on, _color_jitter(x, t), x)
-        x = torch.where(t["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-        x = torch.where(t["blur_on"].view(-1, 1, 1, 1), _blur(x, t["sigma"], self.blur_kernel), x)
+        x = _where(x, params["jitter_on"], t, _color_jitter)
+        x = _where(x, params["gray"], t, lambda y, _: _gray(y).expand_as(y))
+        x = _where(x, params["blur_on"], t, lambda y, s: _blur(y, s["sigma"], self.blur_kernel))
         return x.clamp(0.0, 1.0)
+
+
+def _where(x: Tensor, flags: np.ndarray, t: dict[str, Tensor], fn: Callable[..., Tensor]) -> Tensor:
+    """Apply ``fn(tiles, their params)`` to the flagged tiles only (all or none when shared: no copy)."""
+    flags = np.asarray(flags, dtype=bool)
+    if not flags.any():
+        return x
+    if flags.all():
+        return fn(x, t)
+    idx = torch.as_tensor(np.flatnonzero(flags), device=x.device)
+    out = x.clone()
+    out[idx] = fn(x[idx], {k: v[idx] for k, v in t.items()})
+    return out
 
 
 def params_row(params: dict[str, np.ndarray], i: int) -> dict[str, float | int | bool]:
@@ -127,18 +140,21 @@ def _color_jitter(x: Tensor, t: dict[str, Tensor]) -> Tensor:
     def f(name: str) -> Tensor:
         return t[name].to(dt).view(-1, 1, 1, 1)
 
-    x = (x * f("brightness")).clamp(0, 1)
+    x = (x * f("brightness")).clamp_(0, 1)  # a new tensor: the rest works in place
     mean = _gray(x).mean(dim=(2, 3), keepdim=True)
-    x = ((x - mean) * f("contrast") + mean).clamp(0, 1)
+    x.sub_(mean).mul_(f("contrast")).add_(mean).clamp_(0, 1)
     g = _gray(x)
-    x = ((x - g) * f("saturation") + g).clamp(0, 1)
-    m = torch.tensor(_RGB2YIQ, device=x.device, dtype=dt)
-    yiq = torch.einsum("ij,bjhw->bihw", m, x)
-    angle = 2 * math.pi * t["hue"].to(dt)
-    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
-    i, q = yiq[:, 1], yiq[:, 2]
-    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
-    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(m), yiq).clamp(0, 1)
+    x.sub_(g).mul_(f("saturation")).add_(g).clamp_(0, 1)
+    # hue: rotate the chroma plane (I, Q) of YIQ by 2*pi*hue; per tile one RGB -> RGB matrix, one bmm
+    m = torch.tensor(_RGB2YIQ, device=x.device, dtype=torch.float64)
+    angle = 2 * math.pi * t["hue"].to(torch.float64)
+    rot = torch.zeros(angle.shape[0], 3, 3, device=x.device, dtype=torch.float64)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2] = torch.cos(angle), -torch.sin(angle)
+    rot[:, 2, 1], rot[:, 2, 2] = torch.sin(angle), torch.cos(angle)
+    hue = (torch.linalg.inv(m) @ rot @ m).to(dt)  # (B, 3, 3)
+    b, c, h, w = x.shape
+    return torch.bmm(hue, x.reshape(b, c, h * w)).view(b, c, h, w).clamp(0, 1)
 
 
 def _blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:

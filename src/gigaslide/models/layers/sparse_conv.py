@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: one neighbour map: output coords (M_out, 3) and, per kernel offset, (input rows, output rows)
-Rules = tuple[Tensor, list[tuple[Tensor, Tensor]]]
+#: one neighbour map: output coords (M_out, 3), the neighbour table (M_out, k*k) of input rows (M_in where
+#: the neighbour is inactive) and, per kernel offset, the matched (input rows, output rows)
+Rules = tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]
+ALGORITHMS = ("gather", "scatter")
 
 
 @dataclass
@@ -115,8 +117,9 @@ def _encode(coords: Tensor, lo: Tensor, span: Tensor) -> Tensor:
 def build_rules(sparse: SparseMap, kernel_size: int, stride: int, padding: int) -> Rules:
     """Neighbour map of a convolution on ``sparse``'s sites (cached on the map).
 
-    Returns the output coords (M_out, 3) and, for each kernel offset (ky, kx) in row-major order,
-    the pairs (input row, output row) whose input site ``out * stride + (ky, kx) - padding`` is active.
+    Returns the output coords (M_out, 3), the neighbour table (M_out, k*k): for each output row and
+    kernel offset (ky, kx) in row-major order, the input row at ``out * stride + (ky, kx) - padding``,
+    or M_in when that site is inactive; and, per offset, the matched (input rows, output rows).
     """
     key = (kernel_size, stride, padding)
     if key in sparse.rules:
@@ -132,6 +135,9 @@ def build_rules(sparse: SparseMap, kernel_size: int, stride: int, padding: int) 
     sorted_keys, order = torch.sort(in_keys)
     pairs: list[tuple[Tensor, Tensor]] = []
     out_rows = torch.arange(out_coords.shape[0], device=coords.device)
+    table = torch.full(
+        (out_coords.shape[0], kernel_size**2), coords.shape[0], dtype=torch.long, device=coords.device
+    )
     base = out_coords[:, 1:] * stride - padding  # (M_out, 2)
     hi = lo[1:] + span[1:]
     for ky in range(kernel_size):
@@ -141,8 +147,10 @@ def build_rules(sparse: SparseMap, kernel_size: int, stride: int, padding: int) 
             qk = _encode(torch.cat([out_coords[:, :1], q], dim=1), lo, span)
             pos = torch.searchsorted(sorted_keys, qk).clamp_max(max(sorted_keys.numel() - 1, 0))
             found = inside & (sorted_keys[pos] == qk) if sorted_keys.numel() else inside & False
-            pairs.append((order[pos[found]], out_rows[found]))
-    rules = (out_coords, pairs)
+            rows_in, rows_out = order[pos[found]], out_rows[found]
+            table[rows_out, ky * kernel_size + kx] = rows_in
+            pairs.append((rows_in, rows_out))
+    rules = (out_coords, table, pairs)
     sparse.rules[key] = rules
     return rules
 
@@ -152,6 +160,12 @@ class SparseConv2d(nn.Module):
 
     ``stride=1`` is a submanifold convolution (outputs at the input sites); ``stride>1`` outputs at the
     downsampled sites. ``weight`` (C_out, C_in, k, k) and ``bias`` are laid out as ``nn.Conv2d``'s.
+
+    ``algorithm``: ``scatter`` (default) runs, per kernel offset, one matmul on the matched rows only and
+    scatter-adds the products, so its cost follows the number of active neighbour pairs (Giga-SSL's maps
+    of a few tiles have almost none); ``gather`` gathers every output's k*k neighbours (zeros for
+    inactive ones) into one (M_out, k*k*C_in) matrix and runs one large matmul, which can win on
+    nearly full maps. Both give the same result.
     """
 
     def __init__(
@@ -162,10 +176,14 @@ class SparseConv2d(nn.Module):
         stride: int = 1,
         padding: int | None = None,
         bias: bool = False,
+        algorithm: str = "scatter",
     ) -> None:
         super().__init__()
         if kernel_size < 1 or stride < 1:
             raise ValueError(f"kernel_size and stride must be >= 1, got {kernel_size}, {stride}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        self.algorithm = algorithm
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride = int(kernel_size), int(stride)
         self.padding = kernel_size // 2 if padding is None else int(padding)
@@ -184,13 +202,20 @@ class SparseConv2d(nn.Module):
         """(M, C_in) at the input sites -> (M_out, C_out) at the output sites."""
         if x.features.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d expects {self.in_channels} channels, got {x.features.shape[1]}")
-        out_coords, pairs = build_rules(x, self.kernel_size, self.stride, self.padding)
+        out_coords, table, pairs = build_rules(x, self.kernel_size, self.stride, self.padding)
         feats = x.features
-        out = feats.new_zeros(out_coords.shape[0], self.out_channels)
-        w = self.weight.to(feats.dtype).flatten(2)  # (C_out, C_in, k*k)
-        for k, (rows_in, rows_out) in enumerate(pairs):
-            if rows_in.numel():
-                out = out.index_add(0, rows_out, feats.index_select(0, rows_in) @ w[:, :, k].t())
+        if self.algorithm == "gather":
+            padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])  # row M_in = inactive site
+            cols = padded[table].flatten(1)  # (M_out, k*k*C_in), offset-major like the weight below
+            w = self.weight.to(feats.dtype).permute(2, 3, 1, 0).reshape(-1, self.out_channels)
+            out = cols @ w  # (M_out, C_out)
+        else:
+            out = feats.new_zeros(out_coords.shape[0], self.out_channels)
+            # (C_in, C_out) per offset; unbind: one gradient buffer for all offsets, not one per slice
+            ws = self.weight.to(feats.dtype).permute(2, 3, 1, 0).flatten(0, 1).contiguous().unbind(0)
+            for w_k, (rows_in, rows_out) in zip(ws, pairs):
+                if rows_in.numel():
+                    out = out.index_add(0, rows_out, feats.index_select(0, rows_in) @ w_k)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         if self.stride == 1:
@@ -200,7 +225,8 @@ class SparseConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"algorithm={self.algorithm}"
         )
 
 
