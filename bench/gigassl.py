@@ -31,18 +31,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed import machine, make_tiling  # noqa: E402  (bench/embed.py: same synthetic tiling)
-
-from gigaslide.data.tile_augment import TileAugment  # noqa: E402
-from gigaslide.data.tile_dataset import TileDataset  # noqa: E402
-from gigaslide.data.tile_loader import TileLoader  # noqa: E402
-from gigaslide.models.encoders import create_encoder  # noqa: E402
-from gigaslide.models.layers.sparse_conv import SparseConv2d, SparseMap  # noqa: E402
-from gigaslide.models.slide import create_slide_model  # noqa: E402
-from gigaslide.pipeline.extract import encode_batch, prepare_encoder, resolve_device  # noqa: E402
-from gigaslide.pipeline.gigassl_bank import build_gigassl_bank, draw_views, slide_seed  # noqa: E402
-from gigaslide.preprocess.coords_io import read_coords  # noqa: E402
-from gigaslide.utils.seed import seed_everything  # noqa: E402
+from embed import machine, make_tiling
+from gigaslide.data.tile_augment import TileAugment
+from gigaslide.data.tile_dataset import TileDataset
+from gigaslide.data.tile_loader import TileLoader
+from gigaslide.models.encoders import create_encoder
+from gigaslide.models.layers.sparse_conv import SparseConv2d, SparseMap
+from gigaslide.models.slide import create_slide_model
+from gigaslide.pipeline.extract import encode_batch, prepare_encoder, resolve_device
+from gigaslide.pipeline.gigassl_bank import build_gigassl_bank, draw_views, slide_seed
+from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.utils.seed import seed_everything
 
 
 def timed(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
@@ -119,38 +118,54 @@ def random_sites(n: int, density: float, seed: int) -> tuple[torch.Tensor, int]:
 
 def bench_sparse(args: argparse.Namespace, device: torch.device) -> None:
     c = args.channels
-    conv = SparseConv2d(c, c, 3, 1).to(device)
+    convs = {alg: SparseConv2d(c, c, 3, 1, algorithm=alg).to(device) for alg in ("scatter", "gather")}
+    convs["gather"].load_state_dict(convs["scatter"].state_dict())
     stage = create_slide_model("sparseconvmil", in_dim=256, n_classes=0).to(device).train()
-    print(f"\n### sparse vs dense, forward + backward, median of {args.repeat} (density {args.density})\n")
-    print(f"| N sites | grid | submanifold 3x3 {c}->{c} ms | dense conv2d on grid ms | dense / sparse | "
-          "sparseconvmil stage (256->512) ms |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|")
-    for n in args.sites:
-        coords, side = random_sites(n, args.density, n)
-        coords = coords.to(device)
-        feats = torch.randn(n, c, device=device, requires_grad=True)
-
-        def sparse_step() -> None:
-            m = SparseMap(feats, coords, 1)  # fresh map: the neighbour search is part of the cost
-            conv(m).features.square().sum().backward()
-
-        dense = torch.zeros(1, c, side, side, device=device)
-        dense[0, :, coords[:, 1], coords[:, 2]] = feats.detach().t()
-        dense.requires_grad_(True)
-
-        def dense_step() -> None:
-            F.conv2d(dense, conv.weight, padding=1).square().sum().backward()
-
-        x = torch.randn(1, n, 256, device=device)
-        xy = coords[:, [2, 1]].unsqueeze(0).double()
-
-        def stage_step() -> None:
-            stage(x, coords=xy).embedding.square().sum().backward()
-
-        ts = timed(sparse_step, args.repeat, device) * 1e3
-        td = timed(dense_step, args.repeat, device) * 1e3
-        tst = timed(stage_step, args.repeat, device) * 1e3
-        print(f"| {n} | {side}x{side} | {ts:.1f} | {td:.1f} | {td / ts:.2f} | {tst:.1f} |")
+    print(f"\n### sparse vs dense, forward + backward, median of {args.repeat}\n")
+    print(f"| density | N sites | grid | scatter 3x3 {c}->{c} ms | gather ms | dense conv2d on grid ms | "
+          "dense / scatter | sparseconvmil stage (256->512) ms |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for density in args.density:
+        for n in args.sites:
+            coords, side = random_sites(n, density, n)
+            coords = coords.to(device)
+            feats = torch.randn(n, c, device=device, requires_grad=True)
+            ms = {}
+            for alg, conv in convs.items():
+                # a fresh map each call: the neighbour search is part of the cost
+                ms[alg] = 1e3 * timed(
+                    lambda conv=conv, f=feats, xy=coords: (
+                        conv(SparseMap(f, xy, 1)).features.square().sum().backward()
+                    ),
+                    args.repeat,
+                    device,
+                )
+            td = float("nan")
+            if side <= args.dense_max:
+                dense = torch.zeros(1, c, side, side, device=device)
+                dense[0, :, coords[:, 1], coords[:, 2]] = feats.detach().t()
+                dense.requires_grad_(True)
+                td = 1e3 * timed(
+                    lambda dense=dense: (
+                        F.conv2d(dense, convs["scatter"].weight, padding=1).square().sum().backward()
+                    ),
+                    args.repeat,
+                    device,
+                )
+            tst = float("nan")
+            if n <= args.stage_max:
+                x = torch.randn(1, n, 256, device=device)
+                xy = coords[:, [2, 1]].unsqueeze(0).double()
+                tst = 1e3 * timed(
+                    lambda x=x, xy=xy: stage(x, coords=xy).embedding.square().sum().backward(),
+                    args.repeat,
+                    device,
+                )
+            dense_s = f"{td:.1f}" if td == td else "- (too large)"
+            ratio = f"{td / ms['scatter']:.2f}" if td == td else "-"
+            stage_s = f"{tst:.1f}" if tst == tst else "-"
+            print(f"| {density} | {n} | {side}x{side} | {ms['scatter']:.1f} | {ms['gather']:.1f} | {dense_s} | "
+                  f"{ratio} | {stage_s} |")  # fmt: skip
 
 
 def bench_step(args: argparse.Namespace, device: torch.device) -> None:
@@ -178,13 +193,18 @@ def main() -> None:
     p.add_argument("--height", type=int, default=4096)
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--sites", type=int, nargs="+", default=[100, 1000, 5000, 20000])
-    p.add_argument("--density", type=float, default=0.5, help="fraction of the square grid that is active")
+    p.add_argument(
+        "--density", type=float, nargs="+", default=[0.5, 0.05], help="active fraction of the grid"
+    )
+    p.add_argument("--dense-max", type=int, default=320, help="largest grid side timed densely")
+    p.add_argument("--stage-max", type=int, default=5000, help="most sites for the sparseconvmil stage")
     p.add_argument("--batch", type=int, default=256, help="slides per SSL minibatch (paper: 256)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="small sizes")
     args = p.parse_args()
     if args.quick:
         args.n_aug, args.n_tiles, args.sites, args.batch, args.repeat = 2, 32, [100, 1000, 4000], 64, 2
+        args.density, args.stage_max = [0.5, 0.05], 1000
     torch.manual_seed(0)
     device = resolve_device(args.device)
     print(f"machine: {machine()}; device {device}; torch threads {torch.get_num_threads()}")
