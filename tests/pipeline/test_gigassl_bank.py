@@ -136,3 +136,30 @@ def test_cli_bank_and_missing_slide(tiling: Path, tmp_path: Path, capsys) -> Non
         assert f["features"].shape == (2, 4, 256)
     assert main(["gigassl", "bank", str(tmp_path / "nowhere"), "--encoder", "resnet18_trunc", "--out",
                  str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+def test_ranks_share_the_slides_and_merge_their_manifests(tiling: Path, tmp_path: Path) -> None:
+    """Two ranks (run one after the other here; torchrun runs them side by side) bank disjoint slides."""
+    from gigaslide.utils.dist import DistInfo
+
+    out = tmp_path / "bank"
+    kw = {**KW, "n_aug": 2, "n_tiles": 4}
+    results = {}
+    for rank in (1, 0):  # rank 0 last: it merges the shard manifests
+        info = DistInfo(rank=rank, world_size=2, local_rank=rank, is_distributed=True)
+        s = build_gigassl_bank(tiling, tiny_encoder(), out, dist_info=info, **kw)
+        results[rank] = {r.slide_id for r in s.results}
+    assert results[0] | results[1] == {"a", "b"} and not results[0] & results[1]
+    merged = rows(out / "manifest.csv")
+    assert {sid: r["status"] for sid, r in merged.items()} == {"a": "done", "b": "done"}
+    assert {merged[sid]["rank"] for sid in results[1]} == {"1"}
+    assert not list(out.glob("manifest.rank*.csv"))
+    single = tmp_path / "single"
+    build_gigassl_bank(tiling, tiny_encoder(), single, **kw)
+    for sid in ("a", "b"):  # a slide's bank does not depend on the rank that made it
+        with (
+            h5py.File(out / "h5_files" / f"{sid}.h5") as f,
+            h5py.File(single / "h5_files" / f"{sid}.h5") as g,
+        ):
+            np.testing.assert_array_equal(f["coords"][:], g["coords"][:])
+            np.testing.assert_allclose(f["features"][:], g["features"][:], rtol=1e-5, atol=1e-6)
