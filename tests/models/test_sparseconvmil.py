@@ -166,3 +166,20 @@ def test_embedding_only_with_zero_classes(name: str) -> None:
         out = model(x.expand(2, -1, -1), coords=coords.expand(2, -1, -1))
     assert out.logits.shape == (2, 0)
     assert out.embedding.shape == (2, model.embed_dim) and torch.isfinite(out.embedding).all()
+
+
+@pytest.mark.parametrize("algorithm", ["scatter", "gather"])
+def test_runs_under_autocast_close_to_fp32(algorithm: str) -> None:
+    """Mixed precision (here CPU bf16 autocast; CUDA fp16/bf16 take the same path): matmuls in half
+    precision, sums and batch norm in float32."""
+    model = build(n_classes=2)
+    for m in model.modules():
+        if hasattr(m, "algorithm"):
+            m.algorithm = algorithm
+    x, coords = grid_bag(50, seed=12)
+    with torch.no_grad():
+        ref = model(x, coords=coords).embedding
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, coords=coords)
+    assert out.embedding.dtype == torch.float32
+    torch.testing.assert_close(out.embedding, ref, rtol=0.05, atol=0.05)

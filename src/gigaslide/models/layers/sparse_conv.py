@@ -208,14 +208,15 @@ class SparseConv2d(nn.Module):
             padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])  # row M_in = inactive site
             cols = padded[table].flatten(1)  # (M_out, k*k*C_in), offset-major like the weight below
             w = self.weight.to(feats.dtype).permute(2, 3, 1, 0).reshape(-1, self.out_channels)
-            out = cols @ w  # (M_out, C_out)
+            out = (cols @ w).to(feats.dtype)  # (M_out, C_out); the matmul is half precision under autocast
         else:
             out = feats.new_zeros(out_coords.shape[0], self.out_channels)
             # (C_in, C_out) per offset; unbind: one gradient buffer for all offsets, not one per slice
             ws = self.weight.to(feats.dtype).permute(2, 3, 1, 0).flatten(0, 1).contiguous().unbind(0)
             for w_k, (rows_in, rows_out) in zip(ws, pairs):
                 if rows_in.numel():
-                    out = out.index_add(0, rows_out, feats.index_select(0, rows_in) @ w_k)
+                    prod = feats.index_select(0, rows_in) @ w_k  # half precision under autocast
+                    out = out.index_add(0, rows_out, prod.to(out.dtype))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         if self.stride == 1:
