@@ -200,12 +200,16 @@ def main() -> None:
     p.add_argument("--stage-max", type=int, default=5000, help="most sites for the sparseconvmil stage")
     p.add_argument("--batch", type=int, default=256, help="slides per SSL minibatch (paper: 256)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared machine)"
+    )
     p.add_argument("--quick", action="store_true", help="small sizes")
     args = p.parse_args()
     if args.quick:
         args.n_aug, args.n_tiles, args.sites, args.batch, args.repeat = 2, 32, [100, 1000, 4000], 64, 2
         args.density, args.stage_max = [0.5, 0.05], 1000
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"machine: {machine()}; device {device}; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:

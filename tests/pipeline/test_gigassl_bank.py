@@ -38,15 +38,23 @@ def tiling(tmp_path_factory) -> Path:
     return make_tiling_dir(tmp_path_factory.mktemp("tiling"), {"a": (1024, 768), "b": (512, 512)})
 
 
+@pytest.fixture(scope="module")
+def encoder() -> torch.nn.Module:
+    """One frozen random-init encoder for the module (building a ResNet-18 is the slow part)."""
+    return tiny_encoder()
+
+
 def rows(manifest: Path) -> dict[str, dict[str, str]]:
     with manifest.open() as f:
         return {r["slide_id"]: r for r in csv.DictReader(f)}
 
 
-def test_bank_layout_and_identity_augmentation_equals_embed(tiling: Path, tmp_path: Path) -> None:
-    summary = build_gigassl_bank(tiling, tiny_encoder(), tmp_path / "bank", augment=IDENTITY, **KW)
+def test_bank_layout_and_identity_augmentation_equals_embed(
+    tiling: Path, encoder: torch.nn.Module, tmp_path: Path
+) -> None:
+    summary = build_gigassl_bank(tiling, encoder, tmp_path / "bank", augment=IDENTITY, **KW)
     assert not summary.failed and summary.tiles == 2 * 3 * 20
-    embedded = run_embedding(tiling, tiny_encoder(), tmp_path / "feats", device="cpu", progress=False)
+    embedded = run_embedding(tiling, encoder, tmp_path / "feats", device="cpu", progress=False)
     assert not embedded.failed
     for sid, n_avail in (("a", 48), ("b", 16)):
         with (
@@ -74,10 +82,10 @@ def test_bank_layout_and_identity_augmentation_equals_embed(tiling: Path, tmp_pa
     assert batch.features.shape == (2, 2, 5, 256)
 
 
-def test_shared_and_not_shared_augmentations(tiling: Path, tmp_path: Path) -> None:
+def test_shared_and_not_shared_augmentations(tiling: Path, encoder: torch.nn.Module, tmp_path: Path) -> None:
     kw = {**KW, "n_aug": 2}
-    build_gigassl_bank(tiling, tiny_encoder(), tmp_path / "s", slides=None, **kw)
-    build_gigassl_bank(tiling, tiny_encoder(), tmp_path / "ns", shared=False, **kw)
+    build_gigassl_bank(tiling, encoder, tmp_path / "s", slides=None, **kw)
+    build_gigassl_bank(tiling, encoder, tmp_path / "ns", shared=False, **kw)
     with (
         h5py.File(tmp_path / "s" / "h5_files" / "a.h5") as f,
         h5py.File(tmp_path / "ns" / "h5_files" / "a.h5") as g,
@@ -88,10 +96,12 @@ def test_shared_and_not_shared_augmentations(tiling: Path, tmp_path: Path) -> No
         assert not np.allclose(f["features"][:], g["features"][:])
 
 
-def test_resume_inside_a_slide_skip_and_changed_settings(tiling: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_inside_a_slide_skip_and_changed_settings(
+    tiling: Path, encoder: torch.nn.Module, tmp_path: Path, monkeypatch
+) -> None:
     out = tmp_path / "bank"
     ref = tmp_path / "ref"
-    build_gigassl_bank(tiling, tiny_encoder(), ref, **KW)
+    build_gigassl_bank(tiling, encoder, ref, **KW)
     calls = {"n": 0}
     original = BankWriter.write
 
@@ -102,11 +112,11 @@ def test_resume_inside_a_slide_skip_and_changed_settings(tiling: Path, tmp_path:
         original(self, features)
 
     monkeypatch.setattr(BankWriter, "write", flaky)
-    first = build_gigassl_bank(tiling, tiny_encoder(), out, **KW)
+    first = build_gigassl_bank(tiling, encoder, out, **KW)
     assert set(first.failed) == {"a"}  # failed on its 2nd augmentation; b carried on
     assert rows(out / "manifest.csv")["b"]["status"] == "done"
     monkeypatch.setattr(BankWriter, "write", original)
-    second = build_gigassl_bank(tiling, tiny_encoder(), out, **KW)
+    second = build_gigassl_bank(tiling, encoder, out, **KW)
     assert not second.failed
     assert rows(out / "manifest.csv")["a"]["resumed_from"] == "1"
     assert second.tiles == 2 * 20  # two augmentations of a computed, b skipped
@@ -114,9 +124,9 @@ def test_resume_inside_a_slide_skip_and_changed_settings(tiling: Path, tmp_path:
         with h5py.File(out / "h5_files" / f"{sid}.h5") as f, h5py.File(ref / "h5_files" / f"{sid}.h5") as g:
             np.testing.assert_allclose(f["features"][:], g["features"][:], rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(f["coords"][:], g["coords"][:])
-    third = build_gigassl_bank(tiling, tiny_encoder(), out, **KW)
+    third = build_gigassl_bank(tiling, encoder, out, **KW)
     assert third.tiles == 0 and not third.failed
-    changed = build_gigassl_bank(tiling, tiny_encoder(), out, **{**KW, "n_aug": 4})
+    changed = build_gigassl_bank(tiling, encoder, out, **{**KW, "n_aug": 4})
     assert set(changed.failed) == {"a", "b"} and "other settings" in changed.failed["a"]
 
 
@@ -138,7 +148,9 @@ def test_cli_bank_and_missing_slide(tiling: Path, tmp_path: Path, capsys) -> Non
                  str(tmp_path / "x")]) == 2  # fmt: skip
 
 
-def test_ranks_share_the_slides_and_merge_their_manifests(tiling: Path, tmp_path: Path) -> None:
+def test_ranks_share_the_slides_and_merge_their_manifests(
+    tiling: Path, encoder: torch.nn.Module, tmp_path: Path
+) -> None:
     """Two ranks (run one after the other here; torchrun runs them side by side) bank disjoint slides."""
     from gigaslide.utils.dist import DistInfo
 
@@ -147,7 +159,7 @@ def test_ranks_share_the_slides_and_merge_their_manifests(tiling: Path, tmp_path
     results = {}
     for rank in (1, 0):  # rank 0 last: it merges the shard manifests
         info = DistInfo(rank=rank, world_size=2, local_rank=rank, is_distributed=True)
-        s = build_gigassl_bank(tiling, tiny_encoder(), out, dist_info=info, **kw)
+        s = build_gigassl_bank(tiling, encoder, out, dist_info=info, **kw)
         results[rank] = {r.slide_id for r in s.results}
     assert results[0] | results[1] == {"a", "b"} and not results[0] & results[1]
     merged = rows(out / "manifest.csv")
@@ -155,7 +167,7 @@ def test_ranks_share_the_slides_and_merge_their_manifests(tiling: Path, tmp_path
     assert {merged[sid]["rank"] for sid in results[1]} == {"1"}
     assert not list(out.glob("manifest.rank*.csv"))
     single = tmp_path / "single"
-    build_gigassl_bank(tiling, tiny_encoder(), single, **kw)
+    build_gigassl_bank(tiling, encoder, single, **kw)
     for sid in ("a", "b"):  # a slide's bank does not depend on the rank that made it
         with (
             h5py.File(out / "h5_files" / f"{sid}.h5") as f,
