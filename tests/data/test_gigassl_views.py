@@ -173,9 +173,14 @@ def test_views_without_slide_augment_keep_the_grid_and_shard_ranks(tmp_path: Pat
     plain = GigaSSLViews(bank, batch_size=2, n_tiles=4, slide_augment=None, seed=2)
     b = plain.batch(0, 0)
     slide, aug = b.slide_index[0].item(), b.aug_index[0, 0].item()
-    _, coords = bank.view(slide, aug)
+    full_feats, coords = bank.view(slide, aug)
     tiles = b.features[0, 0, :, 2].long().numpy()
     np.testing.assert_array_equal(b.cells[0, 0].numpy(), tile_cells(coords[tiles], SPEC))
+    some_feats, some_coords = bank.view(slide, aug, np.array([1, 4, 7]))
+    np.testing.assert_array_equal(some_feats, full_feats[[1, 4, 7]])
+    np.testing.assert_array_equal(some_coords, coords[[1, 4, 7]])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        bank.view(slide, aug, np.array([4, 1]))
     ranks = [GigaSSLViews(bank, batch_size=2, n_tiles=4, seed=2, rank=r, world_size=2) for r in range(2)]
     assert len(ranks[0]) == 2
     got = [r.batch(0, 1).slide_index.tolist() for r in ranks]

@@ -247,10 +247,17 @@ class GigaSSLBank:
             self._handles[i] = h5py.File(self.slides[i].path, "r")
         return self._handles[i]
 
-    def view(self, i: int, aug: int) -> tuple[np.ndarray, np.ndarray]:
-        """Augmentation ``aug`` of slide ``i``: features (n_tiles, D) float32 and coords (n_tiles, 2)."""
+    def view(self, i: int, aug: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Augmentation ``aug`` of slide ``i``: features (T, D) float32 and coords (T, 2) of ``rows``.
+
+        ``rows`` (T,) strictly increasing tile indices (only those are read); None = all n_tiles.
+        """
         f = self._file(i)
-        return np.asarray(f["features"][aug], dtype=np.float32), np.asarray(f["coords"][aug], dtype=np.int64)
+        sel: Any = slice(None) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows is not None and np.any(np.diff(sel) <= 0):
+            raise ValueError("rows must be strictly increasing")
+        feats = np.asarray(f["features"][aug, sel], dtype=np.float32)
+        return feats, np.asarray(f["coords"][aug, sel], dtype=np.int64)
 
     def close(self) -> None:
         for h in self._handles.values():

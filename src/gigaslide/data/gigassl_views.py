@@ -136,13 +136,13 @@ class GigaSSLViews:
         """One view of slide ``slide``: features (T, D), cells (T, 2), augmentation index."""
         meta = self.bank.slides[slide]
         aug = int(rng.integers(meta.n_aug))
-        feats, coords = self.bank.view(slide, aug)
         rows = np.sort(rng.choice(meta.n_tiles, size=self.n_tiles, replace=False))
+        feats, coords = self.bank.view(slide, aug, rows)  # reads only these rows
         assert meta.spec is not None
-        cells = tile_cells(coords[rows], meta.spec, self.grid_unit)
+        cells = tile_cells(coords, meta.spec, self.grid_unit)
         if self.slide_augment is not None:
             cells = self.slide_augment(cells, rng)
-        return feats[rows], cells, aug
+        return feats, cells, aug
 
     def batch(self, epoch: int, index: int) -> ViewBatch:
         """Minibatch ``index`` of ``epoch`` on this rank."""
