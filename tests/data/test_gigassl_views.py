@@ -114,6 +114,7 @@ def test_bank_writer_resumes_at_the_next_augmentation(tmp_path: Path) -> None:
         w.write(feats[3])
         w.finalize()
     with h5py.File(final) as f:
+        assert list(f["features"].attrs["item_shape"]) == [N_TILES, DIM]  # the N-D feature-file convention
         np.testing.assert_array_equal(f["features"][:], feats)
         np.testing.assert_array_equal(f["coords"][:], coords)
     meta = read_bank_slide(final)

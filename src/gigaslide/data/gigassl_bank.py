@@ -4,14 +4,16 @@ Layout of ``BANK/h5_files/<slide_id>.h5``::
 
     features  (n_aug, n_tiles, D) float32/16   attrs: encoder, weights, weights_sha256, embed_dim,
                                                       precision, gigaslide_version, slide_id, fingerprint,
-                                                      n_aug, n_tiles, shared, seed, augmentations (JSON)
+                                                      n_aug, n_tiles, shared, seed, augmentations (JSON),
+                                                      item_shape = [n_tiles, D]
     coords    (n_aug, n_tiles, 2) int64        level-0 (x, y) corners of each view's tiles;
                                                       attrs: the tile spec (as in feature files)
 
 Row ``features[a, t]`` is tile ``coords[a, t]`` seen through augmentation ``a``. The attribute
-conventions are those of :mod:`gigaslide.data.features_io`. :class:`BankWriter` writes one
-augmentation at a time into a hidden partial file ``.<slide_id>.partial.h5`` whose
-``gigaslide_augs_done`` attribute advances after each flushed augmentation, so an interrupted slide
+conventions are those of :mod:`gigaslide.data.features_io` and of its N-D feature files (rows are
+augmentations, ``item_shape`` is ``[n_tiles, D]``). :class:`BankWriter` writes one augmentation at a
+time into a hidden partial file ``.<slide_id>.partial.h5`` whose ``gigaslide_rows_done`` attribute
+advances after each flushed augmentation, so an interrupted slide
 resumes at its next augmentation; :meth:`BankWriter.finalize` renames it to the final name.
 """
 
@@ -28,13 +30,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from gigaslide.data.feature_writer import FINGERPRINT_ATTR, partial_path_for
+from gigaslide.data.feature_writer import FINGERPRINT_ATTR, ROWS_DONE_ATTR, partial_path_for
 from gigaslide.preprocess.coords_io import _plain
 from gigaslide.preprocess.tiling_spec import TileSpec
 
 log = logging.getLogger(__name__)
 
-AUGS_DONE_ATTR = "gigaslide_augs_done"
+#: augmentations committed to a partial file (they are the rows of the (n_aug, n_tiles, D) features)
+AUGS_DONE_ATTR = ROWS_DONE_ATTR
 BANK_SUBDIR = "h5_files"
 
 
@@ -100,7 +103,12 @@ class BankWriter:
         shape = (self.n_aug, self.n_tiles, self.dim)
         chunks = (1, max(1, self.n_tiles), max(1, self.dim)) if min(shape) > 0 else None
         fd = f.create_dataset("features", shape=shape, dtype=self.dtype, chunks=chunks)
-        for k, v in {**self.features_attrs, "fingerprint": self.fingerprint}.items():
+        item_shape = [self.n_tiles, self.dim]
+        for k, v in {
+            **self.features_attrs,
+            "fingerprint": self.fingerprint,
+            "item_shape": item_shape,
+        }.items():
             fd.attrs[k] = v
         cd = f.create_dataset("coords", data=self.coords)
         for k, v in self.coords_attrs.items():
