@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "models",
     "e2e": "e2e",
     "demo": "demo",
+    "gigassl": "gigassl",
 }
 
 
