@@ -72,5 +72,5 @@ def test_loads_torch_weight_norm_checkpoints_both_layouts() -> None:
     third = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8)
     third.load_state_dict(classic, strict=True)
     torch.testing.assert_close(third.last_layer(z), ref(z))
-    with pytest.raises(RuntimeError, match="last_layer.weight_v"):
+    with pytest.raises(RuntimeError, match=r"last_layer\.weight_v"):
         DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8).load_state_dict(sd, strict=True)

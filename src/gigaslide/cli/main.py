@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "encoders": "encoders",
     "models": "models",
     "demo": "demo",
+    "pretrain": "pretrain",
 }
 
 

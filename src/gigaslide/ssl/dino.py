@@ -79,7 +79,9 @@ class DINOConfig:
         return d
 
 
-def _build_backbone(encoder: str, weights: Any, drop_path_rate: float, encoder_kwargs: dict[str, Any]) -> nn.Module:
+def _build_backbone(
+    encoder: str, weights: Any, drop_path_rate: float, encoder_kwargs: dict[str, Any]
+) -> nn.Module:
     from gigaslide.models.encoders import create_encoder
 
     kw = dict(encoder_kwargs)
@@ -114,7 +116,9 @@ class DINOObjective(Objective):
         cfg: the recipe (momentum, clipping, last-layer freezing).
     """
 
-    def __init__(self, student: MultiCropWrapper, teacher: MultiCropWrapper, loss: DINOLoss, cfg: DINOConfig) -> None:
+    def __init__(
+        self, student: MultiCropWrapper, teacher: MultiCropWrapper, loss: DINOLoss, cfg: DINOConfig
+    ) -> None:
         self.student, self.teacher, self.loss, self.cfg = student, teacher, loss, cfg
         self.teacher.load_state_dict(self.student.state_dict(), strict=True)
         for p in self.teacher.parameters():
@@ -130,7 +134,11 @@ class DINOObjective(Objective):
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         epochs = max(1, total_steps // max(1, steps_per_epoch))
-        return {"momentum": momentum_schedule(self.cfg.momentum_teacher, 1.0, epochs, steps_per_epoch)[:total_steps]}
+        return {
+            "momentum": momentum_schedule(self.cfg.momentum_teacher, 1.0, epochs, steps_per_epoch)[
+                :total_steps
+            ]
+        }
 
     def train_step(self, batch: Any, ctx: StepContext) -> StepOutput:
         """``batch``: the crops, ``list`` of (B, 3, h, w), the 2 global crops first."""
@@ -241,7 +249,9 @@ def run_dino(
     cfg = cfg or DINOConfig()
     meta = get_encoder_meta(encoder)
     if cfg.crops.mean == MultiCropConfig.mean and cfg.crops.std == MultiCropConfig.std:
-        cfg = dataclasses.replace(cfg, crops=dataclasses.replace(cfg.crops, mean=tuple(meta.mean), std=tuple(meta.std)))
+        cfg = dataclasses.replace(
+            cfg, crops=dataclasses.replace(cfg.crops, mean=tuple(meta.mean), std=tuple(meta.std))
+        )
     env = dist_env()
     dev = resolve_device(device, env.local_rank if env.is_distributed else None)
     seed_everything(seed)
