@@ -105,3 +105,18 @@ def test_wrapper_runs_backbone_per_resolution_and_head_once() -> None:
     assert out.shape == (10, 5)
     torch.testing.assert_close(out[4:6], wrapper.head(crops[2].mean(dim=(2, 3))))
     assert sorted(n.split(".")[0] for n, _ in wrapper.named_parameters()) == ["head", "head"]
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.7, 2.0])
+def test_separable_blur_equals_torchvision(sigma: float) -> None:
+    import math
+
+    import torchvision.transforms.v2.functional as TF
+
+    from gigaslide.ssl.multicrop import gaussian_blur
+
+    x = torch.rand(3, 40, 33, generator=torch.Generator().manual_seed(0))
+    k = 2 * math.ceil(3.0 * sigma) + 1
+    torch.testing.assert_close(
+        gaussian_blur(x, sigma), TF.gaussian_blur(x, [k, k], [sigma, sigma]), rtol=1e-5, atol=1e-5
+    )

