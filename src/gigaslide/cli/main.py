@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "e2e": "e2e",
     "demo": "demo",
     "gigassl": "gigassl",
+    "pretrain": "pretrain",
 }
 
 
