@@ -111,8 +111,36 @@ def _val_warning(cohort: Cohort, cfg: TrainConfig, split: Split) -> str | None:
     else:
         effect = f"the validation {metric} is undefined (NaN); checkpoint selection uses the validation loss"
     msg = f"fold {split.fold}: {problem}; {effect}"
-    log.warning("WARNING %s", msg)
+    log.warning("%s", msg)
     return msg
+
+
+SMALL_VALIDATION = 10  # slides; fewer make checkpoint selection and early stopping noisy
+
+
+def small_validation_warning(splits: list[Split]) -> str | None:
+    """A warning naming the folds whose (non-empty) validation set has fewer than ``SMALL_VALIDATION``
+    slides, or None. Empty validation sets are :func:`_val_warning`'s."""
+    small = {s.fold: len(s.val) for s in splits if 0 < len(s.val) < SMALL_VALIDATION}
+    if not small:
+        return None
+    sizes = sorted(set(small.values()))
+    size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return (
+        f"validation sets of {len(small)} of {len(splits)} folds hold only {size} slide(s) (folds "
+        f"{sorted(small)[:20]}): checkpoint selection and early stopping on them are noisy; raise "
+        "--val-fraction or add slides"
+    )
+
+
+def check_model_config(cfg: TrainConfig, cohort: Cohort) -> None:
+    """Build the configured model once, so that a typo in ``model`` or ``model_kwargs`` is reported
+    before anything is written into the output folder (a half-written run would block the rerun)."""
+    try:
+        create_slide_model(cfg.model, cohort.dim, n_outputs(cfg, cohort.n_classes), **cfg.model_kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ValueError(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {msg}") from e
 
 
 def _select(samples: list[Sample], slide_ids: list[str]) -> list[Sample]:
@@ -227,10 +255,14 @@ def run_crossval(
         raise ValueError(f"task {task!r} differs from the cohort's task {cohort.task!r}")
     cfg = replace(cfg, model=model_name, task=task)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
+    check_model_config(cfg, cohort)  # before anything is written
     splits = make_splits(cohort, cfg, splits_dir)
     _check_resume(out, cfg.to_dict(), splits)
+    small = small_validation_warning(splits)
+    if small:
+        log.warning("%s", small)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "label_map": cohort.label_map(),
         "in_dim": cohort.dim,

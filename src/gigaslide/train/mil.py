@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,14 @@ def train_model(
         else:
             stale += 1
         log.debug("epoch %d: %s", epoch, row)
-        if has_val and cfg.early_stopping and epoch + 1 >= cfg.min_epochs and stale >= cfg.patience:
+        last = epoch + 1 == cfg.epochs  # stopping at the last epoch is no early stop
+        if (
+            has_val
+            and cfg.early_stopping
+            and epoch + 1 >= cfg.min_epochs
+            and stale >= cfg.patience
+            and not last
+        ):
             stopped = True
             log.info("early stopping at epoch %d (best epoch %d)", epoch, best_epoch)
             break
@@ -326,9 +334,13 @@ def load_checkpoint(
     """Rebuild the model of a checkpoint written by :func:`save_checkpoint`; returns (model, meta)."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read checkpoint ({e})") from e
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"{path}: not a readable gigaslide training checkpoint (checkpoints/fold<k>.pt of `gigaslide "
+            f"train`): {type(e).__name__}: {reason}"
+        ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a gigaslide training checkpoint (no 'state_dict'/'model' entries)")
     model = create_slide_model(
