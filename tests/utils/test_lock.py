@@ -22,9 +22,8 @@ def test_second_run_refuses_naming_the_holder(tmp_path: Path) -> None:
     with output_lock(tmp_path / "out", command="gigaslide embed tiles --out out"):
         holder = read_holder(tmp_path / "out" / LOCK_NAME)
         assert holder is not None and holder.pid == os.getpid() and holder.host == socket.gethostname()
-        with pytest.raises(OutputLockedError) as e:
-            with output_lock(tmp_path / "out", command="second"):
-                pass
+        with pytest.raises(OutputLockedError) as e, output_lock(tmp_path / "out", command="second"):
+            pass
         msg = str(e.value)
         assert f"pid {os.getpid()} on {socket.gethostname()}, started {holder.started}" in msg
         assert "gigaslide embed tiles --out out" in msg and "--wait" in msg

@@ -435,9 +435,9 @@ def run_embedding(
         "store_dtype": store_dtype,
     }
     embedder = _Embedder(encoder, out, opts)
-    if embedder.random_init:
-        log.warning(
-            "RANDOM WEIGHTS: encoder %s has no pretrained weights; features are not meaningful",
+    if embedder.random_init:  # create_encoder (or the CLI's banner) has warned: say it once
+        log.info(
+            "random weights: encoder %s has no pretrained weights; every file records random_init=True",
             encoder.meta.name,
         )
     summary = EmbedSummary(out_dir=out, manifest=main_manifest, random_init=embedder.random_init)
