@@ -71,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"feature loading: all in memory, read per bag, or memory-mapped (default: {d.cache})",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar over folds")
     add_wait_argument(p)
     return p
 
@@ -137,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         log.info("%s; model %s on %s", cohort, cfg.model, device)
         result = run_crossval(
-            cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits
-        )
+            cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits,
+            progress=not args.no_progress,
+        )  # fmt: skip
     if result.skipped_folds:
         log.info("resumed: folds %s were already finished", result.skipped_folds)
     doc = json.loads(result.report["results"].read_text())

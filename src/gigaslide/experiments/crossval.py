@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from tqdm import tqdm
 
 from gigaslide import __version__
 from gigaslide.data.bags import BagDataset
@@ -234,6 +236,20 @@ def _run_fold(
     return doc
 
 
+def fold_progress(doc: dict[str, Any]) -> str:
+    """One fold's summary for the progress bar: epochs run, last training loss, best validation
+    metric and the test metrics, e.g. ``fold 2: 20 ep, loss 0.41, val 0.83, test auc 0.80``."""
+    row, history = doc["row"], doc.get("history") or []
+    parts = [f"fold {row['fold']}: {row.get('epochs_run', len(history))} ep"]
+    if history:
+        parts.append(f"loss {history[-1]['train_loss']:.3g}")
+        vals = [h["val_metric"] for h in history if np.isfinite(h.get("val_metric", float("nan")))]
+        if vals:
+            parts.append(f"val {max(vals):.3g}")
+    tests = [f"{m} {row[m]:.3g}" for m in (*CLASSIFICATION_METRICS, *SURVIVAL_METRICS) if m in row][:2]
+    return ", ".join(parts + ([f"test {', '.join(tests)}"] if tests else []))
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -248,9 +264,13 @@ def run_crossval(
     out_dir: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     splits_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
 ) -> CVResult:
     """Cross-validate ``model_name`` on ``cohort``: train every fold (skipping finished ones), test,
-    and write the report into ``out_dir`` (see the module docstring for the files)."""
+    and write the report into ``out_dir`` (see the module docstring for the files).
+
+    ``progress`` shows a bar over the folds on stderr with the last fold's epochs, training loss,
+    validation metric and test metrics."""
     if task != cohort.task:
         raise ValueError(f"task {task!r} differs from the cohort's task {cohort.task!r}")
     cfg = replace(cfg, model=model_name, task=task)
@@ -278,6 +298,9 @@ def run_crossval(
     save_splits(splits, out / "splits")
     samples = cohort.samples(cfg.case_level)
     docs, skipped = [], []
+    bar = tqdm(
+        total=len(splits), desc=f"{cfg.model} folds", unit="fold", file=sys.stderr, disable=not progress
+    )
     for split in splits:
         k = split.fold
         fold_json, ckpt = out / "folds" / f"fold{k}.json", out / "checkpoints" / f"fold{k}.pt"
@@ -285,10 +308,14 @@ def run_crossval(
             log.info("fold %d already done (%s), skipping", k, fold_json)
             docs.append(json.loads(fold_json.read_text()))
             skipped.append(k)
+            bar.update(1)
             continue
         log.info("fold %d: training %s", k, cfg.model)
         docs.append(_run_fold(cohort, cfg, split, samples, out, device))
         log.info("fold %d: %s", k, {m: v for m, v in docs[-1]["row"].items() if isinstance(v, float)})
+        bar.set_postfix_str(fold_progress(docs[-1]), refresh=False)
+        bar.update(1)
+    bar.close()
     per_fold = [d["row"] for d in docs]
     predictions = pd.concat([pd.DataFrame(d["predictions"]) for d in docs], ignore_index=True)
     metric_names = CLASSIFICATION_METRICS if task == "classification" else SURVIVAL_METRICS
