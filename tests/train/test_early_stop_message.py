@@ -49,4 +49,4 @@ def test_patience_reached_at_the_last_epoch_is_no_early_stop(tmp_path: Path, cap
 def test_early_stop_before_the_last_epoch_is_reported(tmp_path: Path, caplog) -> None:
     result = _run(tmp_path, epochs=6, caplog=caplog)
     assert len(result.history) == 3 and result.stopped_early
-    assert "early stopping at epoch 2 (best epoch 0)" in caplog.text
+    assert "early stopping after epoch 2 (best epoch 0)" in caplog.text

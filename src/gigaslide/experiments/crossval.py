@@ -173,7 +173,13 @@ def _check_resume(out: Path, cfg_dict: dict[str, Any], splits: list[Split]) -> N
 
 
 def _run_fold(
-    cohort: Cohort, cfg: TrainConfig, split: Split, samples: list[Sample], out: Path, device: torch.device
+    cohort: Cohort,
+    cfg: TrainConfig,
+    split: Split,
+    samples: list[Sample],
+    out: Path,
+    device: torch.device,
+    progress: bool = False,
 ) -> dict[str, Any]:
     k = split.fold
     train_s, val_s, test_s = (_select(samples, getattr(split, n)) for n in ("train", "val", "test"))
@@ -186,7 +192,8 @@ def _run_fold(
     model = create_slide_model(cfg.model, cohort.dim, n_out, **cfg.model_kwargs)
     train_ds = BagDataset(cohort, train_s, max_tiles=cfg.max_tiles, train=True, seed=fold_cfg.seed)
     val_ds = BagDataset(cohort, val_s) if val_s else None
-    result = train_model(model, train_ds, val_ds, fold_cfg, device, validation_metric(fold_cfg.task))
+    label = f"fold {k}" if progress else None  # the engine's per-epoch bar (loss, rate)
+    result = train_model(model, train_ds, val_ds, fold_cfg, device, validation_metric(fold_cfg.task), label)
     model.load_state_dict(result.best_state)
     pred = predict(model, BagDataset(cohort, test_s), device)
     frame = pred.to_frame(cohort.class_names)
@@ -311,7 +318,7 @@ def run_crossval(
             bar.update(1)
             continue
         log.info("fold %d: training %s", k, cfg.model)
-        docs.append(_run_fold(cohort, cfg, split, samples, out, device))
+        docs.append(_run_fold(cohort, cfg, split, samples, out, device, progress))
         log.info("fold %d: %s", k, {m: v for m, v in docs[-1]["row"].items() if isinstance(v, float)})
         bar.set_postfix_str(fold_progress(docs[-1]), refresh=False)
         bar.update(1)
