@@ -110,9 +110,8 @@ def test_model_typo_writes_nothing_and_corrected_rerun_works(tmp_path: Path, cap
     assert _train(feats, labels, out) == 0  # the corrected rerun into the same --out
     captured = capsys.readouterr()
     assert (out / "config.yaml").exists() and "abmil classification, 2-fold CV" in captured.out
-    assert (
-        "abmil folds" in captured.err and "2/2" in captured.err and "fold 1: 1 ep" in captured.err
-    )  # progress
+    assert "abmil folds" in captured.err and "2/2" in captured.err  # the bar over folds
+    assert "fold 1: 1 ep" in captured.err and "fold 0 epoch 1/1" in captured.err  # and per epoch
 
 
 def test_train_label_col(tmp_path: Path, capsys) -> None:
