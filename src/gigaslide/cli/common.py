@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gigaslide.utils.dist import DistInfo
 from gigaslide.utils.errors import UserError
 
 # the split protocol's defaults, shared by `train` (through TrainConfig) and `probe`
@@ -142,7 +143,7 @@ def check_output_folder(path: str | os.PathLike[str], flag: str = "--out") -> Pa
 
 @contextlib.contextmanager
 def output_folder(
-    path: str | os.PathLike[str], wait: bool = False, flag: str = "--out", dist_info: Any = None
+    path: str | os.PathLike[str], wait: bool = False, flag: str = "--out", dist_info: DistInfo | None = None
 ) -> Iterator[Path]:
     """Check ``path`` (see :func:`check_output_folder`) and hold its lock for the ``with`` block."""
     from gigaslide.utils.lock import output_lock

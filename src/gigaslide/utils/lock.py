@@ -222,6 +222,10 @@ def output_lock(
             lock.acquire()
         except OutputLockedError as e:
             error = str(e)
+        except OSError as e:  # e.g. a read-only folder: every rank must hear of it, not wait
+            if not info.is_distributed:
+                raise
+            error = f"cannot lock {folder}: {e}"
     if info.is_distributed:
         error = _share_from_rank0(error)
     if error is not None:
