@@ -92,6 +92,15 @@ def _map_labels(
     return values.map(index).to_numpy(dtype=np.int64), names
 
 
+def read_label_table(
+    labels_path: str | os.PathLike[str], task: str = "classification", label_col: str = "label"
+) -> pd.DataFrame:
+    """The validated label table of a CSV: ``slide_id``, ``case_id`` and ``label`` (as text) or
+    ``time`` + ``event``; errors (:class:`CohortError`) name the file, the rows and the fix. The one
+    reader is :func:`gigaslide.data.labels.read_labels` (also used by `gigaslide probe`)."""
+    return read_labels(labels_path, task, label_col, error=CohortError)
+
+
 class Cohort:
     """Validated slides with labels or outcomes and their tile features.
 
@@ -151,7 +160,7 @@ class Cohort:
 
     # -- construction helpers ---------------------------------------------------------------
     def _read_table(self) -> pd.DataFrame:
-        return read_labels(self.labels_path, self.task, self.label_col, error=CohortError)
+        return read_label_table(self.labels_path, self.task, self.label_col)
 
     def _check_bags(self, check_values: bool) -> int:
         """Validate every bag (dimension, emptiness, finiteness); load into memory when caching."""
