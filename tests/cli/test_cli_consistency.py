@@ -163,6 +163,12 @@ def test_busy_output_folder_names_the_holder(tmp_path: Path, capsys) -> None:
     assert err.startswith(f"gigaslide train: error: output folder {out} is in use by pid {os.getpid()} on ")
     assert "started 20" in err and "(the first one)" in err and "--wait" in err
     assert not (out / "config.yaml").exists()
+    with OutputLock(out, "another run"):  # every batch command with an --out folder takes the lock
+        for argv in (["e2e", "--labels", str(labels), "--tiles", str(tmp_path), "--out", str(out)],
+                     ["probe", "--embeddings", str(feats), "--labels", str(labels), "--out", str(out)],
+                     ["synth", "--n-slides", "1", "--out", str(out)]):  # fmt: skip
+            assert main(argv) == 2
+            assert f"output folder {out} is in use by pid {os.getpid()}" in capsys.readouterr().err, argv[0]
 
 
 @pytest.mark.parametrize(
