@@ -114,19 +114,25 @@ def test_probe_cli_npz_and_missing_ids(tmp_path: Path, capsys: pytest.CaptureFix
     assert json.loads((out / "results.json").read_text())["config"]["train_fraction"] == 0.5
 
 
-def test_probe_cli_unreadable_feature_file_reported(tmp_path: Path) -> None:
-    import os
-    import subprocess
+def test_probe_cli_unreadable_feature_file_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sys
+    import warnings
 
     feats, labels = _features_dir(tmp_path, n_slides=12)
     (feats / "h5_files" / "slide03.h5").write_bytes(b"not an hdf5 file")
-    cmd = [sys.executable, "-m", "gigaslide", "probe", "--embeddings", str(feats), "--labels", str(labels),
-           "--folds", "3", "--out", str(tmp_path / "o")]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "default"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
+
+    def show(message, category, filename, lineno, file=None, line=None):  # what Python does outside pytest
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        rc = main(["probe", "--embeddings", str(feats), "--labels", str(labels), "--folds", "3", "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
     # the warning is one clean line: no source line, no file:lineno, no category name
     assert lines[0] == "gigaslide probe: warning: 1 feature file(s) unreadable, skipped: ['slide03']"
     assert lines[1].startswith("gigaslide probe: error: 1 labelled slide(s)") and "slide03" in lines[1]
