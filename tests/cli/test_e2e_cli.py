@@ -97,3 +97,31 @@ def test_augmentation_is_reproducible_per_tile() -> None:
     c = aug(x.clone(), np.random.default_rng([1, 3]))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_distributed_mode_agrees_with_naive(cohort: Path, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    common = ["--slides", str(cohort / "slides"), "--labels", str(cohort / "labels.csv"), "--encoder",
+              "resnet18_trunc", "--weights", "random", "--tiles-per-slide", "5", "--input-size", "32", "--epochs",
+              "1", "--val-fraction", "0", "--freeze-bn", "--no-augment", "--deterministic", "--optimizer", "sgd",
+              "--lr", "1e-4", "--set", "dropout=0.0"]  # fmt: skip
+    assert main(["e2e", *common, "--out", str(tmp_path / "naive"), "--mode", "naive"]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    cmd = [torchrun, "--nproc_per_node", "3", "-m", "gigaslide", "e2e", *common, "--out", str(tmp_path / "dist"),
+           "--mode", "distributed"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    for name in ("encoder.pth",):
+        a = torch.load(tmp_path / "naive" / name, weights_only=True)
+        b = torch.load(tmp_path / "dist" / name, weights_only=True)
+        for k in a:
+            if a[k].is_floating_point():
+                assert float((a[k] - b[k]).norm()) <= 1e-5 * float(a[k].norm()) + 1e-7, k
+    a = load_checkpoint(tmp_path / "naive" / "aggregator.pt")[0].state_dict()
+    b = load_checkpoint(tmp_path / "dist" / "aggregator.pt")[0].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)

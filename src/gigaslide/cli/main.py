@@ -38,6 +38,7 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "models",
     "e2e": "e2e",
     "demo": "demo",
+    "gigassl": "gigassl",
 }
 
 
