@@ -62,6 +62,11 @@ def test_help_shows_defaults() -> None:
         assert f"(default: {default})" in train.split(f"{opt} ", 2)[2].split(" --")[0], opt
     assert "(default: None)" not in train and "(default: False)" not in train
     assert "(default: 10)" in _help("probe").split("--folds ", 2)[2].split(" --")[0]
+    assert "(default: cosine)" in _help("probe").split("--knn-metric ", 2)[2].split(" --")[0]  # no help text
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices)
+    nested = next(a for a in sub.choices["gigassl"]._actions if hasattr(a, "choices") and a.choices)
+    bank = " ".join(nested.choices["bank"].format_help().split())  # nested subcommands too
+    assert "(default: fp32)" in bank.split("--precision ", 2)[2].split(" --")[0]
     convert = _help("convert")
     assert "DST" not in convert and "in the folder given by --out" in convert
 

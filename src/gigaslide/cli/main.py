@@ -58,9 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not part of this build
             raise
         p = mod.add_parser(sub)
-        p.formatter_class = HelpFormatter  # every option's default shown in --help
+        _show_defaults(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's default in ``--help``: this parser and its nested subcommands."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        unset = action.default in (None, False, argparse.SUPPRESS) or action.default == []
+        if action.help is None and action.option_strings and not unset:
+            action.help = "(default: %(default)s)"  # argparse shows nothing for options without help
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _show_defaults(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
