@@ -34,6 +34,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile (default 0.25)"
     )
     p.add_argument(
+        "--min-tissue-area",
+        type=float,
+        default=None,
+        metavar="UM2",
+        help="tissue fragments smaller than this many um^2 are dropped (default 20000; 0 keeps every "
+        "fragment, e.g. for small biopsies or TMA cores)",
+    )
+    p.add_argument(
+        "--keep-ink", action="store_true", help="do not remove marker ink (coloured/dark pen strokes)"
+    )
+    p.add_argument(
         "--region-size", type=int, default=None, help="also write regions of this size (4096 for HIPT)"
     )
     p.add_argument(
@@ -64,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
         target_mpp = magnification_to_mpp(args.magnification)
     else:
         target_mpp = args.target_mpp if args.target_mpp is not None else 0.5
+    tissue_params = None
+    if args.min_tissue_area is not None or args.keep_ink:
+        from gigaslide.preprocess.tissue import TissueParams
+
+        defaults = TissueParams()
+        area = defaults.min_tissue_area_um2 if args.min_tissue_area is None else args.min_tissue_area
+        tissue_params = TissueParams(min_tissue_area_um2=area, remove_pen=not args.keep_ink)
     slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
     summary = run_tiling(
         slides,
@@ -77,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         backend=args.backend,
         preview=args.preview,
+        tissue_params=tissue_params,
         progress=not args.no_progress,
     )
     print(summary.describe())

@@ -202,7 +202,7 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
             )
             warning = tiles.warning  # e.g. tiles upsampled from level 0
             atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
-            attrs = {"slide_id": slide.slide_id, "slide_path": str(slide.path)}
+            attrs = {"slide_id": slide.slide_id, "slide_path": str(slide.path), **_tissue_attrs(params)}
             if params.region_size:
                 row["n_regions"], region_warning = _write_regions(
                     s, slide, tiles.tissue, paths["regions"], params
@@ -222,6 +222,14 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
     row["warning"] = warning
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def _tissue_attrs(params: TilingParams) -> dict[str, Any]:
+    """The tissue-detection settings a rerun must match (stored on the coordinate file)."""
+    from gigaslide.preprocess.tissue import TissueParams
+
+    tp = params.tissue_params or TissueParams()
+    return {"min_tissue_area_um2": float(tp.min_tissue_area_um2), "remove_ink": int(tp.remove_pen)}
 
 
 def _write_regions(
@@ -293,6 +301,9 @@ def is_finished(manifest: Manifest, slide: SlideInput, out_dir: Path, params: Ti
             )
             if same and slide.mpp is not None:
                 same = math.isclose(float(attrs["slide_mpp"]), slide.mpp, rel_tol=1e-9)
+            for key, want in _tissue_attrs(params).items():  # files from before these attrs: defaults
+                if same and key in attrs:
+                    same = math.isclose(float(attrs[key]), float(want), abs_tol=1e-9)
     except (OSError, KeyError, ValueError):
         return False
     if not same:
