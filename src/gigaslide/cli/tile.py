@@ -59,6 +59,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
     p.add_argument("--backend", default=None, help="slide reader backend (default: automatic)")
     p.add_argument("--preview", action="store_true", help="also write OUT/previews/<slide_id>.png")
+    p.add_argument(
+        "--layout",
+        choices=["gigaslide", "clam", "trident"],
+        default="gigaslide",
+        help="coordinate files for CLAM (= gigaslide: patches/<id>.h5, patch_size read at patch_level) "
+        "or TRIDENT (patches/<id>_patches.h5, patch_size at the target resolution); default gigaslide",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         preview=args.preview,
         tissue_params=tissue_params,
+        layout=args.layout,
         progress=not args.no_progress,
     )
     print(summary.describe())

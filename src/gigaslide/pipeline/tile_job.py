@@ -3,7 +3,8 @@
 Output layout of ``run_tiling(slides, OUT)``::
 
     OUT/manifest.csv              one row per slide (status done/failed, counts, timing, error)
-    OUT/patches/<slide_id>.h5     tile coordinates + tissue fractions (CLAM/TRIDENT-readable)
+    OUT/patches/<slide_id>.h5     tile coordinates + tissue fractions (CLAM's layout and meaning)
+    OUT/patches/<slide_id>_patches.h5  instead, with ``layout="trident"``: TRIDENT's layout and meaning
     OUT/tissue/<slide_id>.geojson tissue polygons in level-0 pixels
     OUT/regions/<slide_id>.h5     with ``region_size``: HIPT regions (e.g. 4096 px), see below
     OUT/previews/<slide_id>.png   with ``preview``: thumbnail + tissue outline + tile grid
@@ -83,9 +84,14 @@ class TilingParams:
     backend: str | None = None
     preview: bool = False
     tissue_params: TissueParams | None = None
+    layout: str = "gigaslide"
 
     def validate(self) -> None:
         """Raise ValueError with the offending option for impossible settings."""
+        from gigaslide.preprocess.coords_io import LAYOUTS
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
             raise ValueError(
                 f"--target-mpp must be a positive number of microns per pixel, got {self.target_mpp}"
@@ -139,10 +145,12 @@ class TilingSummary:
         return "\n".join(lines)
 
 
-def output_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
-    """Where the outputs of one slide go."""
+def output_paths(out_dir: Path, slide_id: str, layout: str = "gigaslide") -> dict[str, Path]:
+    """Where the outputs of one slide go (TRIDENT's coordinate files end in ``_patches.h5``)."""
+    from gigaslide.preprocess.coords_io import coords_filename
+
     return {
-        "patches": out_dir / "patches" / f"{slide_id}.h5",
+        "patches": out_dir / "patches" / coords_filename(slide_id, layout),
         "tissue": out_dir / "tissue" / f"{slide_id}.geojson",
         "regions": out_dir / "regions" / f"{slide_id}.h5",
         "previews": out_dir / "previews" / f"{slide_id}.png",
@@ -177,7 +185,7 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
     from gigaslide.preprocess.tiling import tile_slide
 
     out = Path(out_dir)
-    paths = output_paths(out, slide.slide_id)
+    paths = output_paths(out, slide.slide_id, params.layout)
     t0 = time.perf_counter()
     row: dict[str, Any] = {
         "path": str(Path(slide.path).resolve()),
@@ -202,7 +210,12 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
             )
             warning = tiles.warning  # e.g. tiles upsampled from level 0
             atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
-            attrs = {"slide_id": slide.slide_id, "slide_path": str(slide.path), **_tissue_attrs(params)}
+            attrs = {
+                "slide_id": slide.slide_id,
+                "name": slide.slide_id,  # CLAM's StitchCoords and TRIDENT read `name`
+                "slide_path": str(slide.path),
+                **_tissue_attrs(params),
+            }
             if params.region_size:
                 row["n_regions"], region_warning = _write_regions(
                     s, slide, tiles.tissue, paths["regions"], params
@@ -214,7 +227,14 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
                 with atomic_named_path(paths["previews"]) as tmp:
                     render_preview(tiles.tissue, tiles.coords, tiles.spec, tmp, slide_name=slide.slide_id)
             # the coordinate file is written last: its presence marks the slide finished
-            write_coords(paths["patches"], tiles.coords, tiles.spec, tiles.tissue_fraction, extra_attrs=attrs)
+            write_coords(
+                paths["patches"],
+                tiles.coords,
+                tiles.spec,
+                tiles.tissue_fraction,
+                extra_attrs=attrs,
+                layout=params.layout,
+            )
         row.update(status=STATUS_DONE, n_tiles=tiles.n_tiles, error="", coords_file=str(paths["patches"]))
     except Exception as exc:
         logger.debug("slide %s failed", slide.slide_id, exc_info=True)
@@ -282,7 +302,7 @@ def _region_spec_matches(path: Path, params: TilingParams) -> bool:
 
 def is_finished(manifest: Manifest, slide: SlideInput, out_dir: Path, params: TilingParams) -> bool:
     """True when an earlier run finished ``slide`` with the same tiling parameters."""
-    paths = output_paths(out_dir, slide.slide_id)
+    paths = output_paths(out_dir, slide.slide_id, params.layout)
     if not manifest.is_done(slide.slide_id) or not paths["patches"].is_file():
         return False
     if params.region_size and not _region_spec_matches(paths["regions"], params):
@@ -381,6 +401,7 @@ def run_tiling(
     tissue_params: TissueParams | None = None,
     progress: bool = True,
     region_min_tissue: float = DEFAULT_REGION_MIN_TISSUE,
+    layout: str = "gigaslide",
 ) -> TilingSummary:
     """Tile every slide into ``out_dir`` (layout in the module docstring); resumable.
 
@@ -395,6 +416,9 @@ def run_tiling(
         preview: also write a preview PNG per slide.
         tissue_params: tissue detection parameters (None = defaults).
         progress: show a progress bar on stderr.
+        layout: ``gigaslide`` (= CLAM: ``patches/<id>.h5``, ``patch_size`` read at ``patch_level``) or
+            ``trident`` (``patches/<id>_patches.h5``, ``patch_size`` at the target resolution); see
+            :mod:`gigaslide.preprocess.coords_io`.
 
     Returns:
         A :class:`TilingSummary`; failed slides are listed there and in the manifest.
@@ -409,6 +433,7 @@ def run_tiling(
         backend=backend,
         preview=bool(preview),
         tissue_params=tissue_params,
+        layout=layout,
     )
     params.validate()
     if workers < 1:
