@@ -137,7 +137,7 @@ def _files(out: Path) -> dict[str, float]:
 
 def test_run_tiling_outputs_and_resume(synth_slides: list[SlideInput], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    kw = dict(target_mpp=0.5, tile_size=128, region_size=512, preview=True, progress=False)
+    kw = dict(target_mpp=0.5, tile_size=128, region_size=512, preview=True, outlines=True, progress=False)
     summary = run_tiling(synth_slides[:2], out, **kw)
     assert summary.ok and summary.done == ["s0", "s1"] and summary.skipped == []
     rows = Manifest(out / "manifest.csv").rows

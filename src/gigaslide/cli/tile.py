@@ -13,9 +13,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "tile",
         help="detect tissue and write tile coordinates for many slides",
         description=(
-            "Tile slides at an exact resolution. Writes OUT/patches/<slide_id>.h5, "
-            "OUT/tissue/<slide_id>.geojson and OUT/manifest.csv; a rerun skips finished slides "
-            "and retries failed ones."
+            "Tile slides at an exact resolution. Writes OUT/patches/<slide_id>.h5 (TRIDENT layout: "
+            "<slide_id>_patches.h5) and OUT/manifest.csv, with --outlines OUT/tissue/<slide_id>.geojson; "
+            "a rerun skips finished slides and retries failed ones."
         ),
     )
     p.add_argument("input", help="a slide file, a folder of slides, or a CSV with a `path` column")
@@ -59,6 +59,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
     p.add_argument("--backend", default=None, help="slide reader backend (default: automatic)")
     p.add_argument("--preview", action="store_true", help="also write OUT/previews/<slide_id>.png")
+    p.add_argument(
+        "--outlines",
+        action="store_true",
+        help="also write the tissue outlines as GeoJSON (OUT/tissue/<slide_id>.geojson, level-0 px, QuPath)",
+    )
     p.add_argument(
         "--layout",
         choices=["gigaslide", "clam", "trident"],
@@ -104,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         preview=args.preview,
         tissue_params=tissue_params,
         layout=args.layout,
+        outlines=args.outlines,
         progress=not args.no_progress,
     )
     print(summary.describe())

@@ -5,7 +5,7 @@ Output layout of ``run_tiling(slides, OUT)``::
     OUT/manifest.csv              one row per slide (status done/failed, counts, timing, error)
     OUT/patches/<slide_id>.h5     tile coordinates + tissue fractions (CLAM's layout and meaning)
     OUT/patches/<slide_id>_patches.h5  instead, with ``layout="trident"``: TRIDENT's layout and meaning
-    OUT/tissue/<slide_id>.geojson tissue polygons in level-0 pixels
+    OUT/tissue/<slide_id>.geojson with ``outlines``: tissue polygons in level-0 pixels (QuPath)
     OUT/regions/<slide_id>.h5     with ``region_size``: HIPT regions (e.g. 4096 px), see below
     OUT/previews/<slide_id>.png   with ``preview``: thumbnail + tissue outline + tile grid
 
@@ -85,6 +85,7 @@ class TilingParams:
     preview: bool = False
     tissue_params: TissueParams | None = None
     layout: str = "gigaslide"
+    outlines: bool = False
 
     def validate(self) -> None:
         """Raise ValueError with the offending option for impossible settings."""
@@ -209,7 +210,8 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
                 tissue_params=params.tissue_params,
             )
             warning = tiles.warning  # e.g. tiles upsampled from level 0
-            atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
+            if params.outlines:  # valid polygons of a fragmented mask cost more than the tiling itself
+                atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
             attrs = {
                 "slide_id": slide.slide_id,
                 "name": slide.slide_id,  # CLAM's StitchCoords and TRIDENT read `name`
@@ -310,6 +312,8 @@ def is_finished(manifest: Manifest, slide: SlideInput, out_dir: Path, params: Ti
         return False
     if params.preview and not paths["previews"].is_file():
         return False
+    if params.outlines and not paths["tissue"].is_file():
+        return False
     try:
         with h5py.File(paths["patches"], "r") as f:
             attrs = f["coords"].attrs
@@ -402,6 +406,7 @@ def run_tiling(
     progress: bool = True,
     region_min_tissue: float = DEFAULT_REGION_MIN_TISSUE,
     layout: str = "gigaslide",
+    outlines: bool = False,
 ) -> TilingSummary:
     """Tile every slide into ``out_dir`` (layout in the module docstring); resumable.
 
@@ -419,6 +424,7 @@ def run_tiling(
         layout: ``gigaslide`` (= CLAM: ``patches/<id>.h5``, ``patch_size`` read at ``patch_level``) or
             ``trident`` (``patches/<id>_patches.h5``, ``patch_size`` at the target resolution); see
             :mod:`gigaslide.preprocess.coords_io`.
+        outlines: also write the tissue outlines as GeoJSON (``OUT/tissue/<id>.geojson``).
 
     Returns:
         A :class:`TilingSummary`; failed slides are listed there and in the manifest.
@@ -434,6 +440,7 @@ def run_tiling(
         preview=bool(preview),
         tissue_params=tissue_params,
         layout=layout,
+        outlines=bool(outlines),
     )
     params.validate()
     if workers < 1:

@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import shapely
-from shapely.geometry import Polygon, mapping
-from shapely.geometry.polygon import orient
 
-from gigaslide.io.base import Slide
 from gigaslide.preprocess.pen import PenRules, dark_mask, disk, pen_mask
+
+if TYPE_CHECKING:  # shapely is imported only when outlines are built
+    from shapely.geometry import Polygon
+
+    from gigaslide.io.base import Slide
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,10 @@ def detect_tissue_report(
 
 def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[Polygon]:
     """Outlines of a mask as shapely polygons in level-0 pixels, holes preserved (RETR_CCOMP)."""
+    import shapely
+    from shapely.geometry import Polygon
+    from shapely.geometry.polygon import orient
+
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
@@ -307,6 +312,8 @@ class TissueMask:
 
     def to_geojson(self) -> dict[str, Any]:
         """GeoJSON FeatureCollection of the tissue polygons, coordinates in level-0 pixels (QuPath-style)."""
+        from shapely.geometry import mapping
+
         features = [
             {
                 "type": "Feature",
@@ -325,9 +332,7 @@ class TissueMask:
 
     def integral(self) -> np.ndarray:
         """(H + 1, W + 1) float64 summed-area table of the mask."""
-        sat = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), dtype=np.float64)
-        sat[1:, 1:] = self.mask.astype(np.float64).cumsum(0).cumsum(1)
-        return sat
+        return cv2.integral(self.mask.view(np.uint8)).astype(np.float64)  # exact: int32 counts
 
     def tissue_fraction(self, coords: np.ndarray, size_level0: int | float) -> np.ndarray:
         """Fraction of each level-0 square ``[x, x + size) x [y, y + size)`` covered by tissue; (N,) float64.
