@@ -180,3 +180,25 @@ def test_tile_cli_min_tissue_area_and_the_rule_named(tmp_path: Path, capsys) -> 
     assert "0 already done" in capsys.readouterr().out
     assert main([*base, "--out", str(tmp_path / "x"), "--min-tissue-area", "-1"]) == 2
     assert "--min-tissue-area" in capsys.readouterr().err
+
+
+def test_tile_imports_no_heavy_libraries_and_outlines_are_opt_in(tmp_path: Path) -> None:
+    """`gigaslide tile` never imports scikit-learn, pandas or torch; GeoJSON only with --outlines."""
+    slide = _slides(tmp_path / "in", 1, size=(512, 512)) / "slide0.tiff"
+    code = (
+        "import sys; from gigaslide.cli.main import main; "
+        f"rc = main(['tile', {str(slide)!r}, '--out', {str(tmp_path / 'o')!r}, '--no-progress']); "
+        "print(rc, sorted(m for m in ('sklearn', 'pandas', 'torch', 'shapely') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "0 []"
+    assert not list((tmp_path / "o").glob("tissue/*.geojson"))
+    assert main(["tile", str(slide), "--out", str(tmp_path / "o2"), "--no-progress", "--outlines"]) == 0
+    assert (tmp_path / "o2" / "tissue" / "slide0.geojson").is_file()
+    helped = subprocess.run(
+        [sys.executable, "-c", "import sys; from gigaslide.cli.main import main\n"
+         "try: main(['--help'])\nexcept SystemExit: pass\n"
+         "print(sorted(m for m in ('sklearn', 'pandas', 'torch', 'h5py', 'cv2') if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert helped.stdout.strip().splitlines()[-1] == "[]" and "convert" in helped.stdout
