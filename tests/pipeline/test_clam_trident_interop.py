@@ -187,3 +187,25 @@ def test_trident_mpp_from_the_slide_and_level0_size_checked(slide_path: Path, tm
     wrong = _foreign_trident(tmp_path / "q" / "s_patches.h5", width=4096, height=3072)
     with pytest.raises(ValueError, match="computed on a 4096x3072 slide"):
         TileDataset.from_coords_file(slide_path, wrong).read_tile(0)
+
+
+def test_embed_reads_trident_coordinates_with_the_slide_mpp(slide_path: Path, tmp_path: Path) -> None:
+    """TRIDENT says 20x; the slide says 0.499 um/px: the features record the slide's value."""
+    import dataclasses
+
+    import torch
+
+    from gigaslide.models.encoders import create_encoder
+    from gigaslide.pipeline.embed_job import run_embedding
+
+    torch.manual_seed(0)
+    enc = create_encoder("resnet18_trunc", weights="random")
+    enc.meta = dataclasses.replace(enc.meta, input_size=32)  # fully convolutional: small and fast
+    _foreign_trident(tmp_path / "tri" / "patches" / "cmu_like_patches.h5")
+    run = run_embedding(
+        tmp_path / "tri", enc, tmp_path / "f", slides=slide_path, device="cpu", progress=False
+    )
+    assert run.n_done == 1 and run.n_failed == 0
+    with h5py.File(tmp_path / "f" / "h5_files" / "cmu_like.h5") as f:
+        assert float(f["features"].attrs["target_mpp"]) == pytest.approx(0.998)  # 2 x 0.499, not 1.0
+        assert f["features"].shape[0] == 3
