@@ -262,3 +262,20 @@ def test_no_mpp_slide_uses_fallback_thumbnail(shared_data, caplog):
     assert max(tm.mask.shape) == 600 and tm.mpp is None
     assert "no mpp" in caplog.text
     assert 0.3 < tm.area_fraction < 0.9
+
+
+@pytest.mark.parametrize(
+    ("name", "mpp"), [("cmu-1-small-region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 0.25)]
+)
+def test_dark_ink_rule_keeps_real_tissue(shared_data, name: str, mpp: float | None) -> None:
+    """On real H&E (CMU-1's dark epidermis, TCGA's eosin) the dark-ink rule removes nothing."""
+    from dataclasses import replace
+
+    from gigaslide.preprocess.pen import PenRules
+
+    with open_slide(shared_data / name, mpp=mpp) as slide:
+        with_rule = detect_tissue(slide)
+        off = PenRules(dark_ink_min_sat=2.0)  # a saturation no pixel reaches: rule disabled
+        without = detect_tissue(slide, replace(TissueParams(), pen=off))
+    assert with_rule.mask.sum() > 1000
+    np.testing.assert_array_equal(with_rule.mask, without.mask)
