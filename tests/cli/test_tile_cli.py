@@ -166,7 +166,7 @@ def test_tile_cli_min_tissue_area_and_the_rule_named(tmp_path: Path, capsys) -> 
         out = tmp_path / f"o{min_tissue}"
         assert main([*base, "--out", str(out), "--min-tissue", min_tissue]) == 1
         err = _manifest(out)["patch"]["error"]
-        assert "NoTissueError" in err and "minimum tissue area 20,000 um^2 (--min-tissue-area" in err
+        assert "NoTissueError" in err and "the minimum tissue area 20,000 um^2 (--min-tissue-area" in err
         assert "--min-tissue," not in err  # the tile threshold is not the cause: not suggested
     capsys.readouterr()
     out = tmp_path / "o0"

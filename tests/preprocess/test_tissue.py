@@ -279,3 +279,20 @@ def test_dark_ink_rule_keeps_real_tissue(shared_data, name: str, mpp: float | No
         without = detect_tissue(slide, replace(TissueParams(), pen=off))
     assert with_rule.mask.sum() > 1000
     np.testing.assert_array_equal(with_rule.mask, without.mask)
+
+
+def test_report_names_the_rule_that_removed_everything():
+    from gigaslide.preprocess.tissue import detect_tissue_report
+
+    img = he_image(np.zeros((200, 300), bool))
+    mask, report = detect_tissue_report(img, mpp=MPP)
+    assert not mask.any() and "no stained (saturated) pixel" in report.why_empty()
+    cv2.rectangle(img, (50, 50), (250, 150), (40, 150, 70), -1)  # a green ink blot, nothing else
+    mask, report = detect_tissue_report(img, mpp=MPP)
+    assert not mask.any() and report.ink_um2 == pytest.approx(201 * 101 * MPP**2, rel=0.01)
+    assert "taken for marker ink (--keep-ink keeps it)" in report.why_empty()
+    truth = np.zeros((200, 300), bool)
+    truth[90:100, 90:100] = True  # 100 px = 6,400 um^2 < 20,000
+    mask, report = detect_tissue_report(he_image(truth), mpp=MPP)
+    assert not mask.any() and report.small_um2 > 0 and "--min-tissue-area" in report.why_empty()
+    assert report.kept_um2 == 0 and report.min_tissue_area_um2 == 20_000

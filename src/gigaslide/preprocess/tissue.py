@@ -147,7 +147,8 @@ class TissueReport:
         parts = []
         if self.small_um2 > 0:
             parts.append(
-                f"{self.small_um2:,.0f} um^2 in fragments smaller than the minimum tissue area "
+                f"{self.small_um2:,.0f} um^2 (after closing and hole filling) in fragments smaller than "
+                "the minimum tissue area "
                 f"{self.min_tissue_area_um2:,.0f} um^2 (--min-tissue-area, e.g. 0)"
             )
         if self.ink_um2 > 0:
@@ -156,8 +157,11 @@ class TissueReport:
             parts.append(
                 f"{self.dark_um2:,.0f} um^2 darker than TissueParams.dark_value (black ink, borders)"
             )
-        removed = "; ".join(parts) if parts else "all of it by the morphological clean-up"
-        return f"tissue detection removed all {self.stained_um2:,.0f} um^2 of stained area: {removed}"
+        removed = "; ".join(parts) if parts else "by the morphological clean-up"
+        return (
+            f"tissue detection found {self.stained_um2:,.0f} um^2 of stained area and removed all of it: "
+            f"{removed}"
+        )
 
 
 def detect_tissue_array(
