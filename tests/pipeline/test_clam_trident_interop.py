@@ -209,3 +209,17 @@ def test_embed_reads_trident_coordinates_with_the_slide_mpp(slide_path: Path, tm
     with h5py.File(tmp_path / "f" / "h5_files" / "cmu_like.h5") as f:
         assert float(f["features"].attrs["target_mpp"]) == pytest.approx(0.998)  # 2 x 0.499, not 1.0
         assert f["features"].shape[0] == 3
+
+
+def test_embed_finds_a_trident_layout_tiling_output(
+    slide_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gigaslide.pipeline.embed_inputs import discover_jobs
+
+    monkeypatch.chdir(tmp_path)
+    run_tiling([SlideInput("s", slide_path)], "t", layout="trident", progress=False)  # a relative --out
+    [job] = discover_jobs("t")
+    assert job.coords_path.name == "s_patches.h5" and job.n_tiles > 0 and not job.error
+    (tmp_path / "t").rename(tmp_path / "moved")  # the manifest's paths are stale now
+    [job] = discover_jobs(tmp_path / "moved")
+    assert job.coords_path == tmp_path / "moved" / "patches" / "s_patches.h5" and job.n_tiles > 0

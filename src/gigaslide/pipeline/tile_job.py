@@ -237,7 +237,9 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
                 extra_attrs=attrs,
                 layout=params.layout,
             )
-        row.update(status=STATUS_DONE, n_tiles=tiles.n_tiles, error="", coords_file=str(paths["patches"]))
+        row.update(
+            status=STATUS_DONE, n_tiles=tiles.n_tiles, error="", coords_file=str(paths["patches"].resolve())
+        )
     except Exception as exc:
         logger.debug("slide %s failed", slide.slide_id, exc_info=True)
         row.update(status=STATUS_FAILED, error=format_error(exc), coords_file="")
