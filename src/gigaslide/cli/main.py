@@ -43,7 +43,9 @@ def _summary(module: str) -> str | None:
         return None
     doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
     line = doc.strip().splitlines()[0] if doc.strip() else ""
-    return line.split(": ", 1)[1] if line.startswith("`gigaslide") and ": " in line else line
+    if line.lstrip("`").startswith("gigaslide") and ": " in line:  # "`gigaslide x`: what it does."
+        line = line.split(": ", 1)[1]
+    return line.rstrip(".")
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
