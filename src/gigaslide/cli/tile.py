@@ -34,6 +34,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile (default 0.25)"
     )
     p.add_argument(
+        "--tile-rule",
+        choices=["fraction", "clam"],
+        default="fraction",
+        help="fraction: keep tiles whose tissue fraction >= --min-tissue (default); clam: CLAM's rule (any "
+        "of 4 points at the centre +- a quarter tile in tissue, centre not in a hole; --min-tissue unused)",
+    )
+    p.add_argument(
         "--min-tissue-area",
         type=float,
         default=None,
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         tissue_params=tissue_params,
         layout=args.layout,
         outlines=args.outlines,
+        tile_rule=args.tile_rule,
         progress=not args.no_progress,
     )
     print(summary.describe())

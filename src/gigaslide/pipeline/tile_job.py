@@ -86,11 +86,14 @@ class TilingParams:
     tissue_params: TissueParams | None = None
     layout: str = "gigaslide"
     outlines: bool = False
+    tile_rule: str = "fraction"
 
     def validate(self) -> None:
         """Raise ValueError with the offending option for impossible settings."""
         from gigaslide.preprocess.coords_io import LAYOUTS
 
+        if self.tile_rule not in ("fraction", "clam"):
+            raise ValueError(f"--tile-rule must be 'fraction' or 'clam', got {self.tile_rule!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
@@ -208,6 +211,7 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
                 stride=params.stride,
                 min_tissue=params.min_tissue,
                 tissue_params=params.tissue_params,
+                rule=params.tile_rule,
             )
             warning = tiles.warning  # e.g. tiles upsampled from level 0
             if params.outlines:  # valid polygons of a fragmented mask cost more than the tiling itself
@@ -253,7 +257,11 @@ def _tissue_attrs(params: TilingParams) -> dict[str, Any]:
     from gigaslide.preprocess.tissue import TissueParams
 
     tp = params.tissue_params or TissueParams()
-    return {"min_tissue_area_um2": float(tp.min_tissue_area_um2), "remove_ink": int(tp.remove_pen)}
+    return {
+        "min_tissue_area_um2": float(tp.min_tissue_area_um2),
+        "remove_ink": int(tp.remove_pen),
+        "clam_tile_rule": int(params.tile_rule == "clam"),
+    }
 
 
 def _write_regions(
@@ -409,6 +417,7 @@ def run_tiling(
     region_min_tissue: float = DEFAULT_REGION_MIN_TISSUE,
     layout: str = "gigaslide",
     outlines: bool = False,
+    tile_rule: str = "fraction",
 ) -> TilingSummary:
     """Tile every slide into ``out_dir`` (layout in the module docstring); resumable.
 
@@ -427,6 +436,7 @@ def run_tiling(
             ``trident`` (``patches/<id>_patches.h5``, ``patch_size`` at the target resolution); see
             :mod:`gigaslide.preprocess.coords_io`.
         outlines: also write the tissue outlines as GeoJSON (``OUT/tissue/<id>.geojson``).
+        tile_rule: ``fraction`` (default) or ``clam`` (CLAM's four-point rule on gigaslide's mask).
 
     Returns:
         A :class:`TilingSummary`; failed slides are listed there and in the manifest.
@@ -443,6 +453,7 @@ def run_tiling(
         tissue_params=tissue_params,
         layout=layout,
         outlines=bool(outlines),
+        tile_rule=tile_rule,
     )
     params.validate()
     if workers < 1:

@@ -150,6 +150,7 @@ def tile_slide(
     min_tissue: float = 0.25,
     tissue: TissueMask | None = None,
     tissue_params: TissueParams | None = None,
+    rule: str = "fraction",
 ) -> TilingResult:
     """Tile ``slide`` at ``target_mpp`` and keep the tiles with enough tissue.
 
@@ -161,6 +162,8 @@ def tile_slide(
         min_tissue: minimum fraction of a tile covered by tissue.
         tissue: a precomputed tissue mask (reused e.g. for tiles and regions of one slide).
         tissue_params: parameters of tissue detection when ``tissue`` is None.
+        rule: ``fraction`` (tissue covers >= ``min_tissue`` of the tile) or ``clam`` (CLAM's
+            four-point rule, :mod:`gigaslide.preprocess.clam_rule`; ``min_tissue`` is not used).
 
     Raises:
         MissingMPPError: the slide has no mpp; the message says how to pass one.
@@ -176,7 +179,14 @@ def tile_slide(
         tissue = detect_tissue(slide, tissue_params)
     grid = grid_coords(spec)  # (G, 2)
     fractions = np.asarray(tissue.tissue_fraction(grid, spec.level0_size), dtype=np.float32)  # (G,)
-    keep = select_tiles(fractions, spec.min_tissue)
+    if rule == "clam":
+        from gigaslide.preprocess.clam_rule import four_point_keep
+
+        keep = four_point_keep(grid, spec.level0_size, tissue)
+    elif rule == "fraction":
+        keep = select_tiles(fractions, spec.min_tissue)
+    else:
+        raise ValueError(f"--tile-rule must be 'fraction' or 'clam', got {rule!r}")
     if not keep.any():
         best = float(fractions.max()) if fractions.size else 0.0
         report = getattr(tissue, "report", None)  # None for a mask given from outside
