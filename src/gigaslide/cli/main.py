@@ -42,12 +42,9 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "models",
     "e2e": "e2e",
     "demo": "demo",
-<<<<<<< HEAD
     "slide-images": "slide_images",
-=======
     "gigassl": "gigassl",
     "pretrain": "pretrain",
->>>>>>> main
 }
 
 
