@@ -1,0 +1,94 @@
+"""`gigaslide pretrain longvit`: DINO pretraining of the LongViT encoder on tissue regions of slide images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gigaslide.cli.pretrain_dino import _key_value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "longvit",
+        help="DINO pretraining of the LongViT slide-image encoder",
+        description=(
+            "DINO pretraining (LongViT, Table 5: global views 1,024^2 at scale (0.4, 1), local views 512^2 at "
+            "scale (0.05, 0.4)) of the LongViT encoder on crops of the tissue region of each slide image. "
+            "SOURCE is a `gigaslide slide-images` cache folder, or slides (files, folder or CSV) rendered once "
+            "at --image-size into OUT/slide-images. Writes OUT/checkpoint.pth in DINO's layout (teacher, "
+            "student, dino_loss, optimizer, ...): finetune with `gigaslide train --model longvit --set "
+            "model_kwargs.weights=OUT/checkpoint.pth`. Reruns resume."
+        ),
+    )
+    p.add_argument("source", metavar="SOURCE", nargs="+", help="slide-image cache folder, or slides")
+    p.add_argument("--out", required=True, type=Path, help="output folder (checkpoint.pth, logs)")
+    p.add_argument("--image-size", type=int, default=4096, help="side of the rendered slide images (px)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8, help="slide regions per process and step")
+    p.add_argument("--samples-per-slide", type=int, default=1, help="regions drawn per slide and epoch")
+    p.add_argument("--global-size", type=int, default=1024, help="global crop side (px)")
+    p.add_argument("--local-size", type=int, default=512, help="local crop side (px)")
+    p.add_argument("--local-crops", type=int, default=8, help="number of local crops")
+    p.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes K")
+    p.add_argument("--head-hidden-dim", type=int, default=2048)
+    p.add_argument("--head-bottleneck-dim", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate per 256 regions of global batch")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (capped at --epochs)")
+    p.add_argument("--weight-decay", type=float, default=0.04)
+    p.add_argument("--weight-decay-end", type=float, default=0.4)
+    p.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum (cosine to 1)")
+    p.add_argument("--teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="capped at --epochs")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without head last-layer updates")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0 = off)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate")
+    p.add_argument("--model-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra LongViT argument (repeatable), e.g. depth=2, embed_dim=64")  # fmt: skip
+    p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes building crops")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="AMP on CUDA")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigaslide.ssl.longvit_dino import longvit_dino_config, pretrain_longvit
+    from gigaslide.ssl.multicrop import MultiCropConfig
+    from gigaslide.utils.dist import cleanup, init_distributed
+
+    try:
+        crops = MultiCropConfig(
+            global_size=args.global_size, local_size=args.local_size, n_local=args.local_crops
+        )
+    except ValueError as e:
+        print(f"gigaslide pretrain longvit: error: {e}", file=sys.stderr)
+        return 2
+    cfg = longvit_dino_config(
+        out_dim=args.out_dim, head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
+        momentum_teacher=args.momentum_teacher, teacher_temp=args.teacher_temp,
+        warmup_teacher_temp=args.warmup_teacher_temp, warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+        freeze_last_layer=args.freeze_last_layer, clip_grad=args.clip_grad, drop_path_rate=args.drop_path,
+        lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end, crops=crops,
+    )  # fmt: skip
+    info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    try:
+        ckpt = pretrain_longvit(
+            args.source, args.out, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+            samples_per_slide=args.samples_per_slide, cfg=cfg, model_kwargs=dict(args.model_arg),
+            slide_mpp=args.slide_mpp, num_workers=args.workers, device=args.device, precision=args.precision,
+            seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+    finally:
+        cleanup()
+    if info.is_main:
+        extra = "".join(f" (built with {k}={v})" for k, v in args.model_arg)
+        print(f"LongViT DINO checkpoint: {ckpt}{extra}")
+    sys.stdout.flush()
+    return 0
