@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--scores",
         type=Path,
         required=True,
-        help="attention h5 (coords + scores, from `gigaslide train`), or a feature h5 with --model",
+        help="attention h5 (coords + scores, from `gigaslide train`), or with --model a feature h5 or, for "
+        "LongViT, the slide's image <slide_id>.npy of the slide-image cache (patch relevance)",
     )
     p.add_argument(
         "--model", type=Path, default=None, help="checkpoint (checkpoints/fold<k>.pt) to compute attention"
@@ -74,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     # bad input raises; cli.main prints it as one line (exit status 2)
     out_path = output_file(args.out, f"{Path(args.slide).stem}_heatmap.png")
-    if args.model is not None:
+    if args.model is not None and args.scores.suffix == ".npy":  # a slide image of an image model (LongViT)
+        from gigaslide.eval.longvit_heatmap import relevance_from_checkpoint
+
+        ts = relevance_from_checkpoint(args.scores, args.model, device=args.device)
+    elif args.model is not None:
         ts = attention_from_checkpoint(args.scores, args.model, device=args.device, slide_mpp=args.slide_mpp)
     else:
         ts = read_scores(args.scores, slide_mpp=args.slide_mpp)

@@ -29,8 +29,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Train a slide model with case-grouped k-fold or Monte Carlo cross-validation and "
         "write a report.",
     )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--features", type=Path, default=None, help="features folder (h5_files/<slide_id>.h5 or *.h5/*.pt)"
+    )
+    src.add_argument(
+        "--slide-images",
+        type=Path,
+        default=None,
+        help="slide-image cache (gigaslide slide-images) for image models such as longvit",
+    )
     p.add_argument(
-        "--features", type=Path, required=True, help="features folder (h5_files/<slide_id>.h5 or *.h5/*.pt)"
+        "--input-size",
+        type=int,
+        default=None,
+        help="image models: side of the slide images (checked against --slide-images; sets img_size)",
     )
     p.add_argument("--labels", type=Path, required=True, help="CSV: slide_id, case_id, label | time, event")
     p.add_argument("--out", type=Path, required=True, help="output folder (reruns resume finished folds)")
@@ -124,6 +137,26 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def image_cohort(args: argparse.Namespace, cfg):  # -> (ImageCohort, TrainConfig)
+    """The slide-image cohort of ``--slide-images``; the model's ``img_size`` defaults to the images' side."""
+    from gigaslide.data.image_bags import ImageCohort
+    from gigaslide.models.slide import get_slide_model_info
+    from gigaslide.train.config import replace
+
+    kind = get_slide_model_info(cfg.model).input_kind
+    if kind != "image":
+        raise ValueError(
+            f"--slide-images feeds image models (e.g. longvit); {cfg.model} takes {kind!r} inputs"
+        )
+    cohort = ImageCohort(
+        args.labels, args.slide_images, task=cfg.task, classes=cfg.classes, label_col=args.label_col,
+        input_size=args.input_size,
+    )  # fmt: skip
+    if "img_size" not in cfg.model_kwargs:
+        cfg = replace(cfg, model_kwargs={**cfg.model_kwargs, "img_size": cohort.input_size})
+    return cohort, cfg
+
+
 def run(args: argparse.Namespace) -> int:
     from gigaslide.data.cohort import Cohort
     from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table
@@ -132,10 +165,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     device = resolve_device(args.device)
     with output_folder(args.out, wait=args.wait):
-        cohort = Cohort(
-            args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache,
-            label_col=args.label_col,
-        )  # fmt: skip
+        if args.slide_images is not None:
+            cohort, cfg = image_cohort(args, cfg)
+        else:
+            cohort = Cohort(
+                args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache,
+                label_col=args.label_col,
+            )  # fmt: skip
         log.info("%s; model %s on %s", cohort, cfg.model, device)
         result = run_crossval(
             cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits,

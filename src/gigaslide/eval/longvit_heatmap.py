@@ -10,9 +10,14 @@ training step.
     rel = longvit_relevance(model, x, mask=token_mask)             # (H/32, W/32) float array
     scores = relevance_tile_scores(slide_image, rel)               # TileScores in level-0 coordinates
     render_heatmap(slide, scores.coords, scores.scores, scores.tile_size_level0, "heatmap.png")
+    scores = relevance_from_checkpoint("cache/slide-1.npy", "run/checkpoints/fold0.pt")  # a trained run
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,3 +97,42 @@ def relevance_tile_scores(image: SlideImage, relevance: np.ndarray, only_tissue:
         tile_size_level0=round(p * max(sx, sy)),
         attrs={"kind": "longvit_relevance", "patch_size": p},
     )
+
+
+def relevance_from_checkpoint(
+    image_path: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    device: str = "cpu",
+    target: int | None = None,
+    absolute: bool = False,
+) -> TileScores:
+    """Patch relevance of a LongViT run's model (``checkpoints/fold<k>.pt``) on one cached slide image.
+
+    ``image_path`` is the slide's ``<slide_id>.npy`` in a ``gigaslide slide-images`` cache. Returns
+    :class:`TileScores` in level-0 coordinates (``attrs`` carry ``slide_id`` and ``slide_path``).
+    """
+    from gigaslide.data.slide_images import normalize_images
+    from gigaslide.preprocess.slide_image import load_slide_image
+    from gigaslide.train.mil import load_checkpoint
+
+    image_path = Path(image_path)
+    img = load_slide_image(image_path)
+    if img is None:
+        raise ValueError(
+            f"{image_path}: not a complete slide image (a `gigaslide slide-images` cache .npy with its .json)"
+        )
+    model, meta = load_checkpoint(checkpoint, device=device)
+    info = getattr(model, "slide_model_info", None)
+    if info is None or info.input_kind != "image" or not hasattr(model, "tokens"):
+        raise ValueError(
+            f"{checkpoint}: model {meta['model']!r} does not take slide images; use an attention file"
+        )
+    x = normalize_images(torch.from_numpy(np.array(img.pixels)).permute(2, 0, 1).unsqueeze(0).to(device))
+    mask = None
+    if img.token_mask is not None and img.token_mask.any():
+        mask = torch.from_numpy(img.token_mask.copy()).unsqueeze(0).to(device)
+    rel = longvit_relevance(model, x, mask=mask, target=target, absolute=absolute)
+    scores = relevance_tile_scores(img, rel, only_tissue=mask is not None)
+    meta_json = json.loads(image_path.with_suffix(".json").read_text())
+    scores.attrs.update({"slide_id": image_path.stem, "slide_path": meta_json.get("slide", "")})
+    return scores

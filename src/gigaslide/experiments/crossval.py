@@ -37,8 +37,8 @@ import yaml
 from tqdm import tqdm
 
 from gigaslide import __version__
-from gigaslide.data.bags import BagDataset
 from gigaslide.data.cohort import Cohort, Sample
+from gigaslide.data.image_bags import bag_dataset_for
 from gigaslide.data.split_plan import build_splits, validation_problem
 from gigaslide.data.splits import Split, save_splits
 from gigaslide.eval.heatmap import write_attention
@@ -138,7 +138,17 @@ def small_validation_warning(splits: list[Split]) -> str | None:
 def check_model_config(cfg: TrainConfig, cohort: Cohort) -> None:
     """Build the configured model once, so that a typo in ``model`` or ``model_kwargs`` is reported
     before anything is written into the output folder (a half-written run would block the rerun)."""
+    from gigaslide.data.image_bags import ImageCohort
+    from gigaslide.models.slide import get_slide_model_info
+
     try:
+        kind = get_slide_model_info(cfg.model).input_kind
+        if (kind == "image") != isinstance(cohort, ImageCohort):
+            raise ValueError(
+                f"it takes {kind!r} inputs but the cohort holds "
+                f"{'slide images' if isinstance(cohort, ImageCohort) else 'tile features'}; image models train "
+                "on `--slide-images DIR` (gigaslide slide-images), feature models on `--features DIR`"
+            )
         create_slide_model(cfg.model, cohort.dim, n_outputs(cfg, cohort.n_classes), **cfg.model_kwargs)
     except (KeyError, TypeError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -190,12 +200,13 @@ def _run_fold(
     seed_everything(fold_cfg.seed)
     n_out = n_outputs(cfg, cohort.n_classes)
     model = create_slide_model(cfg.model, cohort.dim, n_out, **cfg.model_kwargs)
-    train_ds = BagDataset(cohort, train_s, max_tiles=cfg.max_tiles, train=True, seed=fold_cfg.seed)
-    val_ds = BagDataset(cohort, val_s) if val_s else None
+    bag_dataset = bag_dataset_for(cohort)  # feature bags, or slide images (ImageCohort)
+    train_ds = bag_dataset(cohort, train_s, max_tiles=cfg.max_tiles, train=True, seed=fold_cfg.seed)
+    val_ds = bag_dataset(cohort, val_s) if val_s else None
     label = f"fold {k}" if progress else None  # the engine's per-epoch bar (loss, rate)
     result = train_model(model, train_ds, val_ds, fold_cfg, device, validation_metric(fold_cfg.task), label)
     model.load_state_dict(result.best_state)
-    pred = predict(model, BagDataset(cohort, test_s), device)
+    pred = predict(model, bag_dataset(cohort, test_s), device)
     frame = pred.to_frame(cohort.class_names)
     frame.insert(0, "fold", k)
     for sid, att in pred.attention.items():

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gigaslide.data.bags import Bag, BagBatch, BagDataset, collate_bags
+from gigaslide.data.bags import Bag, BagBatch, BagDataset
 from gigaslide.data.cohort import Sample
+from gigaslide.data.image_bags import collate_any
 from gigaslide.models.slide import SlideOutput, create_slide_model
 from gigaslide.train.config import TrainConfig
 from gigaslide.train.engine import Engine, EngineConfig, OptimConfig, StepContext, StepOutput
@@ -157,7 +158,7 @@ def evaluate(
     model.eval()
     losses, logits = [], []
     for i in range(len(bags)):
-        batch = collate_bags([bags[i]]).to(device)
+        batch = collate_any([bags[i]]).to(device)
         out = _forward(model, batch)
         losses.append(float(objective.bag_loss(out.logits, batch.samples)))
         logits.append(out.logits.float().cpu())
@@ -216,7 +217,7 @@ class MILObjective(EngineObjective):
         model = ctx.models["model"]
         pending, risks, samples = [], [], []
         for bag in batch:
-            bb = collate_bags([bag]).to(ctx.device)
+            bb = collate_any([bag]).to(ctx.device)
             labels = None
             if self.cfg.task == "classification":
                 labels = torch.tensor([s.label for s in bb.samples], dtype=torch.long, device=ctx.device)
@@ -332,7 +333,7 @@ def predict(model: nn.Module, bags: BagDataset, device: torch.device | str) -> P
     logits, attention = [], {}
     for i in range(len(bags)):
         bag = bags[i]
-        out = _forward(model, collate_bags([bag]).to(device))
+        out = _forward(model, collate_any([bag]).to(device))
         logits.append(out.logits.float().cpu())
         if out.attention is None:
             continue
@@ -382,9 +383,9 @@ def load_checkpoint(
         ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a gigaslide training checkpoint (no 'state_dict'/'model' entries)")
-    model = create_slide_model(
-        ckpt["model"], ckpt["in_dim"], ckpt["n_outputs"], **ckpt.get("model_kwargs", {})
-    )
+    # initial weights (e.g. a LongViT pretraining checkpoint) are superseded by the saved state
+    kwargs = {k: v for k, v in ckpt.get("model_kwargs", {}).items() if k != "weights"}
+    model = create_slide_model(ckpt["model"], ckpt["in_dim"], ckpt["n_outputs"], **kwargs)
     model.load_state_dict(ckpt["state_dict"])
     model.to(torch.device(device)).eval()
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}

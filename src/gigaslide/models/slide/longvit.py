@@ -56,6 +56,9 @@ class LongViT(nn.Module):
         checkpoint_activations: recompute each layer in the backward pass (memory for time).
         pooling_norm: ``fc_norm`` (finetuning layout: LayerNorm after the mean) or ``norm``
             (pretraining backbone: LayerNorm eps 1e-6 on every token before the mean).
+        weights: a local LongViT checkpoint (finetuned, or DINO pretraining such as ``gigaslide pretrain
+            longvit``'s ``checkpoint.pth``: teacher backbone) loaded strictly; ``fc_norm``/``head`` missing
+            from a pretraining checkpoint (or sized for other classes) keep their initialisation.
     """
 
     num_prefix_tokens = 0
@@ -76,6 +79,7 @@ class LongViT(nn.Module):
         dropout: float = 0.0,
         checkpoint_activations: bool = False,
         pooling_norm: str = "fc_norm",
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if n_classes < 0 or in_dim < 1:
@@ -112,6 +116,10 @@ class LongViT(nn.Module):
         self.seq_group: dist.ProcessGroup | None = None
         self.sequence_parallel = False
         self._init_weights()
+        if weights is not None:
+            from gigaslide.models.slide.longvit_weights import load_longvit_weights
+
+            load_longvit_weights(self, weights, init_new_head=True)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.02, b=0.02)
