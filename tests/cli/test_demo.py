@@ -42,6 +42,10 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     assert preds["sample_id"].is_unique
     heat = np.asarray(Image.open(out / "heatmap.png"))
     assert heat.ndim == 3 and heat.shape[2] in (3, 4) and heat.std() > 0
+    # the LongViT step: slide images -> pretrain longvit -> finetune -> relevance heatmap
+    assert json.loads((out / "longvit" / "train" / "results.json").read_text())["n_predictions"] == 16
+    assert (out / "longvit" / "pretrain" / "checkpoint.pth").is_file() and "longvit/train" in printed
+    assert np.asarray(Image.open(out / "longvit" / "heatmap.png")).std() > 0
 
     # a rerun resumes every stage: nothing is recomputed, same results
     mtime = (out / "features" / "h5_files" / f"{labels.slide_id[0]}.h5").stat().st_mtime_ns

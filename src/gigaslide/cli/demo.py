@@ -1,7 +1,8 @@
 """`gigaslide demo`: the whole pipeline on a synthetic cohort the project generates itself.
 
 Stages (each is the real subcommand, each resumable, so a rerun skips finished work):
-synth -> tile -> pretrain (DINO) -> embed -> train (classification, survival) -> probe -> heatmap.
+synth -> tile -> pretrain (DINO) -> embed -> train (classification, survival) -> probe -> heatmap,
+then LongViT on whole-slide images (``--longvit-size``): slide-images -> pretrain longvit -> train -> heatmap.
 No pretrained weights exist offline, so the demo pretrains its own tile encoder: a small ViT
 (``vit_tiny_d4``) trained with DINO on the cohort's tiles for a few epochs (CPU-sized crops and
 head), then embeds the tiles with that teacher. ``--pretrain-epochs 0`` skips pretraining and
@@ -52,6 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="DINO epochs for the demo's tile encoder (0: no pretraining, random-init resnet18_trunc)",
+    )
+    p.add_argument(
+        "--longvit-size",
+        type=int,
+        default=256,
+        help="LongViT step: slide image side (px) for DINO pretraining + finetuning + heatmap (0: skip)",
     )
     return p
 
@@ -207,8 +214,43 @@ def run(args: argparse.Namespace) -> int:
             str(out / "heatmap.png"),
         ],
     )
+    if args.longvit_size > 0:
+        _longvit_step(args, out, first)
     _print_summary(out, args.pretrain_epochs)
     return 0
+
+
+# LongViT at demo size: 2 layers, 64-d, 4 heads; DINO on size/2 and size/4 px crops with a 256-prototype head
+LONGVIT_MODEL = {"depth": 2, "embed_dim": 64, "num_heads": 4}
+LONGVIT_PRETRAIN_ARGS = ["--epochs", "1", "--batch-size", "4", "--samples-per-slide", "2", "--local-crops", "2",
+                         "--out-dim", "256", "--head-hidden-dim", "256", "--head-bottleneck-dim", "64",
+                         "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "0", "--drop-path", "0",
+                         "--lr", "0.05", "--momentum-teacher", "0.99", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def _longvit_step(args: argparse.Namespace, out: Path, slide: Path) -> None:
+    """Slide images -> LongViT DINO pretraining -> cross-validated finetuning -> relevance heatmap."""
+    cohort, size, seed = out / "cohort", args.longvit_size, str(args.seed)
+    images, pre, run_dir = (
+        out / "longvit" / f"images-{size}",
+        out / "longvit" / "pretrain",
+        out / "longvit" / "train",
+    )
+    _stage("longvit-images", ["slide-images", *map(str, sorted((cohort / "slides").glob("*.tiff"))),
+                              "--out", str(images), "--size", str(size)])  # fmt: skip
+    model_args = [a for k, v in LONGVIT_MODEL.items() for a in ("--model-arg", f"{k}={v}")]
+    _stage("longvit-pretrain", ["pretrain", "longvit", str(images), "--out", str(pre), "--global-size",
+                                str(size // 2), "--local-size", str(size // 4), "--seed", seed,
+                                *model_args, *LONGVIT_PRETRAIN_ARGS])  # fmt: skip
+    sets = [a for k, v in LONGVIT_MODEL.items() for a in ("--set", f"model_kwargs.{k}={v}")]
+    _stage("longvit-train", ["train", "--slide-images", str(images), "--labels", str(cohort / "labels.csv"),
+                             "--model", "longvit", "--input-size", str(size), "--folds", str(args.folds),
+                             "--epochs", "3", "--seed", seed, *sets, "--set",
+                             f"model_kwargs.weights={pre / 'checkpoint.pth'}", "--set", "lr=0.001",
+                             "--device", "cpu", "--no-progress", "--out", str(run_dir)])  # fmt: skip
+    _stage("longvit-heatmap", ["heatmap", "--slide", str(slide), "--scores", str(images / f"{slide.stem}.npy"),
+                               "--model", str(run_dir / "checkpoints" / "fold0.pt"),
+                               "--out", str(out / "longvit" / "heatmap.png")])  # fmt: skip
 
 
 def _heatmap_slide(cohort: Path) -> Path:
@@ -232,7 +274,7 @@ def _print_summary(out: Path, pretrain_epochs: int) -> None:
         )
     else:
         lines.append("tile encoder: resnet18_trunc with RANDOM weights (--pretrain-epochs 0)")
-    for name in ("train_cls", "train_surv", "probe"):
+    for name in ("train_cls", "train_surv", "probe", "longvit/train"):
         path = out / name / "results.json"
         if not path.exists():
             continue
