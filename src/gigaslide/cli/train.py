@@ -101,20 +101,11 @@ def build_config(args: argparse.Namespace):  # -> TrainConfig
     return apply_overrides(cfg, args.overrides)
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     from gigaslide.data.cohort import Cohort, CohortError
     from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table
     from gigaslide.experiments.crossval import run_crossval, split_description
+    from gigaslide.utils.device import resolve_device
 
     try:
         cfg = build_config(args)

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from gigaslide.data.features_io import FeatureBag, read_features
+from gigaslide.data.features_io import ITEM_SHAPE_ATTR, FeatureBag, read_features, require_2d
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Cohort:
             mapped = _mmap_h5(path)
             if mapped is not None:
                 return mapped
-        return read_features(path)
+        return require_2d(read_features(path), path, "a MIL cohort (slide-level training on tile bags)")
 
     # -- access -------------------------------------------------------------------------------
     @property
@@ -326,12 +326,16 @@ def _peek_shape(path: Path) -> tuple[int, int]:
             if "features" not in f:
                 raise ValueError(f"{path}: no 'features' dataset")
             shape = f["features"].shape
-        if len(shape) == 3 and shape[0] == 1:
+            nd_file = ITEM_SHAPE_ATTR in f["features"].attrs
+        if len(shape) == 3 and shape[0] == 1 and not nd_file:
             shape = shape[1:]
         if len(shape) != 2:
-            raise ValueError(f"{path}: features must be (N, D), got {shape}")
+            raise ValueError(
+                f"{path}: features have shape {tuple(shape)}, but a MIL cohort (slide-level training on tile "
+                "bags) needs (N, D) tile features"
+            )
         return int(shape[0]), int(shape[1])
-    n, d = read_features(path).features.shape
+    n, d = require_2d(read_features(path), path, "a MIL cohort").features.shape
     return int(n), int(d)
 
 

@@ -43,13 +43,13 @@ from gigaslide.pipeline.extract import (
     iter_features,
     make_batches,
     prepare_encoder,
-    resolve_device,
     warn_half_precision_on_cpu,
     weights_identity,
 )
 from gigaslide.preprocess.coords_io import CoordsFile, read_coords
 from gigaslide.utils import dist as gdist
 from gigaslide.utils.atomic import atomic_path, atomic_write_text
+from gigaslide.utils.device import resolve_device
 from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from shapely.geometry import Polygon, mapping
 from shapely.geometry.polygon import orient
 
 from gigaslide.io.base import Slide
-from gigaslide.preprocess.pen import PenRules, dark_mask, disk, pen_mask
+from gigaslide.preprocess.pen import PenRules, dark_mask, disk, drop_small_components, pen_mask
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,6 @@ def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     return mask | fill[labels]
 
 
-def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
-    if min_px <= 1 or not mask.any():
-        return mask
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
-    keep[0] = False
-    return keep[labels]
-
-
 def saturation_threshold(sat: np.ndarray, valid: np.ndarray, params: TissueParams) -> float:
     """Threshold (0..255) on smoothed saturation: fixed, or Otsu over ``valid`` pixels clamped to range."""
     lo, hi = (v * 255.0 for v in params.sat_threshold_range)
@@ -145,7 +136,7 @@ def detect_tissue_array(
         ).astype(bool)
     tissue = _fill_small_holes(tissue, params.max_hole_area_um2 / px_area)
     tissue &= ~excluded
-    return _drop_small(tissue, params.min_tissue_area_um2 / px_area)
+    return drop_small_components(tissue, params.min_tissue_area_um2 / px_area)
 
 
 def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[Polygon]:
