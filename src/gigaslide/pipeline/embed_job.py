@@ -1,7 +1,8 @@
 """Batch feature extraction over a tiling output (or a CLAM/TRIDENT patches folder).
 
 For every slide: ``OUT/h5_files/<slide_id>.h5`` (``features`` (N, D) + ``coords`` (N, 2) with
-the tile spec), optionally ``OUT/pt_files/<slide_id>.pt``, and a row in ``OUT/manifest.csv``.
+the tile spec; (N, ...) for encoders whose ``meta.output_shape`` is N-D, e.g. HIPT region grids),
+optionally ``OUT/pt_files/<slide_id>.pt`` (2-D only), and a row in ``OUT/manifest.csv``.
 Rows stream through :class:`~gigaslide.data.feature_writer.ChunkedFeatureWriter`, so memory
 does not grow with slide size and an interrupted slide resumes from its last chunk. A slide
 whose file exists with the same fingerprint is skipped; a failing slide is recorded and the
@@ -76,7 +77,7 @@ class SlideResult:
     slide_id: str
     status: str
     n_tiles: int = 0
-    dim: int = 0
+    dim: int | str = 0  # D, or e.g. "256x384" for N-D items
     seconds: float = 0.0
     tiles_per_s: float = 0.0
     error: str = ""
@@ -157,6 +158,15 @@ class _Embedder:
         self.dtype = np.dtype(STORE_DTYPES[opts["store_dtype"]])
         self.h5_dir = out_dir / "h5_files"
         self.pt_dir = out_dir / "pt_files"
+        #: shape of one tile's output: (D,) or, for N-D encoders, ``meta.output_shape``
+        self.item_shape: tuple[int, ...] = tuple(
+            getattr(self.meta, "item_shape", None) or (int(self.meta.embed_dim),)
+        )
+        if opts["save_pt"] and len(self.item_shape) != 1:
+            raise ValueError(
+                f"save_pt writes CLAM's (N, D) pt_files, but encoder {self.meta.name} returns "
+                f"{self.item_shape} per tile; embed without --save-pt (the h5 files hold the N-D features)"
+            )
 
     def fingerprint(self, coords: np.ndarray, coords_attrs: dict[str, Any]) -> str:
         return make_fingerprint(
@@ -254,7 +264,8 @@ class _Embedder:
         self.check_resolution(job.slide_id, cf.spec.target_mpp)
         fp = self.fingerprint(coords, cf.attrs)
         final = self.h5_dir / f"{job.slide_id}.h5"
-        dim = int(self.meta.embed_dim)
+        item_shape = self.item_shape
+        dim: int | str = item_shape[0] if len(item_shape) == 1 else "x".join(map(str, item_shape))
         if final.exists():
             if stored_fingerprint(final) != fp:
                 raise FileExistsError(
@@ -272,7 +283,7 @@ class _Embedder:
         writer = ChunkedFeatureWriter(
             final,
             coords,
-            dim,
+            item_shape,
             fp,
             chunk_size=self.opts["chunk_size"],
             dtype=self.dtype,
@@ -298,8 +309,11 @@ class _Embedder:
                 self.encoder, batches, self.device, self.opts["precision"], self.channels_last, preprocess
             ):
                 row = writer.rows_written
-                if feats.shape[1] != dim:
-                    raise ValueError(f"the encoder returned {feats.shape[1]} features, its meta says {dim}")
+                if tuple(feats.shape[1:]) != item_shape:
+                    raise ValueError(
+                        f"the encoder returned {tuple(feats.shape[1:])} per tile, its meta says {item_shape} "
+                        "(embed_dim, or output_shape for N-D outputs)"
+                    )
                 if not np.array_equal(got, coords[row : row + len(got)]):
                     raise RuntimeError(f"{job.slide_id}: tiles arrived out of order at row {row}")
                 writer.write(feats)
