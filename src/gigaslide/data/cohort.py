@@ -4,6 +4,9 @@ Label CSV columns: ``slide_id``, ``case_id`` and either ``label`` (classificatio
 ``time`` + ``event`` (survival; ``event`` 1 = death/progression observed, 0 = censored).
 Features: ``DIR/h5_files/<slide_id>.h5`` as written by ``gigaslide embed`` (CLAM layout), or
 ``DIR/<slide_id>.h5`` / ``DIR/<slide_id>.pt`` / ``DIR/pt_files/<slide_id>.pt`` directly.
+Files hold (N, D) tile features or N items of another shape (HIPT region grids (M, 256, 384));
+every file of a cohort has the same per-item shape, :attr:`Cohort.item_shape`, and
+:attr:`Cohort.dim` is its last axis (the feature size a slide model is built for).
 
 Every problem found (missing columns, duplicate ids, slides without features, unknown labels,
 NaN/inf features, empty bags, conflicting labels within a case) raises :class:`CohortError`
@@ -22,7 +25,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from gigaslide.data.features_io import ITEM_SHAPE_ATTR, FeatureBag, read_features, require_2d
+from gigaslide.data.features_io import ITEM_SHAPE_ATTR, FeatureBag, read_features
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +216,7 @@ class Cohort:
             try:
                 if self.cache == "memory" or check_values:
                     bag = self._read(sid, path)
-                    n, d = bag.features.shape
+                    n, d = bag.n_tiles, bag.item_shape
                     if check_values and n and not _all_finite(bag.features):
                         nonfinite.append(sid)
                     if self.cache == "memory":
@@ -239,16 +242,17 @@ class Cohort:
                 "re-run `gigaslide embed` for them (check the encoder precision)."
             )
         if len(dims) > 1:
-            detail = "; ".join(f"dim {d}: {format_ids(ids, 5)}" for d, ids in dims.items())
+            detail = "; ".join(f"dim {_shape_text(d)}: {format_ids(ids, 5)}" for d, ids in dims.items())
             raise CohortError(f"{self.features_dir}: feature files disagree on the dimension: {detail}")
-        return int(next(iter(dims)))
+        self.item_shape: tuple[int, ...] = tuple(next(iter(dims)))
+        return int(self.item_shape[-1])
 
     def _read(self, slide_id: str, path: Path) -> FeatureBag:
         if self.cache == "mmap" and path.suffix == ".h5":
             mapped = _mmap_h5(path)
             if mapped is not None:
                 return mapped
-        return require_2d(read_features(path), path, "a MIL cohort (slide-level training on tile bags)")
+        return read_features(path)
 
     # -- access -------------------------------------------------------------------------------
     @property
@@ -319,8 +323,12 @@ def _all_finite(x: np.ndarray, chunk: int = 65536) -> bool:
     return all(bool(np.isfinite(x[i : i + chunk]).all()) for i in range(0, x.shape[0], chunk))
 
 
-def _peek_shape(path: Path) -> tuple[int, int]:
-    """(N, D) of a feature file without reading the data (h5 only; .pt files are read)."""
+def _shape_text(item_shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, item_shape))
+
+
+def _peek_shape(path: Path) -> tuple[int, tuple[int, ...]]:
+    """(N, item shape) of a feature file without reading the data (h5 only; .pt files are read)."""
     if path.suffix == ".h5":
         with h5py.File(path, "r") as f:
             if "features" not in f:
@@ -329,14 +337,11 @@ def _peek_shape(path: Path) -> tuple[int, int]:
             nd_file = ITEM_SHAPE_ATTR in f["features"].attrs
         if len(shape) == 3 and shape[0] == 1 and not nd_file:
             shape = shape[1:]
-        if len(shape) != 2:
-            raise ValueError(
-                f"{path}: features have shape {tuple(shape)}, but a MIL cohort (slide-level training on tile "
-                "bags) needs (N, D) tile features"
-            )
-        return int(shape[0]), int(shape[1])
-    n, d = require_2d(read_features(path), path, "a MIL cohort").features.shape
-    return int(n), int(d)
+        if len(shape) < 2:
+            raise ValueError(f"{path}: features must be (N, D) or (N, ...), got {tuple(shape)}")
+        return int(shape[0]), tuple(int(s) for s in shape[1:])
+    bag = read_features(path)
+    return bag.n_tiles, bag.item_shape
 
 
 def _mmap_h5(path: Path) -> FeatureBag | None:
