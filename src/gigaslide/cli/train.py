@@ -74,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache", choices=["memory", "lazy", "mmap"], default=None, help="feature loading")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--save-embeddings",
+        action="store_true",
+        help="also write each fold's test slide embeddings to OUT/embeddings/ (readable by `gigaslide probe`)",
+    )
     return p
 
 
@@ -113,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
         cohort = Cohort(args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache)
         log.info("%s; model %s on %s", cohort, cfg.model, device)
         result = run_crossval(
-            cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits
-        )
+            cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits,
+            save_embeddings=args.save_embeddings,
+        )  # fmt: skip
     except (CohortError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
         print(f"gigaslide train: error: {e}", file=sys.stderr)
         return 2
@@ -131,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         f"  pooled columns: metric on all {n_pred} pooled out-of-fold test predictions, "
         + next((p["ci_method"] for p in doc["pooled"].values()), "bootstrap CI undefined"),
     ]
+    if result.embeddings:
+        lines.append(f"  slide embeddings: {', '.join(str(p) for p in result.embeddings)}")
     if warned:
         lines.append(
             f"  WARNING: folds {warned} had an unusable validation set (see val_warning in per_fold.csv)"
