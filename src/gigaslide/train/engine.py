@@ -52,6 +52,7 @@ from gigaslide.utils.atomic import atomic_write_text
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+NO_DDP = "no-ddp"  # returned by Objective.ddp_group: train this module without DistributedDataParallel
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -116,6 +117,7 @@ class StepOutput:
 
     loss: Tensor  # scalar; the engine divides by the window size and backpropagates
     logs: dict[str, float] = field(default_factory=dict)  # logged per step, averaged per epoch
+    backward_done: bool = False  # the objective already backpropagated through ``ctx.backward``
 
 
 @dataclass
@@ -134,6 +136,18 @@ class StepContext:
     world_size: int = 1
     rank: int = 0
     stop: bool = False  # set by ``on_epoch_end`` to end training early
+    window: int = 1  # micro-batches in the current accumulation window
+    scaler: torch.amp.GradScaler | None = None
+
+    def backward(self, outputs: Tensor, grads: Tensor | None = None) -> None:
+        """Backpropagate ``outputs`` (a loss, or tensors with their ``grads``) as the engine would:
+        divided by the accumulation window and scaled for fp16. For objectives that run several
+        backward passes per micro-batch (gradient caching); return ``StepOutput(..., backward_done=True)``."""
+        scale = self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else 1.0
+        if grads is None:
+            (outputs * (scale / self.window)).backward()
+        else:
+            outputs.backward(grads * (scale / self.window))
 
 
 class Objective:
@@ -150,6 +164,18 @@ class Objective:
     def train_step(self, batch: Any, ctx: StepContext) -> StepOutput:
         """Forward and loss of one micro-batch (call trainable modules through ``ctx.models``)."""
         raise NotImplementedError(f"{type(self).__name__} must define train_step()")
+
+    #: ranks hold different trainable modules (e.g. aggregator on rank 0, encoder elsewhere): the
+    #: checkpoint then keeps every rank's optimizer state
+    rank_specific: bool = False
+
+    def ddp_group(self, module_name: str) -> Any:
+        """Process group for the DDP wrapper of a trainable module: None = all ranks, or a subgroup,
+        or :data:`NO_DDP` to train it without DDP."""
+        return None
+
+    def before_save(self, ctx: StepContext) -> None:
+        """Called on every rank before a checkpoint is written (e.g. to gather modules on rank 0)."""
 
     def param_groups(self, module_name: str, module: nn.Module) -> list[dict[str, Any]] | None:
         """Custom parameter groups of one trainable module (keys ``params`` and optionally ``lr_scale``,
@@ -276,7 +302,7 @@ class Engine:
             raise ValueError(f"{type(objective).__name__}: trainable modules {unknown} are not in modules()")
         for m in modules.values():
             m.to(self.device)
-        self.models = {name: self._wrap(m) for name, m in trainable.items()}
+        self.models = {name: self._wrap(m, objective.ddp_group(name)) for name, m in trainable.items()}
         groups: list[dict[str, Any]] = []
         for name, m in trainable.items():
             custom = objective.param_groups(name, m)
@@ -288,17 +314,15 @@ class Engine:
         )
         self.autocast = _autocast_factory(self.device, cfg.precision)
 
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        if self.world == 1 or not any(p.requires_grad for p in module.parameters()):
+    def _wrap(self, module: nn.Module, group: Any) -> nn.Module:
+        if self.world == 1 or group is NO_DDP or not any(p.requires_grad for p in module.parameters()):
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = (
-            [self.device.index if self.device.index is not None else 0]
-            if self.device.type == "cuda"
-            else None
-        )
-        return DDP(module, device_ids=ids)
+        ids = None
+        if self.device.type == "cuda":
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+        return DDP(module, device_ids=ids, process_group=group)
 
     # ------------------------------------------------------------------ checkpoints
     def _config_dict(self) -> dict[str, Any]:
@@ -314,11 +338,18 @@ class Engine:
         history: list[dict[str, float]],
         sums: dict[str, tuple[float, int]] | None = None,
     ) -> None:
+        if self.out_dir is None:
+            return
+        self.objective.before_save(self._ctx)
         rngs = [rng_state()]
+        optimizers = None
         if self.world > 1:
             rngs = [None] * self.world
             dist.all_gather_object(rngs, rng_state())
-        if self.rank != 0 or self.out_dir is None:
+            if self.objective.rank_specific:
+                optimizers = [None] * self.world
+                dist.all_gather_object(optimizers, self.optimizer.state_dict())
+        if self.rank != 0:
             return
         payload: dict[str, Any] = {name: m.state_dict() for name, m in self.objective.modules().items()}
         payload.update(
@@ -334,6 +365,7 @@ class Engine:
                 "history": history,
                 "epoch_sums": {k: [v, n] for k, (v, n) in (sums or {}).items()},
                 "world_size": self.world,
+                "optimizers": optimizers,
             },
             config=self._config_dict(),
         )
@@ -357,8 +389,16 @@ class Engine:
             )
         for name, m in modules.items():
             m.load_state_dict(ckpt[name], strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
         eng = ckpt["engine"]
+        per_rank = eng.get("optimizers")
+        if self.objective.rank_specific and self.world > 1:
+            if not per_rank or len(per_rank) != self.world:
+                raise CheckpointError(
+                    f"{path} was written by another number of processes; resume with {len(per_rank or [])}"
+                )
+            self.optimizer.load_state_dict(per_rank[self.rank])
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(eng["scaler"])
         self.objective.load_state_dict(eng.get("objective", {}))
         rngs = eng["rng"]
@@ -448,8 +488,9 @@ class Engine:
         ctx = StepContext(
             epoch=start_epoch, step=step, micro=start_micro, lr=float(lrs[min(step, total - 1)]),
             weight_decay=float(wds[min(step, total - 1)]), values={}, models=self.models, device=self.device,
-            autocast=self.autocast, world_size=self.world, rank=self.rank,
+            autocast=self.autocast, world_size=self.world, rank=self.rank, scaler=self.scaler,
         )  # fmt: skip
+        self._ctx = ctx
         stopped = False
         try:
             for epoch in range(start_epoch, epochs):
@@ -500,7 +541,7 @@ class Engine:
             window_start = (micro // accum) * accum
             window = min(accum, n_micro - window_start)
             last_of_window = micro == window_start + window - 1
-            ctx.micro, ctx.step = micro, step
+            ctx.micro, ctx.step, ctx.window = micro, step, window
             ctx.lr, ctx.weight_decay = float(lrs[step]), float(wds[step])
             ctx.values = {k: float(v[step]) for k, v in extra.items()}
             if micro == window_start:
@@ -518,10 +559,11 @@ class Engine:
                 loss = out.loss
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(
-                        f"non-finite loss {float(loss.detach())} at epoch {epoch}, step {step}: lower the learning rate, "
-                        "check the inputs for NaN, or use precision fp32"
+                        f"non-finite loss {float(loss.detach())} at epoch {epoch}, step {step}: lower the learning "
+                        "rate, check the inputs for NaN, or use precision fp32"
                     )
-                self.scaler.scale(loss / window).backward()
+                if not out.backward_done:
+                    ctx.backward(loss)
             logs = {"loss": float(loss.detach()), **out.logs}
             for k, v in logs.items():
                 s, n = sums.get(k, (0.0, 0))
