@@ -144,3 +144,18 @@ def test_chunked_nd_writer_errors(tmp_path):
         w.open()
         with pytest.raises(ValueError, match="without mask_shape"):
             w.write(feats[:1], mask=mask[:1])
+
+
+def test_cohort_refuses_mixed_item_shapes(tmp_path):
+    import pandas as pd
+
+    from gigaslide.data.cohort import Cohort, CohortError
+
+    feats, coords, _ = _regions()
+    write_features(tmp_path / "h5_files" / "a.h5", feats, coords)
+    write_features(tmp_path / "h5_files" / "b.h5", feats[:, 0], coords)  # (M, D) tile features
+    pd.DataFrame({"slide_id": ["a", "b"], "case_id": ["1", "2"], "label": ["x", "y"]}).to_csv(
+        tmp_path / "labels.csv", index=False
+    )
+    with pytest.raises(CohortError, match=r"disagree on the dimension: dim 6x5: .*a; dim 5: .*b"):
+        Cohort(tmp_path / "labels.csv", tmp_path)

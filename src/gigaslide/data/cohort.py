@@ -263,7 +263,7 @@ class Cohort:
         return len(self.table)
 
     def load(self, slide_id: str) -> FeatureBag:
-        """Features (N, D) and coords (N, 2) of one slide (from the cache when in memory)."""
+        """Features (N, D) or (N, ...) and coords of one slide (from the cache when in memory)."""
         if slide_id in self._cache:
             return self._cache[slide_id]
         if slide_id not in self._index:
