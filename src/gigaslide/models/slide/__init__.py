@@ -8,7 +8,14 @@ out = model(**slide_inputs(model, batch))  # what harnesses do: the batch served
 
 from __future__ import annotations
 
-from gigaslide.models.slide import abmil, clam, dsmil, pooling, transmil  # noqa: F401  (registration)
+from gigaslide.models.slide import (  # noqa: F401  (registration)
+    abmil,
+    clam,
+    dsmil,
+    pooling,
+    sparseconvmil,
+    transmil,
+)
 from gigaslide.models.slide.abmil import ABMIL
 from gigaslide.models.slide.base import (
     SlideModel,
@@ -30,6 +37,7 @@ from gigaslide.models.slide.registry import (
     register_slide_model,
     slide_model_info,
 )
+from gigaslide.models.slide.sparseconvmil import SparseConvMIL
 from gigaslide.models.slide.transmil import TransMIL
 
 __all__ = [
@@ -42,6 +50,7 @@ __all__ = [
     "SlideModel",
     "SlideModelInfo",
     "SlideOutput",
+    "SparseConvMIL",
     "TransMIL",
     "create_slide_model",
     "get_slide_model_info",

@@ -96,6 +96,8 @@ def register_slide_model(
             accepts_coords=accepts_coords or input_kind == "features_coords",
             input_kind=input_kind,
         )
+        if isinstance(factory, type):  # a registered class knows its contract even when built directly
+            factory.slide_model_info = _REGISTRY[name]  # type: ignore[attr-defined]
         return factory
 
     return decorator
