@@ -240,7 +240,7 @@ def run_dino(
     Reruns resume from ``out_dir/checkpoint.pth`` (the engine's exact resume).
     """
     from gigaslide.models.encoders import get_encoder_meta
-    from gigaslide.pipeline.extract import resolve_device
+    from gigaslide.utils.device import resolve_device
     from gigaslide.utils.dist import dist_env
     from gigaslide.utils.seed import seed_everything
 
