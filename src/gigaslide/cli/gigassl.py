@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from gigaslide.cli.common import add_wait_argument, output_folder
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -42,12 +44,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--seed", type=int, default=0, help="seed of the tile and augmentation draws")
     b.add_argument("--batch-size", type=int, default=256, help="tiles per encoder call")
     b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tile reader threads")
-    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    b.add_argument("--store-dtype", choices=["float32", "float16"], default="float32")
+    b.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast precision on GPU"
+    )
+    b.add_argument(
+        "--store-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the stored features",
+    )
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
     b.add_argument("--slides", default=None, help="slide folder or CSV (path column), matched by file stem")
     b.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_wait_argument(b)
     return p
 
 
@@ -59,32 +69,35 @@ def run(args: argparse.Namespace) -> int:
 
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
     try:
-        seed_everything(args.seed)
-        encoder = create_encoder(args.encoder, weights=args.weights)
-        if encoder.weights_info.get("random_init") and info.is_main:
-            print(
-                f"RANDOM WEIGHTS: encoder {args.encoder!r} has no pretrained weights; the bank is for testing only",
-                file=sys.stderr,
+        with output_folder(args.out, wait=args.wait, dist_info=info):
+            seed_everything(args.seed)
+            encoder = create_encoder(args.encoder, weights=args.weights, warn_random=False)
+            if encoder.weights_info.get("random_init") and info.is_main:  # the one random-weights warning
+                print(
+                    f"RANDOM WEIGHTS: encoder {args.encoder!r} has no pretrained weights; the bank is for "
+                    "testing only",
+                    file=sys.stderr,
+                )
+            summary = build_gigassl_bank(
+                args.tiling_dir,
+                encoder,
+                args.out,
+                n_aug=args.n_aug,
+                n_tiles=args.n_tiles,
+                shared=not args.no_share,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                precision=args.precision,
+                device=args.device,
+                store_dtype=args.store_dtype,
+                slides=args.slides,
+                slide_mpp=args.slide_mpp,
+                dist_info=info,
+                progress=not args.no_progress,
             )
-        summary = build_gigassl_bank(
-            args.tiling_dir,
-            encoder,
-            args.out,
-            n_aug=args.n_aug,
-            n_tiles=args.n_tiles,
-            shared=not args.no_share,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            precision=args.precision,
-            device=args.device,
-            store_dtype=args.store_dtype,
-            slides=args.slides,
-            slide_mpp=args.slide_mpp,
-            dist_info=info,
-            progress=not args.no_progress,
-        )
     finally:
         cleanup()
-    print(summary.describe(), file=sys.stderr)
+    if info.is_main:  # summaries go to stdout, as in every command
+        print(summary.describe())
     return 1 if summary.failed else 0

@@ -192,7 +192,7 @@ def mean_pooled_features(folder: str | os.PathLike[str]) -> SlideEmbeddings:
             rows.append(feats.astype(np.float64).mean(axis=0))  # (D,)
             ids.append(f.stem)
         except (ValueError, OSError, RuntimeError) as e:
-            failed[f.stem] = f"{f}: {e}"
+            failed[f.stem] = str(e) if str(f) in str(e) else f"{f}: {e}"
     if failed:
         warnings.warn(
             f"{len(failed)} feature file(s) unreadable, skipped: {sorted(failed)[:20]}", stacklevel=2
