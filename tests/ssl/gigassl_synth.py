@@ -20,7 +20,7 @@ IDENTITY = {"crop_w": 1.0, "crop_h": 1.0, "crop_cx": 0.0, "crop_cy": 0.0, "flip_
 
 def write_synthetic_bank(
     root: Path, n_slides: int = 48, n_aug: int = 4, n_tiles: int = 24, dim: int = 32, seed: int = 0,
-    signal: float = 0.6, nuisance: float = 3.0, tissue: float = 3.0, consistent: int = 8,
+    signal: float = 0.6, nuisance: float = 3.0, tissue: float = 3.0, consistent: int = 8, identity: bool = True,
 ) -> tuple[Path, pd.DataFrame]:  # fmt: skip
     """Bank of ``n_slides`` slides (augmentation 0 is the identity) and their labels table.
 
@@ -44,11 +44,12 @@ def write_synthetic_bank(
         ).astype(np.int64)
         shift = rng.normal(size=(n_aug, 1, dim)) * nuisance
         shift[..., dim - consistent :] = 0.0
-        shift[0] = 0.0
+        if identity:
+            shift[0] = 0.0
         tile_noise = rng.normal(size=(n_aug, n_tiles, dim)) * 0.3
         tile_noise[..., : dim - consistent] *= tissue / 0.3  # tile heterogeneity (tissue types)
         feats = (base + tile_noise + shift).astype(np.float32)
-        params = [IDENTITY] + [{**IDENTITY, "jitter_on": True}] * (n_aug - 1)
+        params = [IDENTITY] * identity + [{**IDENTITY, "jitter_on": True}] * (n_aug - identity)
         attrs = {"slide_id": f"s{s:03d}", "n_aug": n_aug, "n_tiles": n_tiles, "encoder": "synthetic",
                  "augmentations": json.dumps(params)}  # fmt: skip
         with BankWriter(root / "h5_files" / f"s{s:03d}.h5", coords, dim, "fp", features_attrs=attrs,

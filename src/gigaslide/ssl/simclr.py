@@ -217,7 +217,7 @@ def pretrain_gigassl(
             out_dir=out,
             checkpoint_every=checkpoint_every,
             progress=progress,
-        ),  # fmt: skip
+        ),
         device=dev,
     )
     engine.fit(data)
