@@ -84,8 +84,9 @@ class GigaSSLModel(nn.Module):
     ``forward`` -> (B, proj_dim) projections (what the loss sees).
     """
 
-    def __init__(self, aggregator: nn.Module, projector: nn.Module, uses_coords: bool) -> None:
+    def __init__(self, aggregator: nn.Module, projector: nn.Module, uses_coords: bool, in_dim: int) -> None:
         super().__init__()
+        self.in_dim = int(in_dim)
         self.aggregator = aggregator
         self.projector = projector
         self.uses_coords = bool(uses_coords)
@@ -113,7 +114,7 @@ def build_gigassl_model(in_dim: int, cfg: GigaSSLConfig) -> GigaSSLModel:
     embed_dim = getattr(aggregator, "embed_dim", None)
     if embed_dim is None:
         raise ValueError(f"aggregator {cfg.aggregator!r} does not declare its embedding width (embed_dim)")
-    return GigaSSLModel(aggregator, ProjectionMLP(int(embed_dim), cfg.proj_dim), info.accepts_coords)
+    return GigaSSLModel(aggregator, ProjectionMLP(int(embed_dim), cfg.proj_dim), info.accepts_coords, in_dim)
 
 
 class SimCLRObjective(Objective):
@@ -265,3 +266,11 @@ def save_untrained_checkpoint(
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def untrained_checkpoint_like(
+    checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], seed: int = 0
+) -> Path:
+    """The untrained counterpart (same aggregator, config and input width) of a Giga-SSL checkpoint."""
+    model, cfg = load_gigassl_model(checkpoint)
+    return save_untrained_checkpoint(model.in_dim, out, cfg, seed)
