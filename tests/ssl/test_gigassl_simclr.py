@@ -11,23 +11,23 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gigassl_synth import write_synthetic_bank  # noqa: E402
+from gigassl_synth import write_synthetic_bank
 
-from gigaslide.experiments.gigassl_eval import (  # noqa: E402
+from gigaslide.experiments.gigassl_eval import (
     Representation,
     budget_name,
     evaluate_representations,
     parse_budget,
 )
-from gigaslide.ssl.gigassl_encode import encode_gigassl, identity_augmentations  # noqa: E402
-from gigaslide.ssl.simclr import (  # noqa: E402
+from gigaslide.ssl.gigassl_encode import encode_gigassl, identity_augmentations
+from gigaslide.ssl.simclr import (
     GigaSSLConfig,
     ProjectionMLP,
     load_gigassl_model,
     pretrain_gigassl,
     save_untrained_checkpoint,
 )
-from gigaslide.train.checkpoint import CHECKPOINT_NAME  # noqa: E402
+from gigaslide.train.checkpoint import CHECKPOINT_NAME
 
 TINY = GigaSSLConfig(aggregator_kwargs={"width": 16}, proj_dim=8, warmup_epochs=1, lr=0.1, temperature=0.1)
 
@@ -141,7 +141,7 @@ def test_encode_gives_unit_rows_from_bank_and_features_and_is_deterministic(bank
 def test_bank_without_identity_view_is_refused_unless_asked(tmp_path: Path) -> None:
     root, _ = write_synthetic_bank(tmp_path / "b", n_slides=4, n_aug=2, n_tiles=6, dim=8, identity=False)
     ckpt = save_untrained_checkpoint(8, tmp_path / "u.pth", TINY)
-    with pytest.raises(ValueError, match="no slide could be encoded.*identity"):
+    with pytest.raises(ValueError, match=r"no slide could be encoded.*identity"):
         encode_gigassl(root, ckpt, None, n_views=2, device="cpu", progress=False)
     res = encode_gigassl(root, ckpt, None, n_views=2, use_augmented=True, device="cpu", progress=False)
     assert res.embeddings.shape == (4, 16)
