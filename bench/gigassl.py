@@ -213,19 +213,25 @@ def write_random_bank(root: Path, n_slides: int, n_aug: int, n_tiles: int, dim: 
 
 
 def bench_pretrain_encode(args: argparse.Namespace, device: torch.device, root: Path) -> None:
+    from gigaslide.data.gigassl_views import GigaSSLViews
     from gigaslide.ssl.gigassl_encode import encode_gigassl
     from gigaslide.ssl.simclr import GigaSSLConfig, pretrain_gigassl
 
     b = args.batch
     bank, feats = write_random_bank(root, 3 * b, 2, 16, 256)
     cfg = GigaSSLConfig(warmup_epochs=0)
+    views = GigaSSLViews(bank, batch_size=b, n_tiles=5, seed=0)
+    ms_views = timed(lambda: views.batch(0, 0), args.repeat, torch.device("cpu")) * 1e3
+    print(
+        f"\n### drawing one minibatch of views (2 x {b} slides x 5 tiles, read from the bank): {ms_views:.0f} ms"
+    )
     pretrain_gigassl(bank, root / "warm", epochs=1, batch_size=b, cfg=cfg, device=device, progress=False)
     t0 = time.perf_counter()
     ckpt = pretrain_gigassl(
         bank, root / "ssl", epochs=1, batch_size=b, cfg=cfg, device=device, progress=False
     )
     dt = time.perf_counter() - t0
-    print(f"\n### Giga-SSL pretraining end to end (views + sparseconvmil + projector + NT-Xent + Adam + "
+    print(f"### Giga-SSL pretraining end to end (views + sparseconvmil + projector + NT-Xent + Adam + "
           f"checkpoint), B = {b} slides, T = 5: {3 / dt:.2f} steps/s ({dt / 3 * 1e3:.0f} ms/step)")  # fmt: skip
     n = min(3 * b, args.encode_slides)
     for p in sorted((feats / "h5_files").glob("*.h5"))[n:]:

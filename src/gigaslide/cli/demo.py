@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=2,
         help="DINO epochs for the demo's tile encoder (0: no pretraining, random-init resnet18_trunc)",
     )
-    p.add_argument("--gigassl-epochs", type=int, default=10, help="Giga-SSL SimCLR epochs (0 skips the step)")
+    p.add_argument("--gigassl-epochs", type=int, default=20, help="Giga-SSL SimCLR epochs (0 skips the step)")
     return p
 
 
