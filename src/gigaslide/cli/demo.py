@@ -61,12 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _stage(name: str, argv: Sequence[str]) -> None:
     from gigaslide.cli.main import main
+    from gigaslide.utils.errors import UserError
 
     log.info("== %s: gigaslide %s", name, " ".join(argv))
     t0 = time.perf_counter()
     code = main(list(argv))
     if code != 0:
-        raise SystemExit(f"demo stage '{name}' failed with exit status {code}")
+        # the stage printed its own error line; this one says where the demo stopped (cli.main, exit 2)
+        raise UserError(f"demo stage '{name}' failed with exit status {code} (see the message above)")
     log.info("== %s done in %.1f s", name, time.perf_counter() - t0)
 
 

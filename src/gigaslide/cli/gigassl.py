@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from gigaslide.cli.common import add_wait_argument, output_file, output_folder
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -47,12 +49,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--seed", type=int, default=0, help="seed of the tile and augmentation draws")
     b.add_argument("--batch-size", type=int, default=256, help="tiles per encoder call")
     b.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tile reader threads")
-    b.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    b.add_argument("--store-dtype", choices=["float32", "float16"], default="float32")
+    b.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast precision on GPU"
+    )
+    b.add_argument(
+        "--store-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the stored features",
+    )
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
     b.add_argument("--slides", default=None, help="slide folder or CSV (path column), matched by file stem")
     b.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_wait_argument(b)
     _add_encode(sub)
     _add_evaluate(sub)
     return p
@@ -71,7 +81,9 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("source", metavar="BANK_OR_FEATURES", type=Path, help="features folder or bank folder")
     e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pth of `pretrain gigassl`")
-    e.add_argument("--out", required=True, type=Path, help="output .npz")
+    e.add_argument(
+        "--out", required=True, type=Path, help="output .npz (a folder gets gigassl_embeddings.npz)"
+    )
     e.add_argument("--views", type=int, default=50, help="R views per slide (default 50)")
     e.add_argument("--n-tiles", type=int, default=None, help="tiles per view (default: the training T)")
     e.add_argument("--use-augmented", action="store_true",
@@ -104,13 +116,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     v.add_argument("--folds", type=int, default=10)
     v.add_argument("--seed", type=int, default=0)
+    add_wait_argument(v)
     v.set_defaults(_gigassl_run=_run_evaluate)
 
 
 def _run_encode(args: argparse.Namespace) -> int:
     from gigaslide.ssl.gigassl_encode import encode_gigassl
 
-    res = encode_gigassl(args.source, args.checkpoint, args.out, n_views=args.views, n_tiles=args.n_tiles,
+    out = output_file(args.out, "gigassl_embeddings.npz")
+    res = encode_gigassl(args.source, args.checkpoint, out, n_views=args.views, n_tiles=args.n_tiles,
                          use_augmented=args.use_augmented, device=args.device, seed=args.seed,
                          progress=not args.no_progress)  # fmt: skip
     print(f"{len(res.slide_ids)} slide embeddings {res.embeddings.shape} -> {res.path}")
@@ -123,26 +137,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from gigaslide.cli.probe import load_slide_embeddings, read_labels_csv
     from gigaslide.experiments.gigassl_eval import Representation, evaluate_representations, parse_budget
 
-    try:
-        budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
-        extra = [c.split("=", 1) for c in args.compare]
-        if any(len(c) != 2 for c in extra):
-            raise ValueError(f"--compare takes NAME=PATH, got {args.compare}")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
-    df = read_labels_csv(args.labels, label_col=args.label_col)
-    reps = {}
-    for name, path, norm in [("giga-ssl", args.embeddings, "l2"), *[(n, Path(p), "l2") for n, p in extra],
-                             ("mean pooling", args.features, "standard")]:  # fmt: skip
-        emb = load_slide_embeddings(path)
-        reps[name] = Representation(emb.X, emb.ids, norm)
-    try:
-        table = evaluate_representations(reps, df, args.out, budgets=budgets, folds=args.folds, seed=args.seed,
-                                         label_col=args.label_col)  # fmt: skip
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+    budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+    extra = [c.split("=", 1) for c in args.compare]
+    if any(len(c) != 2 for c in extra):
+        raise ValueError(f"--compare takes NAME=PATH, got {args.compare}")
+    with output_folder(args.out, wait=args.wait):
+        df = read_labels_csv(args.labels, label_col=args.label_col)
+        reps = {}
+        for name, path, norm in [("giga-ssl", args.embeddings, "l2"), *[(n, Path(p), "l2") for n, p in extra],
+                                 ("mean pooling", args.features, "standard")]:  # fmt: skip
+            emb = load_slide_embeddings(path)
+            reps[name] = Representation(emb.X, emb.ids, norm)
+        evaluate_representations(reps, df, args.out, budgets=budgets, folds=args.folds, seed=args.seed,
+                                 label_col=args.label_col)  # fmt: skip
     print((args.out / "report.md").read_text())
-    return 0 if len(table) else 1
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,32 +165,35 @@ def run(args: argparse.Namespace) -> int:
 
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
     try:
-        seed_everything(args.seed)
-        encoder = create_encoder(args.encoder, weights=args.weights)
-        if encoder.weights_info.get("random_init") and info.is_main:
-            print(
-                f"RANDOM WEIGHTS: encoder {args.encoder!r} has no pretrained weights; the bank is for testing only",
-                file=sys.stderr,
+        with output_folder(args.out, wait=args.wait, dist_info=info):
+            seed_everything(args.seed)
+            encoder = create_encoder(args.encoder, weights=args.weights, warn_random=False)
+            if encoder.weights_info.get("random_init") and info.is_main:  # the one random-weights warning
+                print(
+                    f"RANDOM WEIGHTS: encoder {args.encoder!r} has no pretrained weights; the bank is for "
+                    "testing only",
+                    file=sys.stderr,
+                )
+            summary = build_gigassl_bank(
+                args.tiling_dir,
+                encoder,
+                args.out,
+                n_aug=args.n_aug,
+                n_tiles=args.n_tiles,
+                shared=not args.no_share,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                precision=args.precision,
+                device=args.device,
+                store_dtype=args.store_dtype,
+                slides=args.slides,
+                slide_mpp=args.slide_mpp,
+                dist_info=info,
+                progress=not args.no_progress,
             )
-        summary = build_gigassl_bank(
-            args.tiling_dir,
-            encoder,
-            args.out,
-            n_aug=args.n_aug,
-            n_tiles=args.n_tiles,
-            shared=not args.no_share,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            precision=args.precision,
-            device=args.device,
-            store_dtype=args.store_dtype,
-            slides=args.slides,
-            slide_mpp=args.slide_mpp,
-            dist_info=info,
-            progress=not args.no_progress,
-        )
     finally:
         cleanup()
-    print(summary.describe(), file=sys.stderr)
+    if info.is_main:  # summaries go to stdout, as in every command
+        print(summary.describe())
     return 1 if summary.failed else 0

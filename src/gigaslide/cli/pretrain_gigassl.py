@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gigaslide.cli.common import add_wait_argument, output_folder
+
 
 def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
@@ -53,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_wait_argument(p)
     return p
 
 
@@ -68,11 +71,12 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
     try:
-        ckpt = pretrain_gigassl(
-            args.bank_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, cfg=cfg, device=args.device,
-            precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress,
-        )  # fmt: skip
+        with output_folder(args.out, wait=args.wait, dist_info=info):
+            ckpt = pretrain_gigassl(
+                args.bank_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, cfg=cfg,
+                device=args.device, precision=args.precision, seed=args.seed,
+                checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+            )  # fmt: skip
     finally:
         cleanup()
     if info.is_main:
