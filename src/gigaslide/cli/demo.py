@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=2,
         help="DINO epochs for the demo's tile encoder (0: no pretraining, random-init resnet18_trunc)",
     )
-    p.add_argument("--gigassl-epochs", type=int, default=20, help="Giga-SSL SimCLR epochs (0 skips the step)")
+    p.add_argument("--gigassl-epochs", type=int, default=10, help="Giga-SSL SimCLR epochs (0 skips the step)")
     return p
 
 
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Giga-SSL at demo size: 3 augmentations x 16 tiles per slide, a 64-wide sparse stage, 10 views per slide
+# Giga-SSL at demo size: 3 augmentations x 12 tiles per slide, a 64-wide sparse stage, 10 views per slide
 GIGASSL_PRETRAIN_ARGS = ["--aggregator-arg", "width=64", "--batch-size", "8", "--lr", "0.1", "--temperature",
                          "0.1", "--warmup-epochs", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
 
@@ -228,7 +228,7 @@ def _gigassl_stages(out: Path, tiles: Path, feats: Path, labels: Path, encoder: 
 
     g, seed = out / "gigassl", str(args.seed)
     _stage("gigassl-bank", ["gigassl", "bank", str(tiles), *encoder, "--out", str(g / "bank"), "--n-aug", "3",
-                            "--n-tiles", "16", "--batch-size", "48", "--workers", str(args.workers), "--seed", seed,
+                            "--n-tiles", "12", "--batch-size", "36", "--workers", str(args.workers), "--seed", seed,
                             "--device", "cpu", "--no-progress"])  # fmt: skip
     ckpt = g / "pretrain" / "checkpoint.pth"
     _stage("gigassl-pretrain", ["pretrain", "gigassl", str(g / "bank"), "--out", str(ckpt.parent), "--epochs",
