@@ -47,6 +47,7 @@ def _worker(rank: int, init: str, root: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_train_one_model(tmp_path: Path) -> None:
     write_synthetic_bank(tmp_path / "bank", n_slides=8, n_aug=2, n_tiles=6, dim=8)
