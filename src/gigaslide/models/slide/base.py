@@ -141,6 +141,30 @@ class SlideModel(nn.Module, abc.ABC):
     def _forward(self, x: Tensor, coords: Tensor | None, mask: Tensor, labels: Tensor | None) -> SlideOutput:
         """Model-specific aggregation of validated inputs."""
 
+    def output_layers(self) -> list[nn.Module]:
+        """The layer(s) whose outputs are ``logits`` (default: ``self.classifier``).
+
+        A trainer sets their bias to a prior (e.g. the cohort's baseline hazard per survival bin)
+        through :meth:`init_output_bias`. Models whose logits come from other layers override this.
+        """
+        head = getattr(self, "classifier", None)
+        if head is None:
+            raise NotImplementedError(f"{type(self).__name__} has no `classifier`; override output_layers()")
+        return [head]
+
+    @torch.no_grad()
+    def init_output_bias(self, bias: Tensor) -> None:
+        """Set the bias (C,) of every output layer, so that the untrained model predicts ``bias``."""
+        bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
+        if bias.numel() != self.n_classes:
+            raise ValueError(f"output bias needs {self.n_classes} values, got {bias.numel()}")
+        for layer in self.output_layers():
+            if getattr(layer, "bias", None) is None or layer.bias.numel() != self.n_classes:
+                raise ValueError(
+                    f"{type(self).__name__}: output layer {layer} has no ({self.n_classes},) bias"
+                )
+            layer.bias.copy_(bias.to(layer.bias))
+
 
 def mlp_block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
     """Linear -> ReLU -> Dropout, the tile-feature projection shared by the attention MIL models."""
