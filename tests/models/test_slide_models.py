@@ -79,7 +79,8 @@ def test_forward_backward_shapes_and_gradients(name: str) -> None:
     assert out.logits.shape == (3, C)
     assert out.embedding.shape == (3, model.embed_dim)
     assert (out.attention is not None) == get_slide_model_info(name).produces_attention
-    loss = F.cross_entropy(out.logits, labels)
+    # the model's declared training streams (DS-MIL trains its max-instance stream too)
+    loss = sum(w * F.cross_entropy(logits, labels) for w, logits in model.loss_streams(out))
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
     loss.backward()
@@ -224,15 +225,18 @@ def test_clam_instance_loss_matches_manual_top_bottom_k() -> None:
     torch.testing.assert_close(out.extras["instance_loss"], expected)
 
 
-def test_dsmil_outputs_are_average_of_streams() -> None:
+def test_dsmil_predicts_from_the_bag_stream() -> None:
     model = build("dsmil").eval()
     x, _ = bag(2, 12, seed=11)
     with torch.no_grad():
         out = model(x)
         inst = model.instance_classifier(x)
+        model.average_streams = True
+        averaged = model(x).logits
     max_logits = inst.max(dim=1).values
     torch.testing.assert_close(out.extras["max_instance_logits"], max_logits)
-    torch.testing.assert_close(out.logits, 0.5 * (max_logits + out.extras["bag_logits"]))
+    torch.testing.assert_close(out.logits, out.extras["bag_logits"])
+    torch.testing.assert_close(averaged, 0.5 * (max_logits + out.extras["bag_logits"]))
     torch.testing.assert_close(out.extras["class_attention"].sum(1), torch.ones(2, C))
 
 

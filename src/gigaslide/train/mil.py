@@ -110,9 +110,17 @@ def survival_risk(logits: Tensor) -> Tensor:
 
 
 class Objective:
-    """Per-bag loss and the windowed Cox term for one task/config."""
+    """Per-bag loss and the windowed Cox term for one task/config.
 
-    def __init__(self, cfg: TrainConfig, time_bins: np.ndarray | None) -> None:
+    With ``model``, the loss follows the model's declared recipe: it is applied to each of
+    ``model.loss_streams(out)`` (weighted) and, for classification, is ``model.classification_loss``
+    (``"cross_entropy"`` or ``"bce"`` against one-hot targets). DS-MIL thus trains with
+    ``0.5 * BCE(bag) + 0.5 * BCE(max instance)`` as its reference code does.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, time_bins: np.ndarray | None, model: nn.Module | None = None
+    ) -> None:
         self.task = cfg.task
         self.time_bins = time_bins
         self.use_nll = cfg.task == "survival" and cfg.survival_loss in ("nll", "nll+cox")
@@ -120,12 +128,35 @@ class Objective:
         self.cox_weight = cfg.cox_weight
         self.nll = NLLSurvLoss(alpha=cfg.nll_alpha)
         self.cox = CoxPHLoss()
+        self.model = model
+        self.classification_loss = str(getattr(model, "classification_loss", "cross_entropy"))
+        if self.classification_loss not in ("cross_entropy", "bce"):
+            raise ValueError(
+                f"{type(model).__name__}.classification_loss must be 'cross_entropy' or 'bce', "
+                f"got {self.classification_loss!r}"
+            )
 
-    def bag_loss(self, logits: Tensor, samples: list[Sample]) -> Tensor:
-        """Mean per-bag loss (B bags); 0 for Cox-only survival, whose loss needs several bags."""
+    def _streams(self, out: SlideOutput | Tensor) -> list[tuple[float, Tensor]]:
+        if isinstance(out, Tensor):
+            return [(1.0, out)]
+        if self.model is not None and hasattr(self.model, "loss_streams"):
+            return self.model.loss_streams(out)
+        return [(1.0, out.logits)]
+
+    def bag_loss(self, out: SlideOutput | Tensor, samples: list[Sample]) -> Tensor:
+        """Mean per-bag loss (B bags) of a model output (or bare logits (B, C)); 0 for Cox-only survival."""
+        streams = self._streams(out)
+        return sum(
+            (w * self._task_loss(logits, samples) for w, logits in streams), streams[0][1].new_zeros(())
+        )
+
+    def _task_loss(self, logits: Tensor, samples: list[Sample]) -> Tensor:
         dev = logits.device
         if self.task == "classification":
             y = torch.tensor([s.label for s in samples], dtype=torch.long, device=dev)
+            if self.classification_loss == "bce":
+                target = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # (B, C)
+                return F.binary_cross_entropy_with_logits(logits, target)
             return F.cross_entropy(logits, y)
         if not self.use_nll:
             return logits.sum() * 0.0
@@ -188,7 +219,7 @@ def evaluate(
     for i in range(len(bags)):
         batch = collate_bags([bags[i]]).to(device)
         out = _forward(model, batch)
-        losses.append(float(objective.bag_loss(out.logits, batch.samples)))
+        losses.append(float(objective.bag_loss(out, batch.samples)))
         logits.append(out.logits.float().cpu())
     all_logits = torch.cat(logits)
     loss = float(np.mean(losses))
@@ -223,7 +254,7 @@ def train_model(
         objective_bins = make_time_bins(train_bags.times(), train_bags.events(), cfg.n_bins)
         if cfg.nll_baseline_init:
             init_survival_baseline(model, train_bags, objective_bins)
-    objective = Objective(cfg, objective_bins)
+    objective = Objective(cfg, objective_bins, model)
     if cfg.monitor == "metric" and metric_fn is None:
         raise ValueError(
             "cfg.monitor='metric' needs a metric_fn (e.g. gigaslide.eval.validation.validation_metric)"
@@ -262,7 +293,7 @@ def train_model(
                 if cfg.task == "classification":
                     labels = torch.tensor([s.label for s in batch.samples], dtype=torch.long, device=device)
                 out = _forward(model, batch, labels=labels)
-                loss = objective.bag_loss(out.logits, batch.samples)
+                loss = objective.bag_loss(out, batch.samples)
                 if out.aux_loss is not None:
                     loss = loss + cfg.aux_weight * out.aux_loss
                 if objective.use_cox:  # keep graphs: the Cox term couples the window's bags

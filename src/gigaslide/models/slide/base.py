@@ -108,6 +108,9 @@ class SlideModel(nn.Module, abc.ABC):
 
     #: models that cannot run without tile coordinates set this to True
     needs_coords: bool = False
+    #: classification loss of the model's official recipe: "cross_entropy" (softmax over classes) or
+    #: "bce" (one sigmoid per class against one-hot targets, e.g. DS-MIL)
+    classification_loss: str = "cross_entropy"
 
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
@@ -140,6 +143,14 @@ class SlideModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def _forward(self, x: Tensor, coords: Tensor | None, mask: Tensor, labels: Tensor | None) -> SlideOutput:
         """Model-specific aggregation of validated inputs."""
+
+    def loss_streams(self, out: SlideOutput) -> list[tuple[float, Tensor]]:
+        """``(weight, logits (B, C))`` pairs the task loss is applied to and summed over.
+
+        Default ``[(1.0, out.logits)]``; a model trained on several predictions overrides it
+        (DS-MIL: ``0.5`` each on the bag stream and on the max-instance stream).
+        """
+        return [(1.0, out.logits)]
 
     def output_layers(self) -> list[nn.Module]:
         """The layer(s) whose outputs are ``logits`` (default: ``self.classifier``).
