@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from gigaslide.data.features_io import read_features
+from gigaslide.data.provenance import FeatureProvenance, check_provenance
 from gigaslide.data.split_plan import build_splits
 from gigaslide.data.splits import save_splits
 from gigaslide.eval.probes import run_probe
@@ -40,9 +41,10 @@ class SlideEmbeddings:
     X: np.ndarray
     ids: list[str]
     failed: dict[str, str] = field(default_factory=dict)
+    provenance: FeatureProvenance | None = None  # feature-file folders only
 
 
-def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
+def load_slide_embeddings(path: str | os.PathLike[str], allow_mixed: bool = False) -> SlideEmbeddings:
     """Read slide embeddings from ``.npz`` / ``.h5`` / ``.pt`` (``embeddings`` (N, E) + ``slide_ids``)
     or from a directory of per-slide tile-feature files (``*.h5``/``*.pt``, also under ``h5_files/``),
     each mean-pooled into one slide embedding (HIPT's mean-embedding protocol). Unreadable feature
@@ -74,7 +76,9 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
         dims = {r.shape[0] for r in rows}
         if len(dims) > 1:
             raise ValueError(f"{p}: feature files disagree on the embedding dimension: {sorted(dims)}")
-        return SlideEmbeddings(np.stack(rows), ids, failed)
+        read_ok = {f.stem: f for f in files if f.stem not in failed}
+        provenance = check_provenance(read_ok, allow_mixed=allow_mixed, source=str(p))
+        return SlideEmbeddings(np.stack(rows), ids, failed, provenance)
     if not p.is_file():
         raise FileNotFoundError(f"embeddings {p} not found")
     if p.suffix == ".npz":
@@ -129,6 +133,11 @@ def read_labels_csv(
     na = df.loc[df[need].isna().any(axis=1), "slide_id"].tolist()
     if na:
         raise ValueError(f"{p}: {len(na)} slide(s) with missing {need[1:]}: {na[:20]} (drop those rows)")
+    if task == "classification" and df[label_col].nunique() == 1:
+        raise ValueError(
+            f"{p}: every slide has the label {str(df[label_col].iloc[0])!r} in column {label_col!r}: "
+            "classification needs at least two classes; add slides of another class or fix the labels"
+        )
     return df
 
 
@@ -178,12 +187,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--allow-mixed-features",
+        action="store_true",
+        help="use feature files from different encoders/weights anyway (refused by default)",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     df = read_labels_csv(args.labels, task=args.task, label_col=args.label_col)
-    emb = load_slide_embeddings(args.embeddings)
+    emb = load_slide_embeddings(args.embeddings, allow_mixed=args.allow_mixed_features)
     have = set(emb.ids)
     missing = sorted(set(df["slide_id"]) - have)
     if missing:
@@ -229,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(
         args.out, result.summary, result.per_fold, result.predictions, args.task,
         splits=splits, title=title, config=config, n_boot=args.n_boot, seed=args.seed,
+        features=emb.provenance.to_dict() if emb.provenance is not None else None,
     )  # fmt: skip
     doc = json.loads(paths["results"].read_text())
     summary = {}

@@ -74,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache", choices=["memory", "lazy", "mmap"], default=None, help="feature loading")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--allow-mixed-features",
+        action="store_true",
+        help="use feature files from different encoders/weights anyway (refused by default)",
+    )
     return p
 
 
@@ -119,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         device = resolve_device(args.device)
-        cohort = Cohort(args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache)
+        cohort = Cohort(
+            args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache,
+            allow_mixed_features=args.allow_mixed_features,
+        )  # fmt: skip
         log.info("%s; model %s on %s", cohort, cfg.model, device)
         result = run_crossval(
             cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits

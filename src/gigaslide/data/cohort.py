@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from gigaslide.data.features_io import FeatureBag, read_features
+from gigaslide.data.provenance import check_provenance
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class Cohort:
         cache: ``"memory"`` (load every bag once), ``"lazy"`` (read on access) or ``"mmap"``
             (memory-map contiguous HDF5 datasets; falls back to reading for chunked/compressed ones).
         check_values: scan every bag for NaN/inf values and empty bags at construction.
+        allow_mixed_features: accept feature files from different encoders/weights (refused by
+            default, see :mod:`gigaslide.data.provenance`); ``self.provenance`` records them.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Cohort:
         classes: Sequence[str] | None = None,
         cache: str = "memory",
         check_values: bool = True,
+        allow_mixed_features: bool = False,
     ) -> None:
         if task not in ("classification", "survival"):
             raise ValueError(f"task must be 'classification' or 'survival', got {task!r}")
@@ -140,6 +144,13 @@ class Cohort:
                 table["label"], table["slide_id"], classes, self.labels_path
             )
             table["label"] = labels
+            present = sorted(set(labels.tolist()))
+            if len(present) == 1:
+                raise CohortError(
+                    f"{self.labels_path}: every slide has the label {self.class_names[present[0]]!r}: "
+                    "classification needs at least two classes; add slides of another class or fix the "
+                    "label column"
+                )
         table["path"] = [find_feature_file(self.features_dir, s) for s in table["slide_id"]]
         missing = table.loc[table["path"].isna(), "slide_id"]
         if len(missing):
@@ -152,6 +163,11 @@ class Cohort:
         self._index = {s: i for i, s in enumerate(self.table["slide_id"])}
         self._cache: dict[str, FeatureBag] = {}
         self.dim = self._check_bags(check_values)
+        self.provenance = check_provenance(
+            dict(zip(self.table["slide_id"], self.table["path"])),
+            allow_mixed=allow_mixed_features,
+            source=str(self.features_dir),
+        )
 
     # -- construction helpers ---------------------------------------------------------------
     def _read_table(self) -> pd.DataFrame:
