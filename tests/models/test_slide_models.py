@@ -27,7 +27,8 @@ SMALL = {
     "transmil": {"dim": 32, "heads": 4},
     "dsmil": {"q_dim": 16},
     "mean": {"hidden_dim": 24},
-    "max": {"hidden_dim": 24},
+    "feature_max": {"hidden_dim": 24},
+    "topk_mil": {"hidden_dim": 24, "k": 2},
 }
 MODELS = list_slide_models()
 
@@ -45,7 +46,9 @@ def bag(b: int, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_registry_lists_all_required_models_with_metadata() -> None:
-    assert {"mean", "max", "abmil", "gated_abmil", "clam_sb", "transmil", "dsmil"} <= set(MODELS)
+    assert {"mean", "feature_max", "topk_mil", "abmil", "gated_abmil", "clam_sb", "transmil", "dsmil"} <= set(
+        MODELS
+    )
     for name in MODELS:
         info = get_slide_model_info(name)
         assert info.name == name and info.description and info.paper
