@@ -158,6 +158,11 @@ class CoxPHLoss(nn.Module):
         -(1 / n_events) * sum_{i: event_i = 1} [ r_i - log sum_{j: t_j >= t_i} exp(r_j) ]
     where every tied event shares the full risk set (Breslow). A batch without any event carries no
     partial-likelihood information and returns 0 (still attached to the graph).
+
+    Scale: the sum runs over the events and is divided by their number, i.e. the mean over events
+    (DeepSurv, pycox). MCAT's ``CoxSurvLoss`` multiplies each term by the event indicator and takes the
+    mean over the whole batch, i.e. divides by the batch size B: this loss is ``B / n_events`` times
+    MCAT's (1.25x at 80% events), which acts as a larger learning rate for the Cox term.
     """
 
     def forward(self, risk: Tensor, times: Tensor, events: Tensor) -> Tensor:
