@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "heatmap": "heatmap",
     "encoders": "encoders",
     "models": "models",
+    "e2e": "e2e",
     "demo": "demo",
 }
 
