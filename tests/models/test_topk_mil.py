@@ -63,3 +63,35 @@ def test_feature_max_is_the_honest_name_and_max_warns() -> None:
     with pytest.warns(FutureWarning, match="'max' is deprecated, use 'feature_max'.*topk_mil"):
         model = create_slide_model("max", 4, 2)
     assert isinstance(model, MaxPoolMIL)
+
+
+def test_topk_mil_learns_a_few_signal_tiles(tmp_path) -> None:
+    import pandas as pd
+
+    from gigaslide.data.bags import BagDataset
+    from gigaslide.data.cohort import Cohort
+    from gigaslide.data.features_io import write_features
+    from gigaslide.eval.metrics import classification_metrics
+    from gigaslide.train.mil import predict, train_model
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):  # positives hold 2 tiles shifted by 3 in dimension 0 among 20-30
+        n = int(rng.integers(20, 30))
+        feats = rng.normal(size=(n, 8)).astype(np.float32)
+        feats[:2, 0] += 3.0 * (i % 2)
+        write_features(tmp_path / "h5_files" / f"s{i:02d}.h5", feats, np.zeros((n, 2)))
+        rows.append({"slide_id": f"s{i:02d}", "case_id": f"c{i:02d}", "label": ["neg", "pos"][i % 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    cohort = Cohort(tmp_path / "labels.csv", tmp_path)
+    s = cohort.samples()
+    torch.manual_seed(0)
+    model = create_slide_model("topk_mil", 8, 2)
+    cfg = TrainConfig(epochs=10, lr=1e-2, warmup_epochs=0)
+    train_model(model, BagDataset(cohort, s[:40], train=True), None, cfg, "cpu")
+    pred = predict(model, BagDataset(cohort, s[40:]), "cpu")
+    auc = classification_metrics([x.label for x in pred.samples], pred.probs)["auc"]
+    assert auc > 0.9, f"top-k MIL test AUC {auc:.3f}"
+    pos = next(x for x in pred.samples if x.label == 1)
+    assert int(np.argmax(pred.attention[pos.slide_ids[0]]["scores"])) < 2  # the heatmap finds them
