@@ -119,7 +119,10 @@ def test_official_cls_token_init_and_padded_batches() -> None:
     torch.manual_seed(0)
     official = create_slide_model("transmil", D_IN, C, dim=256, heads=HEADS, attention="official")
     default = create_slide_model("transmil", D_IN, C, dim=256, heads=HEADS)
-    assert 0.8 < float(official.cls_token.detach().std()) < 1.2 and float(default.cls_token.detach().std()) < 0.05
+    assert (
+        0.8 < float(official.cls_token.detach().std()) < 1.2
+        and float(default.cls_token.detach().std()) < 0.05
+    )
     model, _ = _models()
     x = torch.randn(2, 30, D_IN)
     mask = torch.ones(2, 30, dtype=torch.bool)

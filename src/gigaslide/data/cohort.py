@@ -97,6 +97,12 @@ def _map_labels(
             f"(labels {sorted(set(unknown))}): slide_id {format_ids(bad)}. "
             "Fix the CSV or pass the full --classes list."
         )
+    present = sorted(set(values))
+    if len(present) == 1:
+        raise CohortError(
+            f"{labels_path}: every slide has the label {present[0]!r}: classification needs at least "
+            "two classes; add slides of another class or fix the label column"
+        )
     return values.map(index).to_numpy(dtype=np.int64), names
 
 
@@ -202,13 +208,6 @@ class Cohort:
                 table["label"], table["slide_id"], classes, self.labels_path
             )
             table["label"] = labels
-            present = sorted(set(labels.tolist()))
-            if len(present) == 1:
-                raise CohortError(
-                    f"{self.labels_path}: every slide has the label {self.class_names[present[0]]!r}: "
-                    "classification needs at least two classes; add slides of another class or fix the "
-                    "label column"
-                )
         table["path"] = [find_feature_file(self.features_dir, s) for s in table["slide_id"]]
         missing = table.loc[table["path"].isna(), "slide_id"]
         if len(missing):
