@@ -345,7 +345,9 @@ def load_weights(
     model_sd = model.state_dict()
     # BatchNorm step counters are not weights (many exports drop them): they keep their initial 0
     missing = [k for k in model_sd if k not in sd and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in sd if k not in model_sd]
+    declared = tuple(getattr(model, "checkpoint_drop_prefixes", ()))
+    # keys the model does not declare as expected extras first: they tell why the layout differs
+    unexpected = sorted((k for k in sd if k not in model_sd), key=lambda k: k.startswith(declared))
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
         for k, v in sd.items()
