@@ -118,3 +118,22 @@ def test_output_bias_starts_at_baseline(tmp_path: Path) -> None:
     np.testing.assert_allclose(hazards, expected)
     pred = predict(model, bags, "cpu")
     np.testing.assert_allclose(torch.sigmoid(torch.from_numpy(pred.logits)).numpy()[0], expected, rtol=1e-5)
+
+
+def test_models_without_a_declared_output_layer_are_named(tmp_path: Path) -> None:
+    from gigaslide.models.slide import SlideModel, SlideOutput
+
+    class NoHead(SlideModel):
+        def __init__(self) -> None:
+            super().__init__(DIM, 4)
+            self.out = torch.nn.Linear(DIM, 4)
+
+        def _forward(self, x, coords, mask, labels):  # type: ignore[no-untyped-def]
+            z = x.mean(1)
+            return SlideOutput(logits=self.out(z), embedding=z)
+
+    cohort = survival_cohort(tmp_path, 12, tiles=(3, 5))
+    bags = BagDataset(cohort, cohort.samples())
+    edges = make_time_bins(bags.times(), bags.events(), 4)
+    with pytest.raises(ValueError, match=r"override output_layers.*nll_baseline_init=false"):
+        init_survival_baseline(NoHead(), bags, edges)

@@ -191,7 +191,13 @@ def init_survival_baseline(model: nn.Module, train_bags: BagDataset, time_bins: 
         )
     bins = discretize_times(train_bags.times(), time_bins)
     hazards = baseline_hazards(bins, train_bags.events(), len(time_bins) - 1)
-    model.init_output_bias(torch.from_numpy(np.log(hazards / (1.0 - hazards))).float())
+    try:
+        model.init_output_bias(torch.from_numpy(np.log(hazards / (1.0 - hazards))).float())
+    except NotImplementedError as e:
+        raise ValueError(
+            f"{e}: NLL survival starts the output bias at the baseline hazards; implement "
+            "output_layers() for this model, or set nll_baseline_init=false"
+        ) from e
     return hazards
 
 
