@@ -78,8 +78,13 @@ def test_preview_cli(shared_data: Path, tmp_path: Path, capsys) -> None:
     assert rc == 0 and png.read_bytes()[:4] == b"\x89PNG"
     assert "257 level-0 px" in capsys.readouterr().out
     rc = main(["preview", str(shared_data / "tcga-cr-7395-01a-01-ts1.svs"), "--out", str(tmp_path / "t.png")])
-    assert rc == 1 and "--slide-mpp" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--slide-mpp" in err and err.startswith("gigaslide preview: error:")  # as heatmap
+    assert len(err.strip().splitlines()) == 1 and "-v" not in err  # a user error: no traceback hint
     assert not (tmp_path / "t.png").exists()
+    folder = tmp_path / "previews"  # a folder as --out (existing, or given with a trailing slash)
+    rc = main(["preview", str(shared_data / "cmu-1-small-region.svs"), "--out", f"{folder}/"])
+    assert rc == 0 and (folder / "cmu-1-small-region_preview.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_killed_run_resumes(tmp_path: Path) -> None:

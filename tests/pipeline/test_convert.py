@@ -118,6 +118,6 @@ def test_cli_records_bad_file_and_exits_1(tmp_path, capsys):
     (tmp_path / "ours" / "h5_files" / "broken.h5").write_bytes(b"garbage")
     rc = main(["convert", str(tmp_path / "ours"), "--out", str(tmp_path / "clam"), "--to", "clam"])
     assert rc == 1
-    err = capsys.readouterr().err
-    assert "converted 2 slide(s)" in err and "FAILED broken" in err
+    out = capsys.readouterr().out  # the summary goes to stdout, as in every command
+    assert "converted 2 slide(s)" in out and "FAILED broken" in out
     assert (tmp_path / "clam" / "pt_files" / "slide1.pt").exists()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from gigaslide.cli.common import add_wait_argument, output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -13,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="convert feature folders between gigaslide, CLAM and TRIDENT layouts",
         description=(
             "Convert SRC (gigaslide/CLAM h5_files/ + pt_files/, or TRIDENT features_<encoder>/) into "
-            "the layout given by --to under DST. Features and coordinates are copied exactly."
+            "the layout given by --to in the folder given by --out. Features and coordinates are copied "
+            "exactly."
         ),
     )
     p.add_argument("src", metavar="SRC", type=Path, help="source feature folder")
@@ -23,6 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--slides", default=None, help="convert only these slides: a slide folder or CSV (by stem)"
     )
+    add_wait_argument(p)
     return p
 
 
@@ -36,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
         ids = set()
         for s in collect_slides(args.slides):
             ids.update({s.slide_id, s.path.stem})
-    summary = convert_features(args.src, args.out, args.to, encoder=args.encoder, slide_ids=ids)
-    print(f"converted {len(summary.written)} slide(s) to {args.to} in {summary.out_dir}", file=sys.stderr)
+    with output_folder(args.out, wait=args.wait):
+        summary = convert_features(args.src, args.out, args.to, encoder=args.encoder, slide_ids=ids)
+    print(f"converted {len(summary.written)} slide(s) to {args.to} in {summary.out_dir}")
     for sid, err in sorted(summary.failed.items()):
-        print(f"  FAILED {sid}: {err}", file=sys.stderr)
+        print(f"  FAILED {sid}: {err}")
     return 1 if summary.failed else 0

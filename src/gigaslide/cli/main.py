@@ -3,6 +3,12 @@
 Each subcommand lives in ``gigaslide.cli.<module>`` and exposes
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
 Modules are imported lazily so ``gigaslide --help`` stays fast.
+
+Errors take ONE path, here: bad input (``ValueError``, ``KeyError``, ``OSError``, unreadable
+slides or weights, a busy output folder: :class:`gigaslide.utils.errors.UserError`) prints
+``gigaslide COMMAND: error: MESSAGE`` on one line and exits with status 2; anything else is a bug,
+printed on one line with a hint to rerun with ``-v`` for the traceback (exit status 1). Warnings
+print as one line (``gigaslide COMMAND: warning: MESSAGE``), never with source lines.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from gigaslide import __version__
+from gigaslide.cli.common import HelpFormatter
 
 # subcommand name -> module under gigaslide.cli
 SUBCOMMANDS: dict[str, str] = {
@@ -29,6 +38,8 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "models",
     "e2e": "e2e",
     "demo": "demo",
+    "gigassl": "gigassl",
+    "pretrain": "pretrain",
 }
 
 
@@ -48,8 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not part of this build
             raise
         p = mod.add_parser(sub)
+        _show_defaults(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's default in ``--help``: this parser and its nested subcommands."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        unset = action.default in (None, False, argparse.SUPPRESS) or action.default == []
+        if action.help is None and action.option_strings and not unset:
+            action.help = "(default: %(default)s)"  # argparse shows nothing for options without help
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _show_defaults(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    saved = warnings.formatwarning
+    if not args.verbose:
+        warnings.formatwarning = _one_line_warning(args.command)
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = saved
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the subcommand; every error it raises is reported here, in one line."""
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -72,18 +107,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bad input (a file, a label table, a config, weights ...): the message names it and the fix
         if args.verbose:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"gigaslide {args.command}: error: {msg}", file=sys.stderr)
-        print("(run `gigaslide -v ...` for the full traceback)", file=sys.stderr)
+        print(f"gigaslide {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: one line, and how to see the traceback
+        if args.verbose:
+            raise
+        print(
+            f"gigaslide {args.command}: unexpected error: {type(e).__name__}: {_message(e)}", file=sys.stderr
+        )
+        print("(this is likely a bug; run `gigaslide -v ...` for the full traceback)", file=sys.stderr)
+        return 1
+
+
+def _message(e: BaseException) -> str:
+    """The exception's message on one line (KeyError without its quotes)."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    return " ".join(str(msg).split()) or type(e).__name__
+
+
+def _one_line_warning(command: str) -> Any:
+    """A ``warnings.formatwarning`` that prints ``gigaslide COMMAND: warning: MESSAGE`` (no source line)."""
+
+    def fmt(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+        return f"gigaslide {command}: warning: {' '.join(str(message).split())}\n"
+
+    return fmt
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe bad input rather than a bug: shown as one line, exit status 2."""
     from gigaslide.io.base import SlideReadError
     from gigaslide.models.weights import WeightsError
+    from gigaslide.utils.errors import UserError
 
-    errors: list[type[BaseException]] = [ValueError, KeyError, OSError, SlideReadError, WeightsError]
+    errors: list[type[BaseException]] = [
+        UserError,
+        ValueError,
+        KeyError,
+        OSError,
+        SlideReadError,
+        WeightsError,
+    ]
     try:
         import yaml
 

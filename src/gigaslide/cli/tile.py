@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gigaslide.cli.common import add_wait_argument, output_folder
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from gigaslide.preprocess.tiling import DEFAULT_REGION_MIN_TISSUE
@@ -49,6 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="slide reader backend (default: automatic)")
     p.add_argument("--preview", action="store_true", help="also write OUT/previews/<slide_id>.png")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_wait_argument(p)
     return p
 
 
@@ -65,19 +68,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         target_mpp = args.target_mpp if args.target_mpp is not None else 0.5
     slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
-    summary = run_tiling(
-        slides,
-        args.out,
-        target_mpp=target_mpp,
-        tile_size=args.tile_size,
-        stride=args.stride,
-        min_tissue=args.min_tissue,
-        region_size=args.region_size,
-        region_min_tissue=args.region_min_tissue,
-        workers=args.workers,
-        backend=args.backend,
-        preview=args.preview,
-        progress=not args.no_progress,
-    )
+    with output_folder(args.out, wait=args.wait):
+        summary = run_tiling(
+            slides,
+            args.out,
+            target_mpp=target_mpp,
+            tile_size=args.tile_size,
+            stride=args.stride,
+            min_tissue=args.min_tissue,
+            region_size=args.region_size,
+            region_min_tissue=args.region_min_tissue,
+            workers=args.workers,
+            backend=args.backend,
+            preview=args.preview,
+            progress=not args.no_progress,
+        )
     print(summary.describe())
     return 0 if summary.ok else 1

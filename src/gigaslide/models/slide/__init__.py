@@ -7,7 +7,15 @@ out = model(x, coords=None, mask=mask)  # SlideOutput(logits, embedding, attenti
 
 from __future__ import annotations
 
-from gigaslide.models.slide import abmil, clam, dsmil, pooling, topk_mil, transmil  # noqa: F401  (registration)
+from gigaslide.models.slide import (  # noqa: F401  (registration)
+    abmil,
+    clam,
+    dsmil,
+    pooling,
+    sparseconvmil,
+    topk_mil,
+    transmil,
+)
 from gigaslide.models.slide.abmil import ABMIL
 from gigaslide.models.slide.base import (
     SlideModel,
@@ -26,6 +34,7 @@ from gigaslide.models.slide.registry import (
     list_slide_models,
     register_slide_model,
 )
+from gigaslide.models.slide.sparseconvmil import SparseConvMIL
 from gigaslide.models.slide.topk_mil import TopKMIL
 from gigaslide.models.slide.transmil import TransMIL
 
@@ -38,6 +47,7 @@ __all__ = [
     "SlideModel",
     "SlideModelInfo",
     "SlideOutput",
+    "SparseConvMIL",
     "TopKMIL",
     "TransMIL",
     "create_slide_model",
