@@ -31,7 +31,7 @@ def tiling(tmp_path_factory: pytest.TempPathFactory) -> Path:
     old = os.umask(0o022)
     try:
         rc = main(["tile", str(root / "slides"), "--out", str(root / "tiles"), "--tile-size", "64",
-                   "--target-mpp", "2", "--min-tissue", "0.05", "--no-progress"])  # fmt: skip
+                   "--target-mpp", "2", "--min-tissue", "0.05", "--no-progress", "--outlines"])  # fmt: skip
     finally:
         os.umask(old)
     assert rc == 0

@@ -2,23 +2,27 @@
 
 Each subcommand lives in ``gigaslide.cli.<module>`` and exposes
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int``.
-Modules are imported lazily so ``gigaslide --help`` stays fast.
-
 Errors take ONE path, here: bad input (``ValueError``, ``KeyError``, ``OSError``, unreadable
 slides or weights, a busy output folder: :class:`gigaslide.utils.errors.UserError`) prints
 ``gigaslide COMMAND: error: MESSAGE`` on one line and exits with status 2; anything else is a bug,
 printed on one line with a hint to rerun with ``-v`` for the traceback (exit status 1). Warnings
 print as one line (``gigaslide COMMAND: warning: MESSAGE``), never with source lines.
+Only the module of the command being run is imported (``gigaslide tile`` never imports
+scikit-learn, pandas or torch); ``gigaslide --help`` lists every command from the first line
+of its module docstring, read without importing it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gigaslide import __version__
@@ -43,7 +47,27 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _summary(module: str) -> str | None:
+    """First line of a CLI module's docstring without importing it ("`gigaslide x`: " removed); None if absent."""
+    spec = importlib.util.find_spec(f"gigaslide.cli.{module}")
+    if spec is None or spec.origin is None:
+        return None
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+    line = doc.strip().splitlines()[0] if doc.strip() else ""
+    if line.lstrip("`").startswith("gigaslide") and ": " in line:  # "`gigaslide x`: what it does."
+        line = line.split(": ", 1)[1]
+    return line.rstrip(".")
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (top-level options take no value), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; given ``argv``, only the named command's module is imported (others: help line)."""
+    command = _command_in(argv) if argv is not None else None
+    lazy = argv is not None
     parser = argparse.ArgumentParser(
         prog="gigaslide",
         description="Whole-slide image pipeline: tiling, feature extraction, slide-level learning.",
@@ -51,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gigaslide {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for _name, module in SUBCOMMANDS.items():
+    for name, module in SUBCOMMANDS.items():
+        if lazy and name != command:
+            summary = _summary(module)
+            if summary is not None:  # None: subcommand not part of this build
+                sub.add_parser(name, help=summary, add_help=False)
+            continue
         try:
             mod = importlib.import_module(f"gigaslide.cli.{module}")
         except ModuleNotFoundError as e:
@@ -77,7 +106,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

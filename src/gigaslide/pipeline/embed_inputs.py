@@ -100,8 +100,9 @@ def discover_jobs(
                 continue
             cfile = Path(row.get("coords_file") or f"patches/{sid}.h5")
             cpath = cfile if cfile.is_absolute() else root / cfile
-            if not cpath.exists():
-                cpath = root / "patches" / f"{sid}.h5"
+            if not cpath.exists():  # the folder moved: gigaslide's or TRIDENT's (--layout trident) name
+                trident = root / "patches" / f"{sid}_patches.h5"
+                cpath = trident if trident.exists() else root / "patches" / f"{sid}.h5"
             mpp = float(row["mpp"]) if row.get("mpp") else slide_mpp
             source = f"--slides {slides}"
             if sid in by_id:

@@ -244,7 +244,11 @@ class _Embedder:
         if job.mpp is None:
             with contextlib.suppress(ValueError):  # TRIDENT files without a magnification need an mpp
                 cf = read_coords(job.coords_path)
-        if cf is not None and np.isfinite(cf.spec.slide_mpp):
+        if (
+            cf is not None
+            and np.isfinite(cf.spec.slide_mpp)
+            and cf.spec.extra.get("mpp_source") != "magnification"  # TRIDENT's 20x is nominal: ask the slide
+        ):
             return cf
         mpp = job.mpp
         if mpp is None:
