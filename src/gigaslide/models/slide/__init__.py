@@ -7,7 +7,7 @@ out = model(x, coords=None, mask=mask)  # SlideOutput(logits, embedding, attenti
 
 from __future__ import annotations
 
-from gigaslide.models.slide import abmil, clam, dsmil, pooling, transmil  # noqa: F401  (registration)
+from gigaslide.models.slide import abmil, clam, dsmil, hipt, pooling, transmil  # noqa: F401  (registration)
 from gigaslide.models.slide.abmil import ABMIL
 from gigaslide.models.slide.base import (
     SlideModel,
@@ -18,6 +18,7 @@ from gigaslide.models.slide.base import (
 )
 from gigaslide.models.slide.clam import CLAMSB
 from gigaslide.models.slide.dsmil import DSMIL
+from gigaslide.models.slide.hipt import HIPT, HIPTAttentionPooling
 from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
 from gigaslide.models.slide.registry import (
     SlideModelInfo,
@@ -32,6 +33,8 @@ __all__ = [
     "ABMIL",
     "CLAMSB",
     "DSMIL",
+    "HIPT",
+    "HIPTAttentionPooling",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "SlideModel",
