@@ -99,7 +99,8 @@ class HIPTViT4K(nn.Module):
         """Position embeddings (1, 1 + rows*cols, D) for a token grid, resized from the 14x14 table."""
         return resize_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, old_grid=self.grid)
 
-    def _check(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    def key_mask(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Validate a (B, in_dim, H, W) grid; returns the (B, 1 + H*W) attention key mask (None = all)."""
         if x.ndim != 4 or x.shape[1] != self.in_dim:
             raise ValueError(
                 f"HIPTViT4K expects a (B, {self.in_dim}, H, W) grid of ViT_256 tokens, got {tuple(x.shape)}; "
@@ -126,7 +127,7 @@ class HIPTViT4K(nn.Module):
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, in_dim, H, W) [+ (B, H, W) bool patch mask] -> (B, 1 + H*W, D) final-normalised tokens."""
-        key_mask = self._check(x, mask)
+        key_mask = self.key_mask(x, mask)
         t = self.prepare_tokens(x)
         for blk in self.blocks:
             t = blk(t, key_mask=key_mask)
@@ -138,7 +139,7 @@ class HIPTViT4K(nn.Module):
 
     def get_last_selfattention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, in_dim, H, W) -> (B, heads, 1 + H*W, 1 + H*W) softmax attention of the last block."""
-        key_mask = self._check(x, mask)
+        key_mask = self.key_mask(x, mask)
         t = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             t = blk(t, key_mask=key_mask)

@@ -1,0 +1,108 @@
+"""HIPT region features: token grids of each region's patches, patch masks at slide edges, resume, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gigaslide.data.region_features import read_region_features, region_patch_mask
+from gigaslide.data.tile_dataset import TileDataset
+from gigaslide.data.transforms import TileTransform
+from gigaslide.models.encoders import create_encoder, create_hipt_vit4k
+from gigaslide.pipeline.inputs import SlideInput
+from gigaslide.pipeline.region_embed import run_region_embedding
+from gigaslide.pipeline.tile_job import run_tiling
+from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.preprocess.tiling import subtile_coords, subtile_spec
+from gigaslide.utils.manifest import Manifest
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiling(tmp_path_factory) -> Path:
+    from gigaslide.synth import write_synthetic_slide
+
+    d = tmp_path_factory.mktemp("regions")
+    # 1024 x 768 px: 512 px regions in a 2 x 2 grid; the bottom row hangs 256 px over the slide edge
+    slides = [SlideInput("r0", write_synthetic_slide(d / "r0.tiff", width=1024, height=768, mpp=0.5, seed=3))]
+    out = d / "tiles"
+    run_tiling(slides, out, tile_size=256, region_size=512, region_min_tissue=0.0, progress=False)
+    return out
+
+
+def test_region_patch_mask_marks_patches_outside_the_slide(tiling: Path) -> None:
+    cf = read_coords(tiling / "regions" / "r0.h5")
+    mask = region_patch_mask(cf.coords, cf.spec)  # (M, 4)
+    expected = (subtile_coords(cf.coords, cf.spec)[..., 1] < 768) & (
+        subtile_coords(cf.coords, cf.spec)[..., 0] < 1024
+    )
+    np.testing.assert_array_equal(mask, expected)
+    assert mask.shape[1] == 4 and not mask.all() and mask.any(axis=1).all()
+
+
+def test_region_embedding_equals_vit256_on_each_patch(tiling: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    enc = create_encoder("hipt_vit256", weights="random")
+    vit4k = create_hipt_vit4k().eval()
+    summary = run_region_embedding(
+        tiling, enc, tmp_path / "feats", vit4k=vit4k, batch_size=3, device="cpu", progress=False
+    )
+    assert summary.n_done == 1 and summary.n_failed == 0
+    rf = read_region_features(tmp_path / "feats" / "h5_files" / "r0.h5")
+    cf = read_coords(tiling / "regions" / "r0.h5")
+    m = len(cf.coords)
+    assert (
+        rf.features.shape == (m, 4, 384)
+        and rf.patch_mask.shape == (m, 4)
+        and rf.region_features.shape == (m, 192)
+    )
+    np.testing.assert_array_equal(rf.coords, cf.coords)
+    assert rf.attrs["kind"] == "hipt_region_tokens" and rf.attrs["grid"] == [2, 2] and rf.attrs["random_init"]
+    assert rf.spec is not None and rf.spec.tile_size == 512
+    # reference: each 256 px patch read on its own (white outside the slide) through ViT_256
+    sub = subtile_coords(cf.coords, cf.spec).reshape(-1, 2)
+    tiles = TileDataset(tiling.parent / "r0.tiff", sub, subtile_spec(cf.spec))
+    t = TileTransform(256, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        ref = enc(torch.stack([t(tiles.read_tile(i)) for i in range(len(sub))])).reshape(m, 4, 384)
+        grid = ref.transpose(1, 2).reshape(m, 384, 2, 2)
+        ref4k = vit4k(grid, torch.from_numpy(rf.patch_mask).reshape(m, 2, 2))
+    np.testing.assert_allclose(rf.features, ref.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rf.region_features, ref4k.numpy(), rtol=1e-4, atol=1e-4)
+    # a rerun skips the finished slide
+    again = run_region_embedding(tiling, enc, tmp_path / "feats", vit4k=vit4k, device="cpu", progress=False)
+    assert again.n_skipped == 1 and again.n_done == 0
+
+
+def test_missing_region_file_is_recorded_and_cli_runs(tiling: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "tiles"
+    import shutil
+
+    shutil.copytree(tiling, broken)
+    (broken / "regions" / "r0.h5").unlink()
+    summary = run_region_embedding(
+        broken, create_encoder("hipt_vit256", weights="random"), tmp_path / "a", device="cpu", progress=False
+    )
+    assert summary.n_failed == 1 and "--region-size 4096" in summary.failed["r0"]
+    assert Manifest(tmp_path / "a" / "manifest.csv").rows["r0"]["status"] == "failed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "gigaslide",
+        "embed",
+        str(tiling),
+        "--encoder",
+        "hipt_vit256",
+        "--weights",
+        "random",
+    ]
+    cmd += ["--regions", "--out", str(tmp_path / "b"), "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert read_region_features(tmp_path / "b" / "h5_files" / "r0.h5").region_features is None
