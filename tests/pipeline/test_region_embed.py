@@ -80,6 +80,42 @@ def test_region_embedding_equals_vit256_on_each_patch(tiling: Path, tmp_path: Pa
     assert again.n_skipped == 1 and again.n_done == 0
 
 
+def test_interrupted_slide_resumes_inside_itself(tiling: Path, tmp_path: Path, monkeypatch) -> None:
+    from gigaslide.models.encoders.hipt_region import HIPTRegionEncoder
+
+    torch.manual_seed(0)
+    enc = create_encoder("hipt_vit256", weights="random")
+    full = run_region_embedding(tiling, enc, tmp_path / "full", device="cpu", progress=False)
+    original = HIPTRegionEncoder.patch_tokens
+    calls = {"n": 0}
+
+    def flaky(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("power cut")
+        return original(self, images)
+
+    monkeypatch.setattr(HIPTRegionEncoder, "patch_tokens", flaky)
+    out = tmp_path / "out"
+    first = run_region_embedding(tiling, enc, out, chunk_regions=1, device="cpu", progress=False)
+    assert first.n_failed == 1 and "power cut" in first.failed["r0"]
+    assert sorted(p.name for p in (out / ".partial" / "r0").glob("chunk_*.npz")) == [
+        "chunk_0000000.npz",
+        "chunk_0000001.npz",
+    ]
+    monkeypatch.setattr(HIPTRegionEncoder, "patch_tokens", original)
+    second = run_region_embedding(tiling, enc, out, chunk_regions=1, device="cpu", progress=False)
+    (res,) = second.results
+    assert res.status == "done" and res.resumed_from == 2 and res.computed == full.results[0].n_tiles - 2
+    assert not (out / ".partial" / "r0").exists()
+    a, b = (
+        read_region_features(out / "h5_files" / "r0.h5"),
+        read_region_features(tmp_path / "full" / "h5_files" / "r0.h5"),
+    )
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.patch_mask, b.patch_mask)
+
+
 def test_missing_region_file_is_recorded_and_cli_runs(tiling: Path, tmp_path: Path) -> None:
     broken = tmp_path / "tiles"
     import shutil

@@ -10,14 +10,19 @@ the ViT_4096 region tokens (M, 192).
 
 Like tile embedding: files are written atomically, a slide whose file exists with the same
 fingerprint is skipped, a failing slide is recorded in ``OUT/manifest.csv`` and the run carries
-on, and under ``torchrun`` slides are sharded over ranks (rank manifests merged by rank 0). The
-unit of resumption is the slide (a region file is written once all its regions are encoded).
+on, and under ``torchrun`` slides are sharded over ranks (rank manifests merged by rank 0).
+A region costs seconds to a minute on a CPU, so an interrupted slide resumes inside itself:
+every ``chunk_regions`` regions are committed atomically to ``OUT/.partial/<slide_id>/``
+(``chunk_<first region>.npz``, under a fingerprint), a rerun keeps the chunks of the same
+fingerprint and encodes the rest, and the folder is deleted once the slide's file is written.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +56,7 @@ from gigaslide.pipeline.extract import (
 )
 from gigaslide.preprocess.coords_io import read_coords
 from gigaslide.utils import dist as gdist
+from gigaslide.utils.atomic import atomic_path, atomic_write_text
 from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,36 @@ def region_jobs(
                 n = int(f["coords"].shape[0]) if "coords" in f else 0
         jobs.append(replace(job, coords_path=path, n_tiles=n, error=err))
     return jobs
+
+
+class _PartialRegions:
+    """Committed chunks of an interrupted slide: ``OUT/.partial/<slide_id>/chunk_<start>.npz``."""
+
+    def __init__(self, root: Path, fingerprint: str) -> None:
+        self.root, self.fingerprint = root, fingerprint
+        stamp = root / "fingerprint.json"
+        if root.exists() and (
+            not stamp.exists() or json.loads(stamp.read_text()).get("fingerprint") != fingerprint
+        ):
+            shutil.rmtree(root)  # chunks of other weights/regions/precision are never mixed in
+        root.mkdir(parents=True, exist_ok=True)
+        if not stamp.exists():
+            atomic_write_text(stamp, json.dumps({"fingerprint": fingerprint}))
+
+    def load(self) -> dict[int, dict[str, np.ndarray]]:
+        """{first region index: {"tokens", ["region"]}} of every committed chunk."""
+        out = {}
+        for f in sorted(self.root.glob("chunk_*.npz")):
+            with np.load(f) as z:
+                out[int(f.stem.split("_")[1])] = {k: z[k] for k in z.files}
+        return out
+
+    def commit(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        with atomic_path(self.root / f"chunk_{start:07d}.npz") as tmp, tmp.open("wb") as fh:
+            np.savez(fh, **arrays)  # a file object: np.savez would append ".npz" to a path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class _RegionEmbedder:
@@ -127,21 +163,37 @@ class _RegionEmbedder:
             return SlideResult(job.slide_id, STATUS_DONE, m, dim, 0.0, 0.0, "", str(final), skipped=True)
         mask = region_patch_mask(coords, spec, PATCH_SIZE)  # (M, T)
         transform = TileTransform(spec.tile_size, self.meta.mean, self.meta.std)  # whole region, no resize
+        step = self.opts["chunk_regions"]
+        partial = _PartialRegions(self.out / ".partial" / job.slide_id, f"{fp}:{step}")
+        chunks = partial.load()
+        resumed = sum(len(c["tokens"]) for c in chunks.values())
+        pbar.update(resumed)
         dataset = TileDataset(job.slide_path, coords, spec, mpp=job.mpp)
-        tokens: list[np.ndarray] = []
-        regions: list[np.ndarray] = []
         try:
-            for i in range(m):
-                image = transform(dataset.read_tile(i)).unsqueeze(0).to(self.device)  # (1, 3, S, S)
-                pm = torch.from_numpy(mask[i : i + 1]).to(self.device)
-                with torch.inference_mode(), autocast_context(self.device, self.opts["precision"]):
-                    out = self.encoder(image, pm)
-                tokens.append(out.tokens[0].float().cpu().numpy().astype(self.dtype))
-                if out.region is not None:
-                    regions.append(out.region[0].float().cpu().numpy().astype(self.dtype))
-                pbar.update(1)
+            for start in range(0, m, step):
+                if start in chunks and len(chunks[start]["tokens"]) == min(step, m - start):
+                    continue
+                tok, reg = [], []
+                for i in range(start, min(start + step, m)):
+                    image = transform(dataset.read_tile(i)).unsqueeze(0).to(self.device)  # (1, 3, S, S)
+                    pm = torch.from_numpy(mask[i : i + 1]).to(self.device)
+                    with torch.inference_mode(), autocast_context(self.device, self.opts["precision"]):
+                        out = self.encoder(image, pm)
+                    tok.append(out.tokens[0].float().cpu().numpy().astype(self.dtype))  # (T, D)
+                    if out.region is not None:
+                        reg.append(out.region[0].float().cpu().numpy().astype(self.dtype))  # (192,)
+                    pbar.update(1)
+                chunks[start] = {"tokens": np.stack(tok), **({"region": np.stack(reg)} if reg else {})}
+                partial.commit(start, chunks[start])
         finally:
             dataset.close()
+        ordered = [chunks[k] for k in sorted(chunks)]
+        tokens = np.concatenate([c["tokens"] for c in ordered])  # (M, T, D)
+        regions = np.concatenate([c["region"] for c in ordered]) if "region" in ordered[0] else None
+        if len(tokens) != m:
+            raise RuntimeError(
+                f"{job.slide_id}: {len(tokens)} region rows for {m} regions; delete {partial.root}"
+            )
         attrs = {
             "encoder": self.meta.name,
             "weights": self.weights,
@@ -158,22 +210,26 @@ class _RegionEmbedder:
             "fingerprint": fp,
         }
         region_attrs = None
-        if regions:
+        if regions is not None:
             info = getattr(self.encoder.vit4k, "weights_info", {})
             region_attrs = {"model": "hipt_vit4k", "weights": str(info.get("file", "RANDOM-INIT"))}
             region_attrs["weights_sha256"] = self.vit4k_sha
-        write_region_features(
-            final,
-            np.stack(tokens),
-            mask,
-            coords,
-            np.stack(regions) if regions else None,
-            attrs,
-            cf.attrs,
-            region_attrs,
-        )
+        write_region_features(final, tokens, mask, coords, regions, attrs, cf.attrs, region_attrs)
+        partial.remove()
         secs = time.perf_counter() - t0
-        return SlideResult(job.slide_id, STATUS_DONE, m, dim, secs, m / secs, "", str(final), computed=m)
+        done = m - resumed
+        return SlideResult(
+            job.slide_id,
+            STATUS_DONE,
+            m,
+            dim,
+            secs,
+            done / secs,
+            "",
+            str(final),
+            resumed_from=resumed,
+            computed=done,
+        )
 
 
 def run_region_embedding(
@@ -189,6 +245,7 @@ def run_region_embedding(
     slides: str | os.PathLike[str] | None = None,
     slide_mpp: float | None = None,
     store_dtype: str = "float32",
+    chunk_regions: int = 8,
     dist_info: gdist.DistInfo | None = None,
     progress: bool = True,
 ) -> EmbedSummary:
@@ -201,12 +258,15 @@ def run_region_embedding(
             the (M, 192) region tokens; None stores the token grids only.
         batch_size: 256 px patches per ViT_256 call.
         precision: ``fp32|fp16|bf16`` autocast (bf16/fp16 for GPUs); device: ``auto|cpu|cuda[:i]``.
+        chunk_regions: regions per committed chunk of an unfinished slide (resume granularity).
         slides, slide_mpp, store_dtype, dist_info, progress: as for tile embedding.
     """
     t0 = time.perf_counter()
     check_precision(precision)
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    if chunk_regions < 1:
+        raise ValueError(f"chunk_regions must be >= 1, got {chunk_regions}")
     info = dist_info or gdist.DistInfo()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +290,7 @@ def run_region_embedding(
     mine = gdist.shard(jobs, info.rank, info.world_size, weights=[j.n_tiles + 1 for j in jobs])
     manifest_path = out / f"manifest.rank{info.rank}.csv" if info.is_distributed else main_manifest
     manifest = Manifest(manifest_path, columns=MANIFEST_COLUMNS)
-    opts = {"device": dev, "precision": precision, "store_dtype": store_dtype}
+    opts = {"device": dev, "precision": precision, "store_dtype": store_dtype, "chunk_regions": chunk_regions}
     embedder = _RegionEmbedder(two_stage, encoder.meta, out, opts)
     summary = EmbedSummary(out_dir=out, manifest=main_manifest, random_init=embedder.random_init)
     with tqdm(
