@@ -119,3 +119,18 @@ def test_slide_level_attention_over_regions_on_the_thumbnail(shared_data: Path, 
             slide, rf.coords, scores, rf.spec.level0_size, tmp_path / "slide.png", max_size=512
         )
     assert np.asarray(Image.open(png)).shape[:2] == (512, round(2220 * 512 / 2967))
+
+
+def test_hipt_attention_cli_on_cmu1(shared_data: Path, tmp_path: Path) -> None:
+    from gigaslide.cli.main import main
+
+    slide = str(shared_data / "cmu-1-small-region.svs")
+    args = ["hipt-attention", slide, "--x", "1536", "--y", "2304", "--region-size", "1024", "--scale", "2"]
+    assert (
+        main([*args, "--weights", "random", "--vit4k-weights", "random", "--out", str(tmp_path / "maps")])
+        == 0
+    )
+    names = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
+    assert len(names) == 13 and "cmu-1-small-region_x1536_y2304_factorised.png" in names
+    assert np.asarray(Image.open(tmp_path / "maps" / names[0])).shape == (512, 512, 3)
+    assert main([*args[:3], "99999", *args[4:], "--weights", "random", "--out", str(tmp_path / "bad")]) == 1

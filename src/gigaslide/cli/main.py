@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "train",
     "probe": "probe",
     "heatmap": "heatmap",
+    "hipt-attention": "hipt_attention",
     "encoders": "encoders",
     "models": "models",
     "demo": "demo",

@@ -161,3 +161,64 @@ def write_attention_pngs(
         ]
         paths.append(save_png(overlay(image, factorised_map(att), alpha), out / f"{prefix}_factorised.png"))
     return paths
+
+
+def slide_region_attention(
+    slide_path: str | os.PathLike[str],
+    x: int,
+    y: int,
+    out_dir: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    vit4k_weights: str | os.PathLike[str] | None = None,
+    region_size: int = 4096,
+    target_mpp: float = 0.5,
+    slide_mpp: float | None = None,
+    scale: int = 4,
+    device: str = "cpu",
+) -> list[Path]:
+    """Attention PNGs of the region at level-0 ``(x, y)`` of a slide (``region_size`` px at ``target_mpp``).
+
+    ``weights``: ViT_256 checkpoint (``None``: the weights registry, else random with a warning;
+    ``"random"``). ``vit4k_weights``: ``vit4k_xs_dino.pth`` or ``"random"`` for the region level and the
+    factorised map; ``None`` draws the patch level only. Parts of the region outside the slide are
+    white and masked. PNGs are ``region_size / scale`` px wide, named ``<slide stem>_x<x>_y<y>_*.png``.
+    """
+    from gigaslide.data.region_features import region_patch_mask
+    from gigaslide.data.tile_dataset import TileDataset
+    from gigaslide.io import open_slide
+    from gigaslide.models.encoders import create_encoder, create_hipt_vit4k
+    from gigaslide.preprocess.tiling import make_spec
+
+    if scale < 1 or region_size % 256 or (region_size // scale) < 16:
+        raise ValueError(
+            f"need a region size that is a multiple of 256 and 1 <= scale <= size/16, got {region_size}, {scale}"
+        )
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        spec = make_spec(slide, target_mpp, region_size)
+    coords = np.array([[int(x), int(y)]], dtype=np.int64)
+    w, h = spec.level0_dims
+    if not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"region corner ({x}, {y}) lies outside {slide_path} (level-0 size {w} x {h})")
+    dataset = TileDataset(slide_path, coords, spec, mpp=slide_mpp)
+    try:
+        rgb = dataset.read_tile(0)  # (S, S, 3) uint8, white beyond the slide
+    finally:
+        dataset.close()
+    k = region_size // 256
+    mask = torch.from_numpy(region_patch_mask(coords, spec)[0].reshape(k, k))
+    dev = torch.device(device)
+    vit256 = create_encoder("hipt_vit256", weights=weights).to(dev)
+    vit4k = (
+        None
+        if vit4k_weights is None
+        else create_hipt_vit4k(None if str(vit4k_weights) == "random" else vit4k_weights)
+    )
+    if vit4k is not None:
+        vit4k = vit4k.eval().to(dev)
+    image = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0).to(dev)
+    mean = torch.tensor(vit256.meta.mean, device=dev).view(3, 1, 1)
+    std = torch.tensor(vit256.meta.std, device=dev).view(3, 1, 1)
+    att = hierarchical_attention(vit256, vit4k, (image - mean) / std, patch_mask=mask)
+    small = np.asarray(Image.fromarray(rgb).resize((region_size // scale,) * 2, Image.Resampling.BILINEAR))
+    return write_attention_pngs(small, att, out_dir, f"{Path(slide_path).stem}_x{int(x)}_y{int(y)}")
