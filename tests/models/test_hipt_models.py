@@ -392,3 +392,21 @@ def test_hipt_ap_matches_official_none_fc_formula() -> None:
         out = model(x.unsqueeze(0))
     assert rel(out.logits, z @ sd["classifier.weight"].T + sd["classifier.bias"]) < 1e-4
     assert rel(out.extras["patch_attention"][0], a256) < 1e-4
+
+
+def test_attention_key_mask_fused_and_explicit_paths_agree() -> None:
+    from gigaslide.models.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=4).eval()
+    x = torch.randn(2, 7, 32)
+    keep = torch.tensor([[True] * 7, [True, True, True, False, True, False, False]])
+    attn.requires_grad_(False)
+    fused = attn(x, key_mask=keep)
+    explicit, weights = attn(x, return_attention=True, key_mask=keep)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert float(weights[1, :, :, ~keep[1]].abs().max()) == 0.0
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 7))
+    # the kept tokens of sample 1 see exactly what they would see without the masked ones
+    sub = attn(x[1:, keep[1]])
+    torch.testing.assert_close(fused[1:, keep[1]], sub, atol=1e-5, rtol=1e-5)
