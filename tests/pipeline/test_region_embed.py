@@ -142,3 +142,38 @@ def test_missing_region_file_is_recorded_and_cli_runs(tiling: Path, tmp_path: Pa
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert read_region_features(tmp_path / "b" / "h5_files" / "r0.h5").region_features is None
+
+
+@pytest.fixture(scope="module")
+def cmu1_regions(shared_data: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cmu1") / "tiles"
+    run_tiling(
+        [SlideInput("cmu1", shared_data / "cmu-1-small-region.svs")], out, region_size=4096, progress=False
+    )
+    return out
+
+
+def test_slide_smaller_than_one_region_keeps_one_masked_region(cmu1_regions: Path) -> None:
+    cf = read_coords(cmu1_regions / "regions" / "cmu1.h5")  # CMU-1 crop: 2220 x 2967 px at 0.499 um/px
+    assert cf.coords.tolist() == [[0, 0]] and cf.spec.tile_size == 4096
+    mask = region_patch_mask(cf.coords, cf.spec).reshape(16, 16)
+    side = cf.spec.level0_size / 16  # level-0 px per 256 px patch
+    rows, cols = int(np.ceil(2967 / side)), int(np.ceil(2220 / side))
+    assert mask[:rows, :cols].all() and mask.sum() == rows * cols
+
+
+@pytest.mark.slow
+def test_full_4096_region_of_cmu1_through_hipt(cmu1_regions: Path, tmp_path: Path) -> None:
+    from gigaslide.models.slide import create_slide_model
+
+    torch.manual_seed(0)
+    enc = create_encoder("hipt_vit256", weights="random")
+    run_region_embedding(
+        cmu1_regions, enc, tmp_path / "f", vit4k=create_hipt_vit4k().eval(), device="cpu", progress=False
+    )
+    rf = read_region_features(tmp_path / "f" / "h5_files" / "cmu1.h5")
+    assert rf.features.shape == (1, 256, 384) and rf.region_features.shape == (1, 192)
+    model = create_slide_model("hipt", 384, 2).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(rf.features)[None], mask=torch.from_numpy(rf.patch_mask)[None])
+    assert out.logits.shape == (1, 2) and out.attention.tolist() == [[1.0]]
