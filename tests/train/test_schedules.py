@@ -24,7 +24,7 @@ def test_cosine_without_warmup_and_edge_cases() -> None:
     np.testing.assert_allclose(
         s, [2.0, 2.0 * (1 + np.cos(np.pi / 4)) / 2, 1.0, 2.0 * (1 + np.cos(3 * np.pi / 4)) / 2, 0.0]
     )
-    assert cosine_schedule(1.0, 0.5, total_steps=1).tolist() == [0.5]
+    assert cosine_schedule(1.0, 0.5, total_steps=1).tolist() == [1.0]  # one step: the peak, not a no-op
     assert cosine_schedule(1.0, 0.0, total_steps=0).shape == (0,)
     with pytest.raises(ValueError):
         cosine_schedule(1.0, 0.0, total_steps=-1)
@@ -37,3 +37,8 @@ def test_constant_and_dispatch() -> None:
     assert s.shape == (12,) and s[3] == pytest.approx(1e-3) and s[-1] == 0.0
     with pytest.raises(ValueError, match="unknown lr schedule"):
         lr_schedule("step", 1e-3, 0.0, 1, 1)
+
+
+def test_single_step_decay_trains_at_the_peak() -> None:
+    assert cosine_schedule(1e-3, 0.0, 1).tolist() == [1e-3]
+    assert cosine_schedule(1e-3, 0.0, 3, warmup_steps=2).tolist()[-1] == 1e-3

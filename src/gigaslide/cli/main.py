@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "hipt-attention": "hipt_attention",
     "encoders": "encoders",
     "models": "models",
+    "e2e": "e2e",
     "demo": "demo",
 }
 

@@ -1,8 +1,8 @@
 """Training and prediction of slide-level (multiple-instance) models on bags of tile features.
 
-``train_model`` is the whole loop: bag batch size 1 with gradient accumulation, AdamW, a
-per-step cosine schedule with warmup, tile subsampling (via the bag dataset), validation each
-epoch, best-checkpoint selection and early stopping. Losses:
+``train_model`` runs :class:`MILObjective` on the generic training engine: bag batch size 1 with
+gradient accumulation, AdamW, a per-step cosine schedule with warmup, tile subsampling (via the bag
+dataset), validation each epoch, best-checkpoint selection and early stopping. Losses:
 
 * classification: cross-entropy on the slide logits;
 * survival ``nll``: discrete-time NLL (``NLLSurvLoss``) over ``n_bins`` bins cut at event-time
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gigaslide.data.bags import BagBatch, BagDataset, collate_bags
+from gigaslide.data.bags import Bag, BagBatch, BagDataset, collate_bags
 from gigaslide.data.cohort import Sample
 from gigaslide.models.slide import SlideOutput, create_slide_model
 from gigaslide.train.config import TrainConfig
+from gigaslide.train.engine import Engine, EngineConfig, OptimConfig, StepContext, StepOutput
+from gigaslide.train.engine import Objective as EngineObjective
 from gigaslide.train.losses import CoxPHLoss, NLLSurvLoss, discretize_times, make_time_bins, risk_from_hazards
-from gigaslide.train.schedules import lr_schedule, steps_per_epoch
 from gigaslide.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,99 @@ def evaluate(
     return loss, metric
 
 
+class _BagEpochs:
+    """The micro-batches of MIL training: lists of bags in a per-epoch permutation of the training set.
+
+    A micro-batch is one bag, or a whole accumulation window when the loss couples its bags (Cox).
+    The order depends only on (seed, epoch), so a resumed run sees the same bags.
+    """
+
+    def __init__(self, bags: BagDataset, seed: int, window: int) -> None:
+        self.bags, self.seed, self.window = bags, int(seed), int(window)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.bags) / self.window)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[Bag]]:
+        self.bags.set_epoch(epoch)
+        order = np.random.default_rng([self.seed, 7, epoch]).permutation(len(self.bags))
+        for i in range(start, len(self)):
+            yield [self.bags[int(j)] for j in order[i * self.window : (i + 1) * self.window]]
+
+
+class MILObjective(EngineObjective):
+    """Supervised MIL on the engine: bag losses of :class:`Objective`, validation each epoch, best-epoch
+    selection and early stopping (``ctx.stop``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        losses: Objective,
+        val_bags: BagDataset | None,
+        device: torch.device,
+        metric_fn: MetricFn | None,
+    ) -> None:
+        self.model, self.cfg, self.losses = model, cfg, losses
+        self.val_bags = val_bags if val_bags is not None and len(val_bags) > 0 else None
+        self.device, self.metric_fn = device, metric_fn
+        self.higher_better = cfg.monitor == "metric"
+        self.best_score = -math.inf if self.higher_better else math.inf
+        self.best_epoch, self.best_state, self.stale = -1, None, 0
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def train_step(self, batch: list[Bag], ctx: StepContext) -> StepOutput:
+        model = ctx.models["model"]
+        pending, risks, samples = [], [], []
+        for bag in batch:
+            bb = collate_bags([bag]).to(ctx.device)
+            labels = None
+            if self.cfg.task == "classification":
+                labels = torch.tensor([s.label for s in bb.samples], dtype=torch.long, device=ctx.device)
+            with ctx.autocast():
+                out = _forward(model, bb, labels=labels)
+            loss = self.losses.bag_loss(out.logits.float(), bb.samples)
+            if out.aux_loss is not None:
+                loss = loss + self.cfg.aux_weight * out.aux_loss
+            pending.append(loss)
+            risks.append(survival_risk(out.logits.float()))
+            samples.extend(bb.samples)
+        total = torch.stack(pending).mean()
+        if self.losses.use_cox:  # the Cox term couples the bags of the window
+            total = total + self.losses.cox_loss(risks, samples)
+        return StepOutput(total)
+
+    def on_epoch_end(self, epoch: int, ctx: StepContext) -> dict[str, float]:
+        row: dict[str, float] = {}
+        if self.val_bags is not None:
+            row["val_loss"], row["val_metric"] = evaluate(
+                self.model, self.val_bags, self.losses, self.device, self.metric_fn
+            )
+            score = row["val_metric"] if self.higher_better else row["val_loss"]
+            better = score > self.best_score if self.higher_better else score < self.best_score
+            improved = math.isfinite(score) and better
+        else:
+            score, improved = float(epoch), True  # without validation the last epoch is kept
+        if improved or self.best_state is None:
+            self.best_score, self.best_epoch, self.stale = score, epoch, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.stale += 1
+        cfg = self.cfg
+        if (
+            self.val_bags is not None
+            and cfg.early_stopping
+            and epoch + 1 >= cfg.min_epochs
+            and self.stale >= cfg.patience
+            and epoch + 1 < cfg.epochs
+        ):
+            ctx.stop = True
+            log.info("early stopping after epoch %d (best epoch %d)", epoch, self.best_epoch)
+        return row
+
+
 def train_model(
     model: nn.Module,
     train_bags: BagDataset,
@@ -182,8 +276,11 @@ def train_model(
     undefined); it is required when ``cfg.monitor == "metric"``. The evaluation layer provides
     one per task (:func:`gigaslide.eval.validation.validation_metric`).
 
-    Randomness (bag order, tile draws, dropout) derives from ``cfg.seed``: the same seed, data and
-    initial weights give identical results. Seed the model's initialisation before building it.
+    The loop is the generic :class:`~gigaslide.train.engine.Engine` with :class:`MILObjective`:
+    AdamW with weight decay on every parameter (as CLAM), a per-step schedule, ``accum_steps`` bags
+    per optimizer step. Randomness (bag order, tile draws, dropout) derives from ``cfg.seed``: the
+    same seed, data and initial weights give identical results. Seed the model's initialisation
+    before building it.
     """
     device = torch.device(device)
     if len(train_bags) == 0:
@@ -191,89 +288,35 @@ def train_model(
     objective_bins = None
     if cfg.task == "survival" and cfg.survival_loss in ("nll", "nll+cox"):
         objective_bins = make_time_bins(train_bags.times(), train_bags.events(), cfg.n_bins)
-    objective = Objective(cfg, objective_bins)
+    losses = Objective(cfg, objective_bins)
     if cfg.monitor == "metric" and metric_fn is None:
         raise ValueError(
             "cfg.monitor='metric' needs a metric_fn (e.g. gigaslide.eval.validation.validation_metric)"
         )
-    if objective.use_cox and cfg.accum_steps < 2:
+    if losses.use_cox and cfg.accum_steps < 2:
         raise ValueError(
             "the Cox loss compares the bags of one accumulation window: set accum_steps >= 2 "
             f"(e.g. --set accum_steps=16), got {cfg.accum_steps}"
         )
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_steps = steps_per_epoch(len(train_bags), cfg.accum_steps)
-    lrs = lr_schedule(cfg.lr_schedule, cfg.lr, cfg.min_lr, cfg.epochs, n_steps, cfg.warmup_epochs)
-    rng = np.random.default_rng([cfg.seed, 7])
-    has_val = val_bags is not None and len(val_bags) > 0
-    higher_better = cfg.monitor == "metric"
-    best_score, best_epoch, best_state = -math.inf if higher_better else math.inf, -1, None
-    history: list[dict[str, float]] = []
-    stale, stopped, step = 0, False, 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        train_bags.set_epoch(epoch)
-        order = rng.permutation(len(train_bags))
-        epoch_losses = []
-        for start in range(0, len(order), cfg.accum_steps):
-            window = order[start : start + cfg.accum_steps]
-            for group in optimizer.param_groups:
-                group["lr"] = float(lrs[step])
-            optimizer.zero_grad(set_to_none=True)
-            pending, risks, samples = [], [], []
-            for idx in window:
-                batch = collate_bags([train_bags[int(idx)]]).to(device)
-                labels = None
-                if cfg.task == "classification":
-                    labels = torch.tensor([s.label for s in batch.samples], dtype=torch.long, device=device)
-                out = _forward(model, batch, labels=labels)
-                loss = objective.bag_loss(out.logits, batch.samples)
-                if out.aux_loss is not None:
-                    loss = loss + cfg.aux_weight * out.aux_loss
-                if objective.use_cox:  # keep graphs: the Cox term couples the window's bags
-                    pending.append(loss)
-                    risks.append(survival_risk(out.logits))
-                    samples.extend(batch.samples)
-                else:
-                    epoch_losses.append(float(loss.detach()))
-                    (loss / len(window)).backward()
-            if objective.use_cox:
-                total = torch.stack(pending).mean() + objective.cox_loss(risks, samples)
-                total.backward()
-                epoch_losses.append(float(total.detach()))  # one value per window
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-        row = {"epoch": epoch, "lr": float(lrs[step - 1]), "train_loss": float(np.mean(epoch_losses))}
-        if has_val:
-            row["val_loss"], row["val_metric"] = evaluate(model, val_bags, objective, device, metric_fn)
-            score = row["val_metric"] if higher_better else row["val_loss"]
-        else:
-            score = float(epoch)  # without validation the last epoch is kept
-        history.append(row)
-        if has_val:
-            improved = math.isfinite(score) and (score > best_score if higher_better else score < best_score)
-        else:
-            improved = True
-        if improved or best_state is None:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            stale = 0
-        else:
-            stale += 1
-        log.debug("epoch %d: %s", epoch, row)
-        if has_val and cfg.early_stopping and epoch + 1 >= cfg.min_epochs and stale >= cfg.patience:
-            stopped = True
-            log.info("early stopping at epoch %d (best epoch %d)", epoch, best_epoch)
-            break
-    if has_val and not math.isfinite(best_score):
-        log.warning("validation %s was undefined at every epoch; keeping epoch %d", cfg.monitor, best_epoch)
-    assert best_state is not None
-    return TrainResult(best_state, history, best_epoch, float(best_score), stopped, objective_bins)
+    objective = MILObjective(model, cfg, losses, val_bags, device, metric_fn)
+    window = cfg.accum_steps if losses.use_cox else 1
+    optim = OptimConfig(
+        name="adamw", lr=cfg.lr, min_lr=cfg.min_lr, lr_schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
+        weight_decay=cfg.weight_decay, no_decay_norm_bias=False, accum_steps=cfg.accum_steps // window,
+        grad_clip=cfg.grad_clip,
+    )  # fmt: skip
+    engine = Engine(objective, optim, EngineConfig(epochs=cfg.epochs, seed=cfg.seed, progress=False), device)
+    fit = engine.fit(_BagEpochs(train_bags, cfg.seed, window))
+    history = [{"train_loss" if k == "loss" else k: v for k, v in row.items()} for row in fit.history]
+    if objective.val_bags is not None and not math.isfinite(objective.best_score):
+        log.warning(
+            "validation %s was undefined at every epoch; keeping epoch %d", cfg.monitor, objective.best_epoch
+        )
+    assert objective.best_state is not None
+    return TrainResult(
+        objective.best_state, history, objective.best_epoch, float(objective.best_score), fit.stopped_early,
+        objective_bins,
+    )  # fmt: skip
 
 
 @torch.no_grad()

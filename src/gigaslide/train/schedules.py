@@ -22,7 +22,8 @@ def cosine_schedule(
     """Linear warmup from ``start_warmup_value`` to ``base_value``, then cosine decay to ``final_value``.
 
     Step ``0`` is ``start_warmup_value`` when there is a warmup (else ``base_value``), step
-    ``warmup_steps`` is ``base_value`` and the last step is exactly ``final_value``.
+    ``warmup_steps`` is ``base_value`` and the last step is exactly ``final_value`` (a decay of a
+    single step stays at ``base_value``).
 
     Returns:
         (total_steps,) float64 array.
@@ -32,8 +33,8 @@ def cosine_schedule(
     warmup_steps = min(int(warmup_steps), int(total_steps))
     warm = np.linspace(start_warmup_value, base_value, warmup_steps, endpoint=False)
     n_decay = int(total_steps) - warmup_steps
-    if n_decay == 1:
-        decay = np.array([final_value], dtype=np.float64)
+    if n_decay == 1:  # a single step trains at the peak value (a 1-step run must not be a no-op)
+        decay = np.array([base_value], dtype=np.float64)
     else:
         t = np.arange(n_decay, dtype=np.float64) / max(n_decay - 1, 1)
         decay = final_value + 0.5 * (base_value - final_value) * (1.0 + np.cos(math.pi * t))
