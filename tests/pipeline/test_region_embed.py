@@ -142,6 +142,20 @@ def test_missing_region_file_is_recorded_and_cli_runs(tiling: Path, tmp_path: Pa
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert read_region_features(tmp_path / "b" / "h5_files" / "r0.h5").region_features is None
+    from gigaslide.cli.main import main
+
+    base = [
+        "embed",
+        str(tiling),
+        "--encoder",
+        "hipt_vit256",
+        "--weights",
+        "random",
+        "--out",
+        str(tmp_path / "c"),
+    ]
+    assert main([*base, "--regions", "--save-pt"]) != 0 and main([*base, "--vit4k-weights", "random"]) != 0
+    assert not (tmp_path / "c" / "h5_files").exists()
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
     p.add_argument("--regions", action="store_true",
                    help="HIPT: embed the regions of `gigaslide tile --region-size 4096` as (M, 256, D) token "
-                   "grids of their 256 px patches (OUT/h5_files/<slide_id>.h5 with patch mask + coords)")  # fmt: skip
+                   "grids of their 256 px patches (OUT/h5_files/<slide_id>.h5 with patch mask + coords); "
+                   "--batch-size counts patches; regions are read in the main process")  # fmt: skip
     p.add_argument("--vit4k-weights", default=None,
                    help="with --regions: also store ViT_4096 region tokens (M, 192); vit4k_xs_dino.pth or 'random'")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (identical random-init weights on every rank)")
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
         if args.vit4k_weights and not args.regions:
             raise ValueError("--vit4k-weights only applies with --regions")
+        if args.regions and args.save_pt:
+            raise ValueError("--save-pt writes CLAM (N, D) tensors; it does not apply with --regions")
         if args.regions:
             from gigaslide.pipeline.region_embed import run_region_embedding
 
