@@ -17,7 +17,7 @@ from gigaslide.models.encoders import create_encoder, create_hipt_vit4k
 from gigaslide.pipeline.inputs import SlideInput
 from gigaslide.pipeline.region_embed import run_region_embedding
 from gigaslide.pipeline.tile_job import run_tiling
-from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.preprocess.coords_io import read_coords, write_coords
 from gigaslide.preprocess.tiling import subtile_coords, subtile_spec
 from gigaslide.utils.manifest import Manifest
 
@@ -121,6 +121,11 @@ def test_missing_region_file_is_recorded_and_cli_runs(tiling: Path, tmp_path: Pa
     import shutil
 
     shutil.copytree(tiling, broken)
+    cf = read_coords(broken / "regions" / "r0.h5")
+    write_coords(broken / "regions" / "r0.h5", cf.coords[:0], cf.spec)  # tiled, but no region has tissue
+    enc = create_encoder("hipt_vit256", weights="random")
+    empty = run_region_embedding(broken, enc, tmp_path / "e", device="cpu", progress=False)
+    assert empty.n_failed == 1 and "--region-min-tissue" in empty.failed["r0"]
     (broken / "regions" / "r0.h5").unlink()
     summary = run_region_embedding(
         broken, create_encoder("hipt_vit256", weights="random"), tmp_path / "a", device="cpu", progress=False

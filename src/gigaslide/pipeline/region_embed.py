@@ -137,6 +137,11 @@ class _RegionEmbedder:
         assert job.slide_path is not None
         cf = read_coords(job.coords_path, slide_mpp=job.mpp)
         spec, coords = cf.spec, cf.coords  # regions (M, 2)
+        if len(coords) == 0:
+            raise ValueError(
+                f"{job.coords_path}: the slide has no region with enough tissue; re-tile with a lower "
+                "--region-min-tissue (0 keeps any region touching tissue)"
+            )
         if spec.tile_size % PATCH_SIZE:
             raise ValueError(
                 f"{job.coords_path}: regions of {spec.tile_size} px are not a whole number of {PATCH_SIZE} px "
