@@ -330,6 +330,12 @@ def test_padding_never_leaks_and_batch_equals_single(name: str) -> None:
         one = model(x[1:, :2], mask=mask[1:, :2])
     torch.testing.assert_close(one.logits, out.logits[1:], atol=1e-5, rtol=1e-4)
     assert out.attention.shape == (2, 4) and float(out.attention[1, 2:].abs().sum()) == 0.0
+    if name == "hipt":
+        tokens = out.extras["region_tokens"]
+        assert tokens.shape == (2, 4, 192) and float(tokens[1, 2:].abs().max()) == 0.0
+        with torch.no_grad():
+            grid = x[0, :1].reshape(1, 16, 16, 384).permute(0, 3, 1, 2)
+            torch.testing.assert_close(tokens[0, :1], model.local_vit(grid), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.attention.sum(1), torch.ones(2))
 
 

@@ -165,17 +165,23 @@ class HIPT(nn.Module):
         mask: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> SlideOutput:
-        """(B, M, T, D) region grids [+ (B, M, T) or (B, M) mask] -> SlideOutput (attention (B, M))."""
+        """(B, M, T, D) region grids [+ (B, M, T) or (B, M) mask] -> SlideOutput (attention (B, M)).
+
+        ``extras["region_tokens"]`` holds the (B, M, 192) ViT_4096 tokens (zero for padded regions).
+        """
         patch, region, side = check_region_inputs(x, mask, self.in_dim, "HIPT")
         keep = patch if self.mask_patches else region.unsqueeze(-1)
         x = x.masked_fill(~keep.unsqueeze(-1), 0.0)  # padding (even NaN) cannot leak into outputs
-        h = self.global_phi(self.encode_regions(x, patch, region, side))  # (B, M, 192)
+        tokens = self.encode_regions(x, patch, region, side)  # (B, M, 192) ViT_4096 region tokens
+        h = self.global_phi(tokens)  # (B, M, 192)
         h = self.global_transformer(h, src_key_padding_mask=~region)  # (B, M, 192)
         h = h.masked_fill(~region.unsqueeze(-1), 0.0)
         attn = masked_softmax(self.global_attn_pool(h), region)  # (B, M)
         embedding = self.global_rho((attn.unsqueeze(-1) * h).sum(dim=1))  # (B, 192)
         logits = self.classifier(embedding) if self.classifier is not None else embedding.new_zeros(len(h), 0)
-        return SlideOutput(logits=logits, embedding=embedding, attention=attn)
+        return SlideOutput(
+            logits=logits, embedding=embedding, attention=attn, extras={"region_tokens": tokens}
+        )
 
 
 class HIPTAttentionPooling(nn.Module):
