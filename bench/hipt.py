@@ -11,10 +11,12 @@ Both sides run the same weights on the same random regions in one process, one a
   (``softmax((q @ k^T) * scale)`` materialised per block, as the official ``Attention`` does,
   which also returns it), no inference mode, fp32. ``--per-patch`` also times it patch by patch.
 
-Prints regions/s of each and the ratio, and the largest relative difference of the region tokens.
+Every round times each variant once, one after the other (interleaved, so that a machine whose
+load changes affects all of them alike); the median per variant is reported with its speed-up
+over the official structure and the largest relative difference of its region tokens.
 
-    .venv/bin/python bench/hipt.py --regions 2                      # this CPU
-    .venv/bin/python bench/hipt.py --device cuda --precision bf16   # a GPU (not measured here)
+    .venv/bin/python bench/hipt.py --size 2048 --repeats 3 --precision fp32 bf16   # this CPU
+    .venv/bin/python bench/hipt.py --device cuda --precision fp32 bf16 fp16        # a GPU
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -88,22 +91,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(fn, n: int, device: torch.device) -> tuple[float, Tensor]:
-    """Mean seconds per call of ``fn`` over ``n`` calls, and the last output."""
+def timed(fn, device: torch.device) -> tuple[float, Tensor]:
+    """Seconds of one call of ``fn`` and its output."""
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(n):
-        out = fn()
+    out = fn()
     sync(device)
-    return (time.perf_counter() - t0) / n, out
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--regions", type=int, default=1, help="timed regions per side (after a small warm-up)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="rounds; each times every variant once, interleaved"
+    )
     p.add_argument("--size", type=int, default=4096, help="region side in px (multiple of 256)")
     p.add_argument("--batch-size", type=int, default=64, help="ViT_256 patches per call (ours)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="ours (autocast)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+                   help="ours, autocast (bf16: AMX on recent Xeons, tensor cores on GPUs)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument(
@@ -122,30 +127,43 @@ def main() -> None:
     region = torch.randn(1, 3, args.size, args.size, device=dev)
     small = torch.randn(1, 3, 512, 512, device=dev)
 
-    def run_ours(x: Tensor) -> Tensor:
-        with torch.inference_mode(), autocast_context(dev, args.precision):
-            return ours(x).region
+    def run_ours(x: Tensor, precision: str) -> Tensor:
+        with torch.inference_mode(), autocast_context(dev, precision):
+            return ours(x).region.float()
 
-    print(f"machine: {machine()}; device {dev}")
-    print(
-        f"region {args.size} px = {(args.size // 256) ** 2} patches; {args.regions} timed region(s) per side"
-    )
-    (
-        official_structure(vit256, vit4k, small),
-        run_ours(small),
-    )  # warm-up (kernels, allocator) on a 512 px region
-    t_off, ref = time_it(lambda: official_structure(vit256, vit4k, region), args.regions, dev)
-    rows = [("official structure (minibatch 256, explicit attention, fp32)", t_off)]
+    variants = {
+        "official structure (minibatch 256, explicit attention, fp32)": lambda: official_structure(
+            vit256, vit4k, region
+        )
+    }
     if args.per_patch:
-        t_pp, _ = time_it(lambda: official_structure(vit256, vit4k, region, 1), args.regions, dev)
-        rows.append(("official structure, one patch at a time", t_pp))
-    t_ours, got = time_it(lambda: run_ours(region), args.regions, dev)
-    rows.append((f"gigaslide (batch {args.batch_size}, SDPA, {args.precision})", t_ours))
-    for name, t in rows:
-        print(f"{name:<62s} {t:8.2f} s/region  {1.0 / t:7.4f} regions/s")
-    print(f"speed-up gigaslide / official structure: {t_off / t_ours:.2f}x")
-    rel = (got.float() - ref).abs().max() / ref.abs().max()
-    print(f"max |ours - official structure| / max |official| (region tokens) = {float(rel):.2e}")
+        variants["official structure, one patch at a time"] = lambda: official_structure(
+            vit256, vit4k, region, 1
+        )
+    for prec in args.precision:
+        variants[f"gigaslide (batch {args.batch_size}, SDPA, {prec})"] = lambda prec=prec: run_ours(
+            region, prec
+        )
+    print(f"machine: {machine()}; device {dev}")
+    print(f"region {args.size} px = {(args.size // 256) ** 2} patches; {args.repeats} interleaved round(s)")
+    official_structure(vit256, vit4k, small)  # warm-up (kernels, allocator) on a 512 px region
+    for prec in args.precision:
+        run_ours(small, prec)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs: dict[str, Tensor] = {}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            t, outputs[name] = timed(fn, dev)
+            times[name].append(t)
+    base = next(iter(variants))
+    ref = outputs[base]
+    t_base = statistics.median(times[base])
+    for name in variants:
+        t = statistics.median(times[name])
+        rel = float((outputs[name] - ref).abs().max() / ref.abs().max())
+        runs = ", ".join(f"{x:.1f}" for x in times[name])
+        print(f"{name:<62s} {t:8.2f} s/region (runs: {runs})  {1.0 / t:7.4f} regions/s  "
+              f"x{t_base / t:5.2f}  max rel diff {rel:.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":
