@@ -79,7 +79,7 @@ def test_hipt_vit256_architecture_and_attention() -> None:
     torch.manual_seed(0)
     enc = create_encoder("hipt_vit256", weights="random")
     assert len(enc.blocks) == 12 and enc.blocks[0].attn.num_heads == 6
-    assert enc.pos_embed.shape == (1, 257, 384) and enc.blocks[0].mlp.fc1.out_features == 1536
+    assert enc.pos_embed.shape == (1, 197, 384) and enc.blocks[0].mlp.fc1.out_features == 1536
     assert enc.norm.eps == 1e-6 and enc.blocks[0].attn.qkv.bias is not None
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
@@ -96,9 +96,9 @@ def test_hipt_vit256_equals_timm_vit_small() -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     enc = create_encoder("hipt_vit256", weights="random")
-    ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=256).eval()
+    ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
     ref.load_state_dict(enc.state_dict(), strict=True)
-    x = torch.randn(1, 3, 256, 256)
+    x = torch.randn(1, 3, 224, 224)  # the learned 14x14 grid: no interpolation on either side
     with torch.no_grad():
         torch.testing.assert_close(enc(x), ref(x), atol=1e-5, rtol=1e-5)
 

@@ -310,6 +310,8 @@ def adapt_state_dict(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Adapt checkpoint keys to ``model``; returns (state dict, keys dropped on purpose).
 
+    A model may declare ``checkpoint_filter(sd) -> sd``, applied first, to rename the keys of a foreign
+    layout it recognises (e.g. HIPT's ``local_vit.module.`` written by ``nn.DataParallel``).
     ``drop_prefixes`` defaults to the model's ``checkpoint_drop_prefixes`` attribute: key prefixes the
     model documents as expected extras (e.g. ``("layer4.", "fc.")`` for a truncated ResNet, ``("head.",)``
     for a DINO backbone). Keys under those prefixes are dropped only when the checkpoint is that declared
@@ -318,8 +320,12 @@ def adapt_state_dict(
     """
     model_sd = model.state_dict()
     model_keys = set(model_sd)
-    sd, dropped = _drop_ssl_head(dict(sd), model_keys)
-    out = _strip_prefixes(sd, model_keys)
+    out = dict(sd)
+    model_filter = getattr(model, "checkpoint_filter", None)
+    if callable(model_filter):  # a layout filter declared beside the model (timm's checkpoint_filter_fn)
+        out = dict(model_filter(out))
+    out, dropped = _drop_ssl_head(out, model_keys)
+    out = _strip_prefixes(out, model_keys)
     if drop_prefixes is None:
         drop_prefixes = tuple(getattr(model, "checkpoint_drop_prefixes", ()))
     declared = [k for k in out if k not in model_keys and any(k.startswith(p) for p in drop_prefixes)]

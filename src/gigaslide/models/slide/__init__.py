@@ -11,6 +11,7 @@ from gigaslide.models.slide import (  # noqa: F401  (registration)
     abmil,
     clam,
     dsmil,
+    hipt,
     pooling,
     sparseconvmil,
     topk_mil,
@@ -26,6 +27,7 @@ from gigaslide.models.slide.base import (
 )
 from gigaslide.models.slide.clam import CLAMSB
 from gigaslide.models.slide.dsmil import DSMIL
+from gigaslide.models.slide.hipt import HIPT, HIPTAttentionPooling
 from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
 from gigaslide.models.slide.registry import (
     SlideModelInfo,
@@ -42,6 +44,8 @@ __all__ = [
     "ABMIL",
     "CLAMSB",
     "DSMIL",
+    "HIPT",
+    "HIPTAttentionPooling",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "SlideModel",
