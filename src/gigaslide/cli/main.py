@@ -38,6 +38,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "train",
     "probe": "probe",
     "heatmap": "heatmap",
+    "hipt-attention": "hipt_attention",
     "encoders": "encoders",
     "models": "models",
     "e2e": "e2e",

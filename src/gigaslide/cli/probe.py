@@ -74,6 +74,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--allow-mixed-features",
+        action="store_true",
+        help="use feature files from different encoders/weights anyway (refused by default)",
+    )
     add_wait_argument(p)
     return p
 
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 def probe_report(args: argparse.Namespace) -> str:
     """Read the inputs, run the probe, write the report into ``args.out``; return the console table."""
     df = read_labels_csv(args.labels, task=args.task, label_col=args.label_col)
-    emb = load_slide_embeddings(args.embeddings)
+    emb = load_slide_embeddings(args.embeddings, allow_mixed=args.allow_mixed_features)
     missing = sorted(set(df["slide_id"]) - set(emb.ids))
     if missing:
         detail = [emb.failed[m] for m in missing if m in emb.failed][:5]
@@ -131,6 +136,7 @@ def probe_report(args: argparse.Namespace) -> str:
     paths = write_report(
         args.out, result.summary, result.per_fold, result.predictions, args.task,
         splits=splits, title=title, config=config, n_boot=args.n_boot, seed=args.seed,
+        features=emb.provenance.to_dict() if emb.provenance is not None else None,
     )  # fmt: skip
     doc = json.loads(paths["results"].read_text())
     n_pred = doc["n_predictions"]

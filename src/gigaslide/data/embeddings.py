@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from gigaslide.data.features_io import read_features, require_2d
+from gigaslide.data.provenance import FeatureProvenance, check_provenance
 from gigaslide.preprocess.coords_io import _plain
 from gigaslide.utils.atomic import atomic_path
 
@@ -44,6 +45,7 @@ class SlideEmbeddings:
     vectors: np.ndarray  # (S, E)
     attrs: dict[str, Any] = field(default_factory=dict)  # provenance (model, checkpoint, ...)
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason (feature folders only)
+    provenance: FeatureProvenance | None = None  # encoder and weights of a feature folder (folders only)
 
     @property
     def dim(self) -> int:
@@ -170,10 +172,11 @@ def read_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
     return SlideEmbeddings(ids=ids, vectors=vectors, attrs=attrs)
 
 
-def mean_pooled_features(folder: str | os.PathLike[str]) -> SlideEmbeddings:
+def mean_pooled_features(folder: str | os.PathLike[str], allow_mixed: bool = False) -> SlideEmbeddings:
     """One embedding per slide: the mean of its (N, D) tile features (``*.h5``/``*.pt``, also under ``h5_files/``).
 
-    Unreadable or empty feature files are skipped, warned about and listed in ``failed``.
+    Unreadable or empty feature files are skipped, warned about and listed in ``failed``. A folder
+    mixing encoders or weights is refused unless ``allow_mixed`` (:func:`check_provenance`).
     """
     p = Path(folder)
     d = p / "h5_files" if (p / "h5_files").is_dir() else p
@@ -202,13 +205,16 @@ def mean_pooled_features(folder: str | os.PathLike[str]) -> SlideEmbeddings:
     dims = {r.shape[0] for r in rows}
     if len(dims) > 1:
         raise ValueError(f"{p}: feature files disagree on the embedding dimension: {sorted(dims)}")
+    read_ok = {f.stem: f for f in files if f.stem not in failed}
+    provenance = check_provenance(read_ok, allow_mixed=allow_mixed, source=str(p))
     attrs = {"model": "mean_pool", "features_dir": str(p)}
-    return SlideEmbeddings(ids=ids, vectors=np.stack(rows), attrs=attrs, failed=failed)
+    return SlideEmbeddings(ids=ids, vectors=np.stack(rows), attrs=attrs, failed=failed, provenance=provenance)
 
 
-def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
-    """An embeddings file (:func:`read_embeddings`) or a feature folder mean-pooled per slide."""
+def load_slide_embeddings(path: str | os.PathLike[str], allow_mixed: bool = False) -> SlideEmbeddings:
+    """An embeddings file (:func:`read_embeddings`) or a feature folder mean-pooled per slide
+    (``allow_mixed``: accept a folder mixing encoders or weights)."""
     p = Path(path)
     if p.is_dir():
-        return mean_pooled_features(p)
+        return mean_pooled_features(p, allow_mixed=allow_mixed)
     return read_embeddings(p)

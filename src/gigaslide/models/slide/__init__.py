@@ -12,8 +12,10 @@ from gigaslide.models.slide import (  # noqa: F401  (registration)
     abmil,
     clam,
     dsmil,
+    hipt,
     pooling,
     sparseconvmil,
+    topk_mil,
     transmil,
 )
 from gigaslide.models.slide.abmil import ABMIL
@@ -26,6 +28,7 @@ from gigaslide.models.slide.base import (
 )
 from gigaslide.models.slide.clam import CLAMSB
 from gigaslide.models.slide.dsmil import DSMIL
+from gigaslide.models.slide.hipt import HIPT, HIPTAttentionPooling
 from gigaslide.models.slide.inputs import slide_inputs
 from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
 from gigaslide.models.slide.registry import (
@@ -38,19 +41,23 @@ from gigaslide.models.slide.registry import (
     slide_model_info,
 )
 from gigaslide.models.slide.sparseconvmil import SparseConvMIL
+from gigaslide.models.slide.topk_mil import TopKMIL
 from gigaslide.models.slide.transmil import TransMIL
 
 __all__ = [
     "ABMIL",
     "CLAMSB",
     "DSMIL",
+    "HIPT",
     "INPUT_KINDS",
+    "HIPTAttentionPooling",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "SlideModel",
     "SlideModelInfo",
     "SlideOutput",
     "SparseConvMIL",
+    "TopKMIL",
     "TransMIL",
     "create_slide_model",
     "get_slide_model_info",
