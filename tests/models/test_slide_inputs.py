@@ -109,3 +109,32 @@ def test_region_grid_cohort_flows_to_a_region_model(tmp_path) -> None:
     want = np.zeros((2, 5, 4), bool)
     want[0, :3], want[1] = masks["s0"], masks["s1"]
     np.testing.assert_array_equal(kw["mask"].numpy(), want)
+
+
+def test_region_cohort_trains_through_the_harness_with_an_embedding_only_hipt(tmp_path) -> None:
+    """A registered region_grids model (hipt_ap) served by predict() from N-D files, n_classes=0 and 2."""
+    from gigaslide.train.mil import predict
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, m in enumerate((2, 3, 4)):
+        write_features(tmp_path / "h5_files" / f"s{i}.h5", rng.standard_normal((m, 16, 6)).astype(np.float32),
+                       np.arange(m * 2).reshape(m, 2) * 4096, mask=rng.random((m, 16)) > 0.2)  # fmt: skip
+        rows.append({"slide_id": f"s{i}", "case_id": f"c{i}", "label": "ab"[i % 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    cohort = Cohort(tmp_path / "labels.csv", tmp_path)
+    bags = BagDataset(cohort, cohort.samples())
+    for n_classes in (0, 2):
+        torch.manual_seed(0)
+        model = create_slide_model("hipt_ap", cohort.dim, n_classes, hidden_dim=8, dropout=0.0)
+        pred = predict(model, bags, "cpu")
+        assert pred.logits.shape == (3, n_classes) and pred.embeddings.shape == (3, 8)
+        assert np.isfinite(pred.embeddings).all()
+        assert {k: v["scores"].shape for k, v in pred.attention.items()} == {
+            "s0": (2,),
+            "s1": (3,),
+            "s2": (4,),
+        }
+        with torch.no_grad():  # one bag alone equals its row of the harness's predictions
+            single = model(**slide_inputs(model, collate_bags([bags[1]])))
+        np.testing.assert_allclose(pred.embeddings[1], single.embedding[0].numpy(), rtol=1e-5, atol=1e-6)
