@@ -1,10 +1,11 @@
 """Tile encoders: ``create_encoder(name, weights=...)`` -> (B, 3, H, W) -> (B, D) modules with metadata.
 
-Registered names: ``hipt_vit256``, ``resnet50_trunc``, ``resnet18_trunc``; plus ``timm:<architecture>``.
+Registered names: ``hipt_vit256``, ``resnet50_trunc``, ``resnet18_trunc``, ``vit_tiny_d4``; plus ``timm:<architecture>``.
 """
 
 from gigaslide.models.encoders import hipt as _hipt  # noqa: F401  (registers hipt_vit256)
 from gigaslide.models.encoders import resnet as _resnet  # noqa: F401  (registers the truncated ResNets)
+from gigaslide.models.encoders import small_vit as _small_vit  # noqa: F401  (registers vit_tiny_d4)
 from gigaslide.models.encoders.registry import (
     TIMM_PREFIX,
     WEIGHTS_FROM_REGISTRY,
