@@ -12,6 +12,7 @@ from gigaslide.models.slide import (  # noqa: F401  (registration)
     clam,
     dsmil,
     hipt,
+    longvit,
     pooling,
     sparseconvmil,
     topk_mil,
@@ -28,6 +29,7 @@ from gigaslide.models.slide.base import (
 from gigaslide.models.slide.clam import CLAMSB
 from gigaslide.models.slide.dsmil import DSMIL
 from gigaslide.models.slide.hipt import HIPT, HIPTAttentionPooling
+from gigaslide.models.slide.longvit import LongViT
 from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
 from gigaslide.models.slide.registry import (
     SlideModelInfo,
@@ -46,6 +48,7 @@ __all__ = [
     "DSMIL",
     "HIPT",
     "HIPTAttentionPooling",
+    "LongViT",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "SlideModel",
