@@ -27,7 +27,9 @@ SUBCOMMANDS: dict[str, str] = {
     "heatmap": "heatmap",
     "encoders": "encoders",
     "models": "models",
+    "e2e": "e2e",
     "demo": "demo",
+    "gigassl": "gigassl",
     "pretrain": "pretrain",
 }
 

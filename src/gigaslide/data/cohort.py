@@ -99,6 +99,64 @@ def _map_labels(
     return values.map(index).to_numpy(dtype=np.int64), names
 
 
+def read_label_table(labels_path: str | os.PathLike[str], task: str = "classification") -> pd.DataFrame:
+    """The validated label table of a CSV: ``slide_id``, ``case_id`` and ``label`` (as text) or
+    ``time`` + ``event``; errors name the file, the rows and the fix."""
+    labels_path = Path(labels_path)
+    if not labels_path.is_file():
+        raise CohortError(f"{labels_path}: label CSV not found")
+    try:
+        table = pd.read_csv(labels_path, dtype={"slide_id": str, "case_id": str, "label": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise CohortError(f"{labels_path}: cannot read label CSV ({e})") from e
+    table.columns = [str(c).strip() for c in table.columns]
+    needed = ["slide_id", "case_id"] + (["label"] if task == "classification" else ["time", "event"])
+    absent = [c for c in needed if c not in table.columns]
+    if absent:
+        raise CohortError(
+            f"{labels_path}: missing column(s) {absent} for task {task!r}; found "
+            f"{list(table.columns)}. Required: {needed} (case_id = patient; repeat slide_id if each "
+            "slide is its own patient)."
+        )
+    table = table[needed].copy()
+    for col in ("slide_id", "case_id"):
+        table[col] = table[col].astype("string").str.strip()
+    blank = table.index[table["slide_id"].isna() | (table["slide_id"] == "")]
+    if len(blank):
+        raise CohortError(f"{labels_path}: empty slide_id on CSV row(s) {format_ids(blank + 2)}")
+    table["slide_id"] = table["slide_id"].astype(str)
+    nocase = table.loc[table["case_id"].isna() | (table["case_id"] == ""), "slide_id"]
+    if len(nocase):
+        raise CohortError(f"{labels_path}: empty case_id for slide_id {format_ids(nocase)}")
+    table["case_id"] = table["case_id"].astype(str)
+    dup = table.loc[table["slide_id"].duplicated(keep=False), "slide_id"].unique()
+    if len(dup):
+        raise CohortError(
+            f"{labels_path}: duplicate slide_id(s) {format_ids(dup)}; each slide must appear once."
+        )
+    if task == "classification":
+        nolabel = table.loc[table["label"].isna() | (table["label"].str.strip() == ""), "slide_id"]
+        if len(nolabel):
+            raise CohortError(f"{labels_path}: missing label for slide_id {format_ids(nolabel)}")
+    else:
+        time = pd.to_numeric(table["time"], errors="coerce")
+        event = pd.to_numeric(table["event"], errors="coerce")
+        bad_t = table.loc[~np.isfinite(time.to_numpy(dtype=float)) | (time < 0).to_numpy(), "slide_id"]
+        if len(bad_t):
+            raise CohortError(
+                f"{labels_path}: 'time' must be a finite number >= 0; bad for slide_id {format_ids(bad_t)}"
+            )
+        bad_e = table.loc[~event.isin([0, 1]), "slide_id"]
+        if len(bad_e):
+            raise CohortError(
+                f"{labels_path}: 'event' must be 0 (censored) or 1 (observed); bad for slide_id "
+                f"{format_ids(bad_e)}"
+            )
+        table["time"] = time.astype(float)
+        table["event"] = event.astype(np.int64)
+    return table
+
+
 class Cohort:
     """Validated slides with labels or outcomes and their tile features.
 
@@ -155,56 +213,7 @@ class Cohort:
 
     # -- construction helpers ---------------------------------------------------------------
     def _read_table(self) -> pd.DataFrame:
-        try:
-            table = pd.read_csv(self.labels_path, dtype={"slide_id": str, "case_id": str, "label": str})
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            raise CohortError(f"{self.labels_path}: cannot read label CSV ({e})") from e
-        table.columns = [str(c).strip() for c in table.columns]
-        needed = ["slide_id", "case_id"] + (["label"] if self.task == "classification" else ["time", "event"])
-        absent = [c for c in needed if c not in table.columns]
-        if absent:
-            raise CohortError(
-                f"{self.labels_path}: missing column(s) {absent} for task {self.task!r}; found "
-                f"{list(table.columns)}. Required: {needed} (case_id = patient; repeat slide_id if each "
-                "slide is its own patient)."
-            )
-        table = table[needed].copy()
-        for col in ("slide_id", "case_id"):
-            table[col] = table[col].astype("string").str.strip()
-        blank = table.index[table["slide_id"].isna() | (table["slide_id"] == "")]
-        if len(blank):
-            raise CohortError(f"{self.labels_path}: empty slide_id on CSV row(s) {format_ids(blank + 2)}")
-        table["slide_id"] = table["slide_id"].astype(str)
-        nocase = table.loc[table["case_id"].isna() | (table["case_id"] == ""), "slide_id"]
-        if len(nocase):
-            raise CohortError(f"{self.labels_path}: empty case_id for slide_id {format_ids(nocase)}")
-        table["case_id"] = table["case_id"].astype(str)
-        dup = table.loc[table["slide_id"].duplicated(keep=False), "slide_id"].unique()
-        if len(dup):
-            raise CohortError(
-                f"{self.labels_path}: duplicate slide_id(s) {format_ids(dup)}; each slide must appear once."
-            )
-        if self.task == "classification":
-            nolabel = table.loc[table["label"].isna() | (table["label"].str.strip() == ""), "slide_id"]
-            if len(nolabel):
-                raise CohortError(f"{self.labels_path}: missing label for slide_id {format_ids(nolabel)}")
-        else:
-            time = pd.to_numeric(table["time"], errors="coerce")
-            event = pd.to_numeric(table["event"], errors="coerce")
-            bad_t = table.loc[~np.isfinite(time.to_numpy(dtype=float)) | (time < 0).to_numpy(), "slide_id"]
-            if len(bad_t):
-                raise CohortError(
-                    f"{self.labels_path}: 'time' must be a finite number >= 0; bad for slide_id {format_ids(bad_t)}"
-                )
-            bad_e = table.loc[~event.isin([0, 1]), "slide_id"]
-            if len(bad_e):
-                raise CohortError(
-                    f"{self.labels_path}: 'event' must be 0 (censored) or 1 (observed); bad for slide_id "
-                    f"{format_ids(bad_e)}"
-                )
-            table["time"] = time.astype(float)
-            table["event"] = event.astype(np.int64)
-        return table
+        return read_label_table(self.labels_path, self.task)
 
     def _check_bags(self, check_values: bool) -> int:
         """Validate every bag (dimension, emptiness, finiteness); load into memory when caching."""
