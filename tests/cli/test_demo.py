@@ -47,6 +47,11 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     assert preds["sample_id"].is_unique
     heat = np.asarray(Image.open(out / "heatmap.png"))
     assert heat.ndim == 3 and heat.shape[2] in (3, 4) and heat.std() > 0
+    # the Giga-SSL step: pretrained and untrained aggregator and mean pooling, side by side
+    gs = pd.read_csv(out / "gigassl" / "evaluation" / "results.csv")
+    assert set(gs["representation"]) == {"giga-ssl", "untrained aggregator", "mean pooling"}
+    assert list(gs["budget"].unique()) == ["100%", "25%"] and gs["auc_mean"].between(0, 1).all()
+    assert "Giga-SSL linear probe (AUC)" in printed
 
     ckpt = torch.load(out / "pretrain" / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and {"teacher", "student", "dino_loss"} <= set(ckpt)

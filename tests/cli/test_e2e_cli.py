@@ -125,3 +125,33 @@ def test_torchrun_distributed_mode_agrees_with_naive(cohort: Path, tmp_path: Pat
     b = load_checkpoint(tmp_path / "dist" / "aggregator.pt")[0].state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_trained_encoder_embeds_and_aggregator_draws_a_heatmap(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run(cohort, out, "--mode", "cached", "--chunk-size", "3")
+    feats = tmp_path / "feats"
+    weights = str(out / "encoder.pth")
+    assert main(["embed", str(out / "tiles"), "--encoder", "resnet18_trunc", "--weights", weights, "--out",
+                 str(feats), "--batch-size", "8", "--workers", "1"]) == 0  # fmt: skip
+    png = tmp_path / "heat.png"
+    slide = cohort / "slides" / "slide_000.tiff"
+    args = ["heatmap", "--slide", str(slide), "--scores", str(feats / "h5_files" / "slide_000.h5"), "--model",
+            str(out / "aggregator.pt"), "--out", str(png), "--max-size", "256"]  # fmt: skip
+    assert main(args) == 0 and png.stat().st_size > 0
+
+
+def test_validation_auc_is_logged_each_epoch(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "val"
+    args = ["e2e", "--slides", str(cohort / "slides"), "--labels", str(cohort / "labels.csv"), "--out", str(out),
+            "--weights", "random", "--tiles-per-slide", "3", "--input-size", "32", "--epochs", "2",
+            "--val-fraction", "0.5", "--slide-fraction", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert res["n_train"] == len(split["train"]) == 2 and res["n_val"] == 2
+    assert not set(split["train"]) & set(split["val"])
+    rows = pd.read_csv(out / "epochs.csv")
+    assert list(rows["epoch"]) == [0, 1] and rows["val_auc"].between(0, 1).all()
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2  # half of the 2 training slides per epoch: one step per epoch

@@ -11,8 +11,10 @@ from gigaslide.models.slide import (  # noqa: F401  (registration)
     abmil,
     clam,
     dsmil,
+    hipt,
     pooling,
     sparseconvmil,
+    topk_mil,
     transmil,
 )
 from gigaslide.models.slide.abmil import ABMIL
@@ -25,6 +27,7 @@ from gigaslide.models.slide.base import (
 )
 from gigaslide.models.slide.clam import CLAMSB
 from gigaslide.models.slide.dsmil import DSMIL
+from gigaslide.models.slide.hipt import HIPT, HIPTAttentionPooling
 from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
 from gigaslide.models.slide.registry import (
     SlideModelInfo,
@@ -34,18 +37,22 @@ from gigaslide.models.slide.registry import (
     register_slide_model,
 )
 from gigaslide.models.slide.sparseconvmil import SparseConvMIL
+from gigaslide.models.slide.topk_mil import TopKMIL
 from gigaslide.models.slide.transmil import TransMIL
 
 __all__ = [
     "ABMIL",
     "CLAMSB",
     "DSMIL",
+    "HIPT",
+    "HIPTAttentionPooling",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "SlideModel",
     "SlideModelInfo",
     "SlideOutput",
     "SparseConvMIL",
+    "TopKMIL",
     "TransMIL",
     "create_slide_model",
     "get_slide_model_info",
