@@ -13,6 +13,7 @@ from gigaslide.models.slide import (  # noqa: F401  (registration)
     clam,
     dsmil,
     hipt,
+    longvit,
     pooling,
     sparseconvmil,
     topk_mil,
@@ -30,6 +31,7 @@ from gigaslide.models.slide.clam import CLAMSB
 from gigaslide.models.slide.dsmil import DSMIL
 from gigaslide.models.slide.hipt import HIPT, HIPTAttentionPooling
 from gigaslide.models.slide.inputs import slide_inputs
+from gigaslide.models.slide.longvit import LongViT
 from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
 from gigaslide.models.slide.registry import (
     INPUT_KINDS,
@@ -51,6 +53,7 @@ __all__ = [
     "HIPT",
     "INPUT_KINDS",
     "HIPTAttentionPooling",
+    "LongViT",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "SlideModel",
