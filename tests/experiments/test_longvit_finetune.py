@@ -44,12 +44,12 @@ def test_image_cohort_serves_normalised_images_and_token_masks(cohort_dir: Path)
     ds = ImageBagDataset(cohort, cohort.samples())
     batch = collate_any([ds[0], ds[1]])
     assert tuple(batch.x.shape) == (2, 3, SIZE, SIZE) and batch.coords is None
-    assert tuple(batch.mask.shape) == (2, SIZE // 32, SIZE // 32) and batch.mask.dtype == torch.bool
+    assert tuple(batch.item_mask.shape) == (2, SIZE // 32, SIZE // 32) and batch.item_mask.dtype == torch.bool
     sid = cohort.samples()[0].slide_ids[0]
     img = load_slide_image(cohort_dir / "images" / f"{sid}.npy")
     ref = normalize_images(torch.from_numpy(np.array(img.pixels)).permute(2, 0, 1)[None])
     torch.testing.assert_close(batch.x[0], ref[0])
-    assert torch.equal(batch.mask[0], torch.from_numpy(img.token_mask))
+    assert torch.equal(batch.item_mask[0], torch.from_numpy(img.token_mask))
     with pytest.raises(CohortError, match="--size 512"):
         ImageCohort(cohort_dir / "labels.csv", cohort_dir / "images", input_size=512)
     labels = pd.read_csv(cohort_dir / "labels.csv")
@@ -58,7 +58,7 @@ def test_image_cohort_serves_normalised_images_and_token_masks(cohort_dir: Path)
     with pytest.raises(CohortError, match="ghost"):
         ImageCohort(extra, cohort_dir / "images")
     two = cohort_dir / "two.csv"
-    labels.assign(case_id="c0", label=labels["label"].iloc[0]).to_csv(two, index=False)
+    labels.assign(case_id="c" + labels["label"].astype(str)).to_csv(two, index=False)  # 2 cases
     with pytest.raises(CohortError, match="one slide image per sample"):
         ImageBagDataset(
             ImageCohort(two, cohort_dir / "images"), ImageCohort(two, cohort_dir / "images").samples(True)
@@ -77,12 +77,13 @@ def test_pretrain_finetune_heatmap_end_to_end(cohort_dir: Path, tmp_path: Path, 
     argv = ["train", "--slide-images", str(cohort_dir / "images"), "--labels", str(cohort_dir / "labels.csv"),
             "--model", "longvit", "--input-size", str(SIZE), "--folds", "2", "--epochs", "2",
             *MODEL_SETS, "--set", f"model_kwargs.weights={ckpt}", "--set", "bootstrap=10", "--set", "lr=0.001",
-            "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
+            "--save-embeddings", "--device", "cpu", "--no-progress", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert "auc" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["n_predictions"] == 6 and "auc" in results["metrics"]
     assert len(pd.read_csv(out / "predictions.csv")) == 6
+    assert (out / "embeddings" / "out_of_fold.h5").is_file()  # slide embeddings of the image model
     saved = torch.load(out / "checkpoints" / "fold0.pt", map_location="cpu", weights_only=True)
     assert saved["model"] == "longvit" and saved["in_dim"] == 3 and saved["model_kwargs"]["img_size"] == SIZE
     # finetuning started from the pretrained teacher: its patch embedding was loaded (then trained)

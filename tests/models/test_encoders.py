@@ -79,7 +79,7 @@ def test_hipt_vit256_architecture_and_attention() -> None:
     torch.manual_seed(0)
     enc = create_encoder("hipt_vit256", weights="random")
     assert len(enc.blocks) == 12 and enc.blocks[0].attn.num_heads == 6
-    assert enc.pos_embed.shape == (1, 257, 384) and enc.blocks[0].mlp.fc1.out_features == 1536
+    assert enc.pos_embed.shape == (1, 197, 384) and enc.blocks[0].mlp.fc1.out_features == 1536
     assert enc.norm.eps == 1e-6 and enc.blocks[0].attn.qkv.bias is not None
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
@@ -96,9 +96,9 @@ def test_hipt_vit256_equals_timm_vit_small() -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     enc = create_encoder("hipt_vit256", weights="random")
-    ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=256).eval()
+    ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
     ref.load_state_dict(enc.state_dict(), strict=True)
-    x = torch.randn(1, 3, 256, 256)
+    x = torch.randn(1, 3, 224, 224)  # the learned 14x14 grid: no interpolation on either side
     with torch.no_grad():
         torch.testing.assert_close(enc(x), ref(x), atol=1e-5, rtol=1e-5)
 
@@ -129,7 +129,7 @@ def test_trunc_resnet_loads_full_torchvision_checkpoint(
     torch.save(full.state_dict(), path)
     with caplog.at_level(logging.DEBUG, logger="gigaslide.models.weights"):
         enc = create_encoder(name, weights=path)
-    assert "'layer4.'" in caplog.text and "'fc.'" in caplog.text
+    assert "dropped layer4.* (" in caplog.text and "fc.* (2 keys), declared unused" in caplog.text
     dropped = enc.weights_info["dropped"]
     assert dropped and all(k.startswith(("layer4.", "fc.")) for k in dropped)
     assert {"fc.weight", "fc.bias"} <= set(dropped)
@@ -150,7 +150,8 @@ def test_trunc_resnet_only_drops_documented_prefixes(tmp_path: Path) -> None:
     sd = torchvision.models.resnet18(weights=None).state_dict()
     sd["layer5.0.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "r18.pth")
-    with pytest.raises(WeightsMismatchError, match=r"1 unexpected keys \[layer5.0.weight\]"):
+    # not the declared layout (a full ResNet): nothing is dropped and the odd key is listed first
+    with pytest.raises(WeightsMismatchError, match=r"33 unexpected keys \[layer5.0.weight, layer4.0"):
         create_encoder("resnet18_trunc", weights=tmp_path / "r18.pth")
 
 

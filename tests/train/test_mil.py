@@ -16,7 +16,7 @@ from gigaslide.eval.metrics import classification_metrics, concordance_index
 from gigaslide.eval.validation import validation_metric
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig
-from gigaslide.train.mil import load_checkpoint, n_outputs, predict, save_checkpoint, train_model
+from gigaslide.train.mil import load_slide_model, n_outputs, predict, save_checkpoint, train_model
 
 DIM = 16
 SMALL = {"hidden_dims": [32, 16], "dropout": 0.0}
@@ -147,6 +147,10 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
     _, result, _ = _fit(cohort, cfg, 10, 4)
     assert result.stopped_early and len(result.history) == 4  # min_epochs delays the stop
     assert result.best_epoch == 0
+    # best epoch 0, no improvement at epochs 1 and 2: patience 2 is used up after exactly 3 epochs
+    cfg = TrainConfig(epochs=30, lr=1e-12, warmup_epochs=0, patience=2, min_epochs=1)
+    _, result, _ = _fit(cohort, cfg, 10, 4)
+    assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 0
     cfg = TrainConfig(epochs=5, lr=1e-12, warmup_epochs=0, early_stopping=False)
     _, result, _ = _fit(cohort, cfg, 10, 4)
     assert not result.stopped_early and len(result.history) == 5
@@ -158,7 +162,7 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     model, result, test = _fit(cohort, cfg, 8, 2)
     meta = {"model": "abmil", "model_kwargs": SMALL, "in_dim": DIM, "n_outputs": 2}
     path = save_checkpoint(tmp_path / "ck" / "fold0.pt", result.best_state, meta)
-    loaded, got = load_checkpoint(path)
+    loaded, got = load_slide_model(path)
     assert got["in_dim"] == DIM
     np.testing.assert_allclose(
         predict(loaded, test, "cpu").probs, predict(model, test, "cpu").probs, rtol=1e-6

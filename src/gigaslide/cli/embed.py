@@ -58,6 +58,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--chunk-size", type=int, default=4096, help="rows per committed chunk (resume step)")
     p.add_argument("--slides", default=None, help="slide folder or CSV (path column), matched by file stem")
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
+    p.add_argument("--regions", action="store_true",
+                   help="HIPT: embed the regions of `gigaslide tile --region-size 4096` as (M, 256, D) token "
+                   "grids of their 256 px patches (OUT/h5_files/<slide_id>.h5 with patch mask + coords); "
+                   "--batch-size counts patches; regions are read in the main process")  # fmt: skip
+    p.add_argument("--vit4k-weights", default=None,
+                   help="with --regions: also store ViT_4096 region tokens (M, 192); vit4k_xs_dino.pth or 'random'")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (identical random-init weights on every rank)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_wait_argument(p)
@@ -81,26 +87,48 @@ def run(args: argparse.Namespace) -> int:
     try:
         with output_folder(args.out, wait=args.wait, dist_info=info):
             seed_everything(args.seed)
+            if args.vit4k_weights and not args.regions:
+                raise ValueError("--vit4k-weights only applies with --regions")
+            if args.regions and args.save_pt:
+                raise ValueError("--save-pt writes CLAM (N, D) tensors; it does not apply with --regions")
             encoder = create_encoder(args.encoder, weights=args.weights, warn_random=False)
             if encoder.weights_info.get("random_init") and info.is_main:
                 print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
-            summary = run_embedding(
-                args.coords_dir,
-                encoder,
-                args.out,
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-                loader=args.loader,
-                precision=args.precision,
-                device=args.device,
-                save_pt=args.save_pt,
-                chunk_size=args.chunk_size,
-                slides=args.slides,
-                slide_mpp=args.slide_mpp,
-                store_dtype=args.store_dtype,
-                dist_info=info,
-                progress=not args.no_progress,
-            )
+            if args.regions:
+                from gigaslide.pipeline.region_embed import run_region_embedding
+
+                summary = run_region_embedding(
+                    args.coords_dir,
+                    encoder,
+                    args.out,
+                    vit4k=args.vit4k_weights,
+                    batch_size=args.batch_size,
+                    precision=args.precision,
+                    device=args.device,
+                    slides=args.slides,
+                    slide_mpp=args.slide_mpp,
+                    store_dtype=args.store_dtype,
+                    dist_info=info,
+                    progress=not args.no_progress,
+                )
+            else:
+                summary = run_embedding(
+                    args.coords_dir,
+                    encoder,
+                    args.out,
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                    loader=args.loader,
+                    precision=args.precision,
+                    device=args.device,
+                    save_pt=args.save_pt,
+                    chunk_size=args.chunk_size,
+                    slides=args.slides,
+                    slide_mpp=args.slide_mpp,
+                    store_dtype=args.store_dtype,
+                    dist_info=info,
+                    progress=not args.no_progress,
+                )
     finally:
         cleanup()
     n_failed = summary.n_failed

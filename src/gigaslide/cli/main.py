@@ -38,13 +38,14 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "train",
     "probe": "probe",
     "heatmap": "heatmap",
+    "hipt-attention": "hipt_attention",
     "encoders": "encoders",
     "models": "models",
     "e2e": "e2e",
     "demo": "demo",
-    "slide-images": "slide_images",
     "gigassl": "gigassl",
     "pretrain": "pretrain",
+    "slide-images": "slide_images",
 }
 
 

@@ -7,11 +7,13 @@ serves image models through three drop-in pieces:
   ``<dir>/<slide_id>.npy`` + sidecars) instead of feature files; ``dim`` is 3 (channels);
 * :class:`ImageBagDataset`: one :class:`ImageBag` (uint8 image (3, H, W) + token mask) per sample;
 * :func:`collate_any`: :func:`collate_image_bags` for image bags (x (B, 3, H, W) normalised with
-  ImageNet mean/std, mask (B, H/p, W/p) tissue tokens), :func:`collate_bags` otherwise.
+  ImageNet mean/std, ``item_mask`` (B, H/p, W/p) tissue tokens, which
+  :func:`~gigaslide.models.slide.slide_inputs` passes to image models as ``mask``), :func:`collate_bags`
+  otherwise.
 
     cohort = ImageCohort("labels.csv", "cache/longvit-2048")
     ds = ImageBagDataset(cohort, cohort.samples())
-    batch = collate_any([ds[0]])     # BagBatch(x (1, 3, 2048, 2048), mask (1, 64, 64), coords None)
+    batch = collate_any([ds[0]])     # BagBatch(x (1, 3, 2048, 2048), item_mask (1, 64, 64), coords None)
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ class ImageBagDataset(BagDataset):
 
 
 def collate_image_bags(bags: Sequence[ImageBag], patch_size: int = 32) -> BagBatch:
-    """x (B, 3, H, W) float (ImageNet-normalised), mask (B, H/p, W/p) bool (all True without a token mask)."""
+    """x (B, 3, H, W) float (ImageNet-normalised), item_mask (B, H/p, W/p) bool (all True without a token mask)."""
     if not bags:
         raise ValueError("cannot collate an empty list of image bags")
     shapes = {tuple(b.image.shape) for b in bags}
@@ -166,8 +168,13 @@ def collate_image_bags(bags: Sequence[ImageBag], patch_size: int = 32) -> BagBat
         for b in bags
     ]
     return BagBatch(
-        x=x, coords=None, mask=torch.stack(masks), samples=[b.sample for b in bags], bags=list(bags)
-    )  # type: ignore[arg-type]
+        x=x,
+        coords=None,
+        mask=torch.ones(len(bags), 1, dtype=torch.bool),  # (B, 1): one image per sample
+        samples=[b.sample for b in bags],
+        bags=list(bags),  # type: ignore[arg-type]
+        item_mask=torch.stack(masks),  # (B, H/p, W/p) tissue tokens: the image model's ``mask``
+    )
 
 
 def collate_any(bags: Sequence[object]) -> BagBatch:

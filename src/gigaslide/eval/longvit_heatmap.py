@@ -113,7 +113,7 @@ def relevance_from_checkpoint(
     """
     from gigaslide.data.slide_images import normalize_images
     from gigaslide.preprocess.slide_image import load_slide_image
-    from gigaslide.train.mil import load_checkpoint
+    from gigaslide.train.mil import load_slide_model
 
     image_path = Path(image_path)
     img = load_slide_image(image_path)
@@ -121,7 +121,7 @@ def relevance_from_checkpoint(
         raise ValueError(
             f"{image_path}: not a complete slide image (a `gigaslide slide-images` cache .npy with its .json)"
         )
-    model, meta = load_checkpoint(checkpoint, device=device)
+    model, meta = load_slide_model(checkpoint, device=device)
     info = getattr(model, "slide_model_info", None)
     if info is None or info.input_kind != "image" or not hasattr(model, "tokens"):
         raise ValueError(

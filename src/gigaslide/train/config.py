@@ -52,6 +52,7 @@ class TrainConfig:
     survival_loss: str = "nll"  # "nll", "cox" or "nll+cox"
     n_bins: int = 4
     nll_alpha: float = 0.0
+    nll_baseline_init: bool = True  # NLL: output bias starts at the training fold's baseline hazards
     cox_weight: float = 1.0
     # data / splits
     folds: int = 10
@@ -119,6 +120,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(name, value, inner[0])
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):

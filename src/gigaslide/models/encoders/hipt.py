@@ -4,8 +4,12 @@ Architecture (HIPT paper and its public code): ViT-Small, patch 16, embedding 38
 6 heads, MLP ratio 4, qkv bias, LayerNorm eps 1e-6, output = final-normalised CLS token.
 The public checkpoint ``vit256_small_dino.pth`` is a DINO training checkpoint: its ``teacher``
 entry holds ``backbone.``-prefixed backbone keys plus the DINO projection ``head.`` keys, and its
-position embeddings cover a 14x14 grid (224 px). Loading strips the prefix, drops the head and
-resizes the grid to 16x16 exactly as DINO's forward-time interpolation would.
+position embeddings cover a 14x14 grid (the 224 px crops of DINO training). The model keeps that
+14x14 table as it is (loading strips the prefix and drops the head, nothing is resampled) and
+interpolates it once per forward pass to the input's grid, exactly as the official
+``interpolate_pos_encoding`` does (bicubic, ``scale_factor = (n + 0.1) / 14``): 16x16 at 256 px,
+the table itself at 224 px, 32x32 at 512 px. Resizing the table at load time and again at forward
+time would compound two interpolations and drift from the official features at every size but 256.
 Normalisation: HIPT's public evaluation transforms use mean = std = (0.5, 0.5, 0.5).
 """
 
@@ -37,12 +41,12 @@ HIPT_VIT256_META = EncoderMeta(
 
 
 class HIPTViT256(VisionTransformer):
-    """ViT_256-16 with a 16x16 learned position grid (256 px input); other sizes are interpolated."""
+    """ViT_256-16 with the checkpoint's 14x14 learned position grid, interpolated to every input size."""
 
     #: DINO checkpoints carry the projection head next to the backbone; it is not part of the encoder
     checkpoint_drop_prefixes = ("head.",)
 
-    def __init__(self, img_size: int = 256, drop_path_rate: float = 0.0, **kw: Any) -> None:
+    def __init__(self, img_size: int = 224, drop_path_rate: float = 0.0, **kw: Any) -> None:
         params: dict[str, Any] = {
             "patch_size": 16,
             "embed_dim": 384,

@@ -12,6 +12,8 @@ class Attention(nn.Module):
 
     ``forward(x)`` uses PyTorch's fused scaled-dot-product kernel. ``forward(x, return_attention=True)``
     computes the softmax weights explicitly and returns them too, shape (B, heads, N, N).
+    ``key_mask`` (B, N) bool (True = token takes part) hides padded tokens from every query; each
+    row must keep at least one True entry.
     """
 
     def __init__(
@@ -34,20 +36,23 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D) -> (B, N, D), plus the (B, heads, N, N) attention weights when asked."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        bias = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, N)
         attn: torch.Tensor | None = None
         if return_attention:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            if bias is not None:
+                attn = attn.masked_fill(~bias, float("-inf"))
             attn = attn.softmax(dim=-1)
             out = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
         else:
             p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
         out = self.proj_drop(self.proj(out))
         if return_attention:

@@ -33,13 +33,16 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), drop=drop)
 
     def forward(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, D) -> (B, N, D); with ``return_attention`` also the (B, heads, N, N) weights."""
+        """(B, N, D) -> (B, N, D); with ``return_attention`` also the (B, heads, N, N) weights.
+
+        ``key_mask`` (B, N) bool hides padded tokens (False) from the attention of every token.
+        """
         if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
+            y, attn = self.attn(self.norm1(x), return_attention=True, key_mask=key_mask)
         else:
-            y, attn = self.attn(self.norm1(x)), None
+            y, attn = self.attn(self.norm1(x), key_mask=key_mask), None
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if return_attention:

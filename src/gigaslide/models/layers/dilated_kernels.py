@@ -177,6 +177,29 @@ def cuda_key_bias(bias: Tensor | None, q: Tensor) -> Tensor | None:
     return store[..., :length].expand(b, h, length, length)
 
 
+def mix_pairs(
+    outs: list[Tensor], lses: list[Tensor], geometry: list[tuple[int, int]], q: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mix per-pair sparse outputs (B*n, H, L, d) by their LSEs (B*n, H, L) into (B, N, H, d).
+
+    ``geometry[i]`` = (segment, ratio) of pair ``i`` over ``q``'s (B, N, H, d) layout. Returns the mixed
+    output in ``q``'s dtype and the total LSE (B, N, H, 1) that the backward pass needs.
+    """
+    f = acc_dtype(q.dtype)
+    n_tok = q.shape[1]
+    dense = [
+        densify(lse.unsqueeze(-1), n_tok, w, r, fill=NEG_LSE)
+        for lse, (w, r) in zip(lses, geometry, strict=True)
+    ]
+    lse_total = torch.logsumexp(torch.stack(dense), dim=0)  # (B, N, H, 1)
+    del dense
+    acc = torch.zeros(q.shape, dtype=f, device=q.device)
+    for o, lse, (w, r) in zip(outs, lses, geometry, strict=True):
+        weight = torch.exp(lse - sparsify(lse_total, w, r, fill=0.0)[..., 0]).unsqueeze(-1)
+        densify_add_(acc, o.to(f) * weight, w, r)
+    return acc.to(q.dtype), lse_total
+
+
 class DilatedMixFunction(torch.autograd.Function):
     """All (w, r) pairs of one dilated-attention call, mixed by their LSE; exact fused backward.
 
@@ -188,7 +211,7 @@ class DilatedMixFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, key_valid, pairs, pad_valid, scale):  # type: ignore[override]
         b, n_tok, h, _ = q.shape
         f = acc_dtype(q.dtype)
-        saved_lse, extras, outs, dense_lse = [], [], [], []
+        saved_lse, extras, outs = [], [], []
         for w, r in pairs:
             qs, ks, vs = (sparsify(t, w, r) for t in (q, k, v))
             bias, row_ok = sparse_key_bias(key_valid, b, n_tok, h, w, r, pad_valid, f, q.device)
@@ -199,15 +222,8 @@ class DilatedMixFunction(torch.autograd.Function):
                 o = o.masked_fill(~row_ok[..., None, None], 0.0)
             saved_lse.append(lse)
             outs.append(o)
-            dense_lse.append(densify(lse.unsqueeze(-1), n_tok, w, r, fill=NEG_LSE))  # (B, N, H, 1)
-        lse_total = torch.logsumexp(torch.stack(dense_lse), dim=0)  # (B, N, H, 1)
-        del dense_lse
-        acc = torch.zeros(q.shape, dtype=f, device=q.device)
-        for (w, r), o, lse in zip(pairs, outs, saved_lse, strict=True):
-            weight = torch.exp(lse - sparsify(lse_total, w, r, fill=0.0)[..., 0]).unsqueeze(-1)
-            densify_add_(acc, o.to(f) * weight, w, r)
+        out, lse_total = mix_pairs(outs, saved_lse, list(pairs), q)
         del outs
-        out = acc.to(q.dtype)
         ctx.save_for_backward(
             q, k, v, out, lse_total, key_valid if key_valid is not None else torch.empty(0), *saved_lse
         )

@@ -25,7 +25,8 @@ from gigaslide.models.layers.dilated_kernels import (
     attention_lse,
     attention_lse_backward,
     cuda_key_bias,
-    densify,
+    densify_add_,
+    mix_pairs,
     sparse_key_bias,
     sparsify,
 )
@@ -72,10 +73,7 @@ class SeqParallelDilatedMix(torch.autograd.Function):
         check_parallel_schedule(pairs, n, world)
         f = acc_dtype(q.dtype)
         kv_all = None if key_valid is None else _gather(key_valid.to(torch.uint8), group, world).bool()
-        acc = torch.zeros(q.shape, dtype=f, device=q.device)
-        m = torch.full((b, n, h, 1), NEG_LSE, dtype=f, device=q.device)
-        ssum = torch.zeros_like(m)
-        saved, extras = [], []
+        saved, extras, outs, geometry = [], [], [], []
         for w, r in pairs:
             plan = _Plan(w, n, world, rank)
             seg = w if plan.span == 1 else n
@@ -92,13 +90,12 @@ class SeqParallelDilatedMix(torch.autograd.Function):
                 lse = lse.masked_fill(~row_ok.unsqueeze(-1), NEG_LSE)
                 o = o.masked_fill(~row_ok[..., None, None], 0.0)
             saved.append(lse)
-            o_d, lse_d = densify(o.to(f), n, seg, r), densify(lse.unsqueeze(-1), n, seg, r, fill=NEG_LSE)
-            m_new = torch.maximum(m, lse_d)
-            a, c = torch.exp(m - m_new), torch.exp(lse_d - m_new)
-            acc, ssum, m = acc * a + o_d * c, ssum * a + c, m_new
-        out = (acc / ssum).to(q.dtype)
+            outs.append(o)
+            geometry.append((seg, r))
+        out, lse_total = mix_pairs(outs, saved, geometry, q)
+        del outs
         kv = key_valid if key_valid is not None else torch.empty(0)
-        ctx.save_for_backward(q, k, v, out, m + torch.log(ssum), kv, *saved)
+        ctx.save_for_backward(q, k, v, out, lse_total, kv, *saved)
         ctx.cfg = (pairs, pad_valid, scale, group, key_valid is not None, extras)
         return out
 
@@ -156,9 +153,9 @@ class SeqParallelDilatedMix(torch.autograd.Function):
                     SeqParallelDilatedMix._return_to_owner(t, plan, rank, world, length, group)
                     for t in (gk, gv)
                 )
-            dq += densify(gq.to(f), n, seg, r)
-            dk += densify(gk.to(f), n, seg, r)
-            dv += densify(gv.to(f), n, seg, r)
+            densify_add_(dq, gq, seg, r)
+            densify_add_(dk, gk, seg, r)
+            densify_add_(dv, gv, seg, r)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
     @staticmethod

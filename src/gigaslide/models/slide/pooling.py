@@ -1,8 +1,12 @@
-"""Parameter-free pooling baselines: masked mean and masked max over tiles, then a linear classifier.
+"""Parameter-free pooling baselines: masked mean and feature-wise masked max over tiles, then a linear classifier.
 
 With ``hidden_dim`` set, tiles first go through Linear -> ReLU -> Dropout (a learnable instance
 projection); without it the slide embedding is the pooled encoder feature itself, which makes these
 models linear probes on pooled features (the "GMP" baseline of HIPT).
+
+``feature_max`` takes the maximum of every feature dimension separately (so the pooled vector mixes
+tiles); it is not the instance-level max MIL of Campanella et al. 2019, which selects whole tiles by
+their score: that is ``topk_mil``. The old name ``max`` still builds ``feature_max``, with a warning.
 """
 
 from __future__ import annotations
@@ -11,7 +15,14 @@ import abc
 
 from torch import Tensor, nn
 
-from gigaslide.models.slide.base import SlideModel, SlideOutput, masked_max, masked_mean, mlp_block
+from gigaslide.models.slide.base import (
+    SlideModel,
+    SlideOutput,
+    classifier_head,
+    masked_max,
+    masked_mean,
+    mlp_block,
+)
 from gigaslide.models.slide.registry import register_slide_model
 
 
@@ -28,7 +39,7 @@ class _PoolingMIL(SlideModel):
         else:
             self.project = mlp_block(in_dim, hidden_dim, dropout)
             self.embed_dim = hidden_dim
-        self.classifier = nn.Linear(self.embed_dim, n_classes)
+        self.classifier = classifier_head(self.embed_dim, n_classes)
 
     @abc.abstractmethod
     def _pool(self, h: Tensor, mask: Tensor) -> Tensor:
@@ -54,13 +65,14 @@ class MeanPoolMIL(_PoolingMIL):
 
 
 @register_slide_model(
-    "max",
-    description="Masked element-wise max of tile features (optionally projected), then a linear classifier.",
-    paper="Max-pooling MIL baseline (e.g. Campanella et al. 2019)",
+    "feature_max",
+    description="Feature-wise masked max of tile features (optionally projected), then a linear classifier.",
+    paper="Feature-wise max pooling baseline (e.g. Wang et al., Revisiting multiple instance neural "
+    "networks, Pattern Recognition 2018); for tile-level max MIL see topk_mil",
     produces_attention=False,
 )
 class MaxPoolMIL(_PoolingMIL):
-    """Element-wise max pooling over valid tiles."""
+    """Feature-wise (element-wise) max pooling over valid tiles."""
 
     def _pool(self, h: Tensor, mask: Tensor) -> Tensor:
         return masked_max(h, mask)

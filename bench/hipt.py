@@ -1,0 +1,171 @@
+"""HIPT region throughput: the full ViT_256 + ViT_4096 forward on 4096 px regions, ours vs the official structure.
+
+Both sides run the same weights on the same random regions in one process, one after the other:
+
+* ``gigaslide``: :class:`~gigaslide.models.encoders.hipt_region.HIPTRegionEncoder`: the region is
+  unrolled into its 256 patches, ViT_256 runs over them in batches of ``--batch-size`` with
+  PyTorch's fused scaled-dot-product attention, then ViT_4096 over the 16x16 token grid; under
+  ``inference_mode``, with autocast to ``--precision`` (bf16/fp16 for GPUs).
+* ``official structure``: a re-statement, written here, of the public ``HIPT_4K.forward`` path:
+  the same unfold into 256 patches, ViT_256 in minibatches of 256, attention computed explicitly
+  (``softmax((q @ k^T) * scale)`` materialised per block, as the official ``Attention`` does,
+  which also returns it), no inference mode, fp32. ``--per-patch`` also times it patch by patch.
+
+Every round times each variant once, one after the other (interleaved, so that a machine whose
+load changes affects all of them alike); the median per variant is reported with its speed-up
+over the official structure and the largest relative difference of its region tokens.
+
+    .venv/bin/python bench/hipt.py --size 2048 --repeats 3 --precision fp32 bf16   # this CPU
+    .venv/bin/python bench/hipt.py --device cuda --precision fp32 bf16 fp16        # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gigaslide.models.encoders import create_encoder, create_hipt_vit4k
+from gigaslide.models.encoders.hipt_region import HIPTRegionEncoder
+from gigaslide.pipeline.extract import autocast_context
+from gigaslide.utils.device import resolve_device
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return desc
+
+
+# -- the official forward structure, re-stated ------------------------------------------------------
+def explicit_block(blk: nn.Module, x: Tensor) -> Tensor:
+    """One pre-norm block with attention materialised as in the official ``Attention`` (it returns it too)."""
+    b, n, d = x.shape
+    a = blk.attn
+    qkv = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, d // a.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = ((q @ k.transpose(-2, -1)) * a.scale).softmax(dim=-1)  # (B, heads, N, N)
+    x = x + a.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+    return x + blk.mlp(blk.norm2(x))
+
+
+def explicit_vit(model: nn.Module, x: Tensor) -> Tensor:
+    """prepare_tokens -> explicit blocks -> norm -> CLS, for ViT_256 (pixels) or ViT_4096 (token grid)."""
+    t = model.prepare_tokens(x)
+    for blk in model.blocks:
+        t = explicit_block(blk, t)
+    return model.norm(t)[:, 0]
+
+
+def official_structure(vit256: nn.Module, vit4k: nn.Module, region: Tensor, minibatch: int = 256) -> Tensor:
+    """HIPT_4K.forward on one (1, 3, 4096, 4096) region: unfold, ViT_256 in minibatches of 256, ViT_4096."""
+    _, _, h, w = region.shape
+    rows, cols = h // 256, w // 256
+    patches = region.unfold(2, 256, 256).unfold(3, 256, 256)  # (1, 3, rows, cols, 256, 256)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(rows * cols, 3, 256, 256)
+    feats = [
+        explicit_vit(vit256, patches[i : i + minibatch]).detach().cpu()
+        for i in range(0, len(patches), minibatch)
+    ]
+    grid = torch.vstack(feats).reshape(rows, cols, 384).permute(2, 0, 1).unsqueeze(0).to(region.device)
+    return explicit_vit(vit4k, grid)  # (1, 192)
+
+
+# -- timing --------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[float, Tensor]:
+    """Seconds of one call of ``fn`` and its output."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--repeats", type=int, default=1, help="rounds; each times every variant once, interleaved"
+    )
+    p.add_argument("--size", type=int, default=4096, help="region side in px (multiple of 256)")
+    p.add_argument("--batch-size", type=int, default=64, help="ViT_256 patches per call (ours)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+                   help="ours, autocast (bf16: AMX on recent Xeons, tensor cores on GPUs)")  # fmt: skip
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument(
+        "--per-patch", action="store_true", help="also time the official structure one patch at a time"
+    )
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    torch.manual_seed(0)
+    vit256 = create_encoder("hipt_vit256", weights="random").to(dev).eval()
+    vit4k = create_hipt_vit4k().to(dev).eval()
+    for m in (vit256, vit4k):
+        m.requires_grad_(False)  # as the official get_vit256 / get_vit4k do
+    ours = HIPTRegionEncoder(vit256, vit4k, batch_size=args.batch_size).eval()
+    region = torch.randn(1, 3, args.size, args.size, device=dev)
+    small = torch.randn(1, 3, 512, 512, device=dev)
+
+    def run_ours(x: Tensor, precision: str) -> Tensor:
+        with torch.inference_mode(), autocast_context(dev, precision):
+            return ours(x).region.float()
+
+    variants = {
+        "official structure (minibatch 256, explicit attention, fp32)": lambda: official_structure(
+            vit256, vit4k, region
+        )
+    }
+    if args.per_patch:
+        variants["official structure, one patch at a time"] = lambda: official_structure(
+            vit256, vit4k, region, 1
+        )
+    for prec in args.precision:
+        variants[f"gigaslide (batch {args.batch_size}, SDPA, {prec})"] = lambda prec=prec: run_ours(
+            region, prec
+        )
+    print(f"machine: {machine()}; device {dev}")
+    print(f"region {args.size} px = {(args.size // 256) ** 2} patches; {args.repeats} interleaved round(s)")
+    official_structure(vit256, vit4k, small)  # warm-up (kernels, allocator) on a 512 px region
+    for prec in args.precision:
+        run_ours(small, prec)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs: dict[str, Tensor] = {}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            t, outputs[name] = timed(fn, dev)
+            times[name].append(t)
+    base = next(iter(variants))
+    ref = outputs[base]
+    t_base = statistics.median(times[base])
+    for name in variants:
+        t = statistics.median(times[name])
+        rel = float((outputs[name] - ref).abs().max() / ref.abs().max())
+        runs = ", ".join(f"{x:.1f}" for x in times[name])
+        print(f"{name:<62s} {t:8.2f} s/region (runs: {runs})  {1.0 / t:7.4f} regions/s  "
+              f"x{t_base / t:5.2f}  max rel diff {rel:.1e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
