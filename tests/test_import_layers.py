@@ -1,4 +1,4 @@
-"""The package's one-way layering: io -> preprocess -> data -> models -> (pipeline, train, ssl) -> eval -> experiments -> cli.
+"""The package's one-way layering: io -> preprocess -> data -> models -> (pipeline, train) -> (ssl, eval) -> experiments -> cli.
 
 Every import between gigaslide subpackages (module level or inside functions) must point to a lower
 layer, or stay inside its own subpackage. ``models`` in particular never imports ``io``.
@@ -23,7 +23,7 @@ RANK = {
     "models": 4,
     "pipeline": 5,
     "train": 5,
-    "ssl": 5,
+    "ssl": 6,  # recipes run on train.engine and read tiling outputs through pipeline
     "eval": 6,
     "experiments": 7,
     "cli": 8,

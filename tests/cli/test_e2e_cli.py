@@ -97,3 +97,61 @@ def test_augmentation_is_reproducible_per_tile() -> None:
     c = aug(x.clone(), np.random.default_rng([1, 3]))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_distributed_mode_agrees_with_naive(cohort: Path, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    common = ["--slides", str(cohort / "slides"), "--labels", str(cohort / "labels.csv"), "--encoder",
+              "resnet18_trunc", "--weights", "random", "--tiles-per-slide", "5", "--input-size", "32", "--epochs",
+              "1", "--val-fraction", "0", "--freeze-bn", "--no-augment", "--deterministic", "--optimizer", "sgd",
+              "--lr", "1e-4", "--set", "dropout=0.0"]  # fmt: skip
+    assert main(["e2e", *common, "--out", str(tmp_path / "naive"), "--mode", "naive"]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    cmd = [torchrun, "--nproc_per_node", "3", "-m", "gigaslide", "e2e", *common, "--out", str(tmp_path / "dist"),
+           "--mode", "distributed"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    for name in ("encoder.pth",):
+        a = torch.load(tmp_path / "naive" / name, weights_only=True)
+        b = torch.load(tmp_path / "dist" / name, weights_only=True)
+        for k in a:
+            if a[k].is_floating_point():
+                assert float((a[k] - b[k]).norm()) <= 1e-5 * float(a[k].norm()) + 1e-7, k
+    a = load_checkpoint(tmp_path / "naive" / "aggregator.pt")[0].state_dict()
+    b = load_checkpoint(tmp_path / "dist" / "aggregator.pt")[0].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_trained_encoder_embeds_and_aggregator_draws_a_heatmap(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run(cohort, out, "--mode", "cached", "--chunk-size", "3")
+    feats = tmp_path / "feats"
+    weights = str(out / "encoder.pth")
+    assert main(["embed", str(out / "tiles"), "--encoder", "resnet18_trunc", "--weights", weights, "--out",
+                 str(feats), "--batch-size", "8", "--workers", "1"]) == 0  # fmt: skip
+    png = tmp_path / "heat.png"
+    slide = cohort / "slides" / "slide_000.tiff"
+    args = ["heatmap", "--slide", str(slide), "--scores", str(feats / "h5_files" / "slide_000.h5"), "--model",
+            str(out / "aggregator.pt"), "--out", str(png), "--max-size", "256"]  # fmt: skip
+    assert main(args) == 0 and png.stat().st_size > 0
+
+
+def test_validation_auc_is_logged_each_epoch(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "val"
+    args = ["e2e", "--slides", str(cohort / "slides"), "--labels", str(cohort / "labels.csv"), "--out", str(out),
+            "--weights", "random", "--tiles-per-slide", "3", "--input-size", "32", "--epochs", "2",
+            "--val-fraction", "0.5", "--slide-fraction", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert res["n_train"] == len(split["train"]) == 2 and res["n_val"] == 2
+    assert not set(split["train"]) & set(split["val"])
+    rows = pd.read_csv(out / "epochs.csv")
+    assert list(rows["epoch"]) == [0, 1] and rows["val_auc"].between(0, 1).all()
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2  # half of the 2 training slides per epoch: one step per epoch

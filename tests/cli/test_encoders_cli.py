@@ -53,10 +53,11 @@ def test_table_output(registry: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_broken_registry_and_unknown_timm(registry: Path, capsys: pytest.CaptureFixture[str]) -> None:
     registry.write_text("just a string\n")
-    assert main(["encoders", "--json"]) == 1
+    assert main(["encoders", "--json"]) == 2  # bad input: exit status 2 as in every command
     captured = capsys.readouterr()
     assert "must be a mapping" in json.loads(captured.out)["registry_error"]
-    assert "must be a mapping" in captured.err
+    assert captured.err.startswith("gigaslide encoders: error:") and "must be a mapping" in captured.err
     registry.unlink()
     assert main(["encoders", "--timm", "no_such_net"]) == 2
-    assert "timm has no architecture 'no_such_net'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("gigaslide encoders: error:") and "timm has no architecture 'no_such_net'" in err

@@ -78,8 +78,13 @@ def test_preview_cli(shared_data: Path, tmp_path: Path, capsys) -> None:
     assert rc == 0 and png.read_bytes()[:4] == b"\x89PNG"
     assert "257 level-0 px" in capsys.readouterr().out
     rc = main(["preview", str(shared_data / "tcga-cr-7395-01a-01-ts1.svs"), "--out", str(tmp_path / "t.png")])
-    assert rc == 1 and "--slide-mpp" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--slide-mpp" in err and err.startswith("gigaslide preview: error:")  # as heatmap
+    assert len(err.strip().splitlines()) == 1 and "-v" not in err  # a user error: no traceback hint
     assert not (tmp_path / "t.png").exists()
+    folder = tmp_path / "previews"  # a folder as --out (existing, or given with a trailing slash)
+    rc = main(["preview", str(shared_data / "cmu-1-small-region.svs"), "--out", f"{folder}/"])
+    assert rc == 0 and (folder / "cmu-1-small-region_preview.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_killed_run_resumes(tmp_path: Path) -> None:
@@ -142,3 +147,63 @@ def test_tile_cli_region_4096_on_a_small_slide(shared_data: Path, tmp_path: Path
     row = _manifest(out)["cmu-1-small-region"]
     assert row["status"] == "done" and row["n_regions"] == "0" and "--region-min-tissue" in row["warning"]
     assert read_coords(out / "regions" / "cmu-1-small-region.h5").spec.min_tissue == 0.99
+
+
+def _small_patch(path: Path) -> Path:
+    """A 128 x 128 um H&E-like patch (256 px at 0.5 um/px) on 400 x 400 px of glass."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = np.full((400, 400, 3), 243, np.uint8)
+    pink = np.array([225.0, 150.0, 190.0]) + rng.normal(0, 12, (256, 256, 1))
+    nuclei = rng.random((256, 256)) < 0.2
+    img[72:328, 72:328] = np.clip(np.where(nuclei[..., None], (120, 80, 150), pink), 0, 255)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def test_tile_cli_min_tissue_area_and_the_rule_named(tmp_path: Path, capsys) -> None:
+    png = str(_small_patch(tmp_path / "patch.png"))
+    base = ["tile", png, "--slide-mpp", "0.5", "--tile-size", "64", "--no-progress"]
+    # 16,384 um^2 of tissue is below the default 20,000 um^2: the error names that rule and its option
+    for min_tissue in ("0.25", "0"):
+        out = tmp_path / f"o{min_tissue}"
+        assert main([*base, "--out", str(out), "--min-tissue", min_tissue]) == 1
+        err = _manifest(out)["patch"]["error"]
+        assert "NoTissueError" in err and "the minimum tissue area 20,000 um^2 (--min-tissue-area" in err
+        assert "--min-tissue," not in err  # the tile threshold is not the cause: not suggested
+    capsys.readouterr()
+    out = tmp_path / "o0"
+    assert main([*base, "--out", str(out), "--min-tissue", "0", "--min-tissue-area", "0"]) == 0
+    row = _manifest(out)["patch"]
+    assert row["status"] == "done" and int(row["n_tiles"]) >= 16  # the 256 px patch is 4 x 4 tiles
+    cf = read_coords(out / "patches" / "patch.h5")
+    assert cf.attrs["min_tissue_area_um2"] == 0.0
+    # a rerun with another minimum area is not taken as finished
+    assert main([*base, "--out", str(out), "--min-tissue", "0", "--min-tissue-area", "100"]) == 0
+    assert "0 already done" in capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "x"), "--min-tissue-area", "-1"]) == 2
+    assert "--min-tissue-area" in capsys.readouterr().err
+
+
+def test_tile_imports_no_heavy_libraries_and_outlines_are_opt_in(tmp_path: Path) -> None:
+    """`gigaslide tile` never imports scikit-learn, pandas or torch; GeoJSON only with --outlines."""
+    slide = _slides(tmp_path / "in", 1, size=(512, 512)) / "slide0.tiff"
+    code = (
+        "import sys; from gigaslide.cli.main import main; "
+        f"rc = main(['tile', {str(slide)!r}, '--out', {str(tmp_path / 'o')!r}, '--no-progress']); "
+        "print(rc, sorted(m for m in ('sklearn', 'pandas', 'torch', 'shapely') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "0 []"
+    assert not list((tmp_path / "o").glob("tissue/*.geojson"))
+    assert main(["tile", str(slide), "--out", str(tmp_path / "o2"), "--no-progress", "--outlines"]) == 0
+    assert (tmp_path / "o2" / "tissue" / "slide0.geojson").is_file()
+    helped = subprocess.run(
+        [sys.executable, "-c", "import sys; from gigaslide.cli.main import main\n"
+         "try: main(['--help'])\nexcept SystemExit: pass\n"
+         "print(sorted(m for m in ('sklearn', 'pandas', 'torch', 'h5py', 'cv2') if m in sys.modules))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert helped.stdout.strip().splitlines()[-1] == "[]" and "convert" in helped.stdout

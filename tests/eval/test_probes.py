@@ -140,7 +140,7 @@ def test_unusable_validation_set_warned_and_recorded(caplog: pytest.LogCaptureFi
     assert w[1].startswith(f"fold 1: validation set ({len(one_class)} slide(s)) lacks class(es) ['1']")
     assert w[2] is None and w[3] is None
     assert res.per_fold[0]["hp_C_selected_on_val"] is False
-    assert [r.getMessage() for r in caplog.records] == [f"WARNING {w[0]}", f"WARNING {w[1]}"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", w[0]), ("WARNING", w[1])]
     knn = run_probe(X, ids, df, bad, method="knn", k=5)  # KNN never uses the validation set
     assert [r["val_warning"] for r in knn.per_fold] == [None, None]
 

@@ -29,7 +29,7 @@ SMALL = {
     "mean": {"hidden_dim": 24},
     "max": {"hidden_dim": 24},
 }
-# the bag contract below is for (B, N, D) feature bags; region-grid models have their own tests
+# the generic contract runs on bags of features; models of other input kinds test it in their own files
 MODELS = [m for m in list_slide_models() if get_slide_model_info(m).input_kind == "features"]
 
 

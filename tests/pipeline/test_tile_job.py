@@ -137,7 +137,7 @@ def _files(out: Path) -> dict[str, float]:
 
 def test_run_tiling_outputs_and_resume(synth_slides: list[SlideInput], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    kw = dict(target_mpp=0.5, tile_size=128, region_size=512, preview=True, progress=False)
+    kw = dict(target_mpp=0.5, tile_size=128, region_size=512, preview=True, outlines=True, progress=False)
     summary = run_tiling(synth_slides[:2], out, **kw)
     assert summary.ok and summary.done == ["s0", "s1"] and summary.skipped == []
     rows = Manifest(out / "manifest.csv").rows
@@ -347,3 +347,26 @@ def test_slide_mpp_never_overrides_metadata(shared_data: Path, tmp_path: Path, c
     with open_slide(folder / "cmu-1-small-region.svs", mpp=0.25) as s:
         assert s.mpp == 0.25
     assert "overrides the file's own 0.499" in caplog.text
+
+
+def test_clam_tile_rule_is_recorded_and_changes_the_tiles(synth_slides, tmp_path: Path) -> None:
+    from gigaslide.preprocess.clam_rule import four_point_keep
+    from gigaslide.preprocess.tiling import grid_coords
+
+    out = tmp_path / "out"
+    kw = dict(target_mpp=0.5, tile_size=128, progress=False)
+    assert run_tiling(synth_slides[:1], out, **kw).done == ["s0"]
+    fraction = read_coords(out / "patches" / "s0.h5")
+    summary = run_tiling(synth_slides[:1], out, tile_rule="clam", **kw)
+    assert summary.done == ["s0"]  # another rule: tiled again, not skipped
+    clam = read_coords(out / "patches" / "s0.h5")
+    assert clam.attrs["clam_tile_rule"] == 1 and fraction.attrs["clam_tile_rule"] == 0
+    from gigaslide.io import open_slide
+    from gigaslide.preprocess.tissue import detect_tissue
+
+    with open_slide(synth_slides[0].path) as slide:
+        tissue = detect_tissue(slide)
+    grid = grid_coords(clam.spec)
+    np.testing.assert_array_equal(clam.coords, grid[four_point_keep(grid, clam.spec.level0_size, tissue)])
+    assert {tuple(c) for c in clam.coords} != {tuple(c) for c in fraction.coords}
+    assert run_tiling(synth_slides[:1], out, tile_rule="clam", **kw).skipped == ["s0"]

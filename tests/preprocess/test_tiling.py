@@ -119,12 +119,12 @@ def test_tile_slide_needs_mpp() -> None:
 def test_no_tissue_error_is_clear() -> None:
     slide, _ = _tissue_slide()
     empty = ExactTissue(np.zeros((1200, 1600), dtype=bool))
-    with pytest.raises(NoTissueError, match=r"memory\.tif.*--min-tissue.*preview") as info:
+    with pytest.raises(NoTissueError, match=r"memory\.tif.*no tissue was detected.*preview") as info:
         tile_slide(slide, 0.5, 256, tissue=empty)
     assert info.value.max_fraction == 0.0
     partial = ExactTissue(np.zeros((1200, 1600), dtype=bool))
     partial.mask[:10, :10] = True
-    with pytest.raises(NoTissueError, match=r"best has 0\.002"):
+    with pytest.raises(NoTissueError, match=r"best has 0\.002.*--min-tissue, e\.g\. 0\.001"):
         tile_slide(slide, 0.5, 256, min_tissue=0.5, tissue=partial)
 
 

@@ -80,6 +80,47 @@ def test_haematoxylin_is_not_pen():
     assert iou(detect_tissue_array(img, mpp=MPP), truth) > 0.95
 
 
+def test_out_of_focus_dark_red_and_purple_ink_removed_eosin_kept():
+    """Blurred dark red / purple marker strokes are ink; eosin-rich (bright, saturated) tissue stays."""
+    truth = blobs()
+    img = he_image(truth).astype(np.float32)
+    rng = np.random.default_rng(1)
+    eosin = np.zeros_like(truth)
+    cv2.ellipse(eosin.view(np.uint8), (140, 150), (60, 70), 20, 0, 360, 1, -1)
+    # eosin-rich: red cells / dense eosin, saturated (~0.8) but bright (value ~0.8), textured
+    red_cells = np.array([205.0, 45.0, 100.0]) + rng.normal(0, 10, (*truth.shape, 1))
+    img = np.where(eosin[..., None], red_cells, img)
+    ink = np.zeros(truth.shape, np.float32)
+    paint = np.zeros((*truth.shape, 3), np.float32)
+    strokes = [((20, 40, 380, 90), (120, 20, 45)), ((20, 250, 380, 200), (75, 30, 105))]  # dark red, purple
+    for (x0, y0, x1, y1), colour in strokes:
+        stroke = np.zeros(truth.shape, np.float32)
+        cv2.line(stroke, (x0, y0), (x1, y1), 1.0, 14)  # 14 px = 112 um wide marker stroke
+        paint += stroke[..., None] * np.array(colour, np.float32)
+        ink = np.maximum(ink, stroke)
+    alpha = cv2.GaussianBlur(ink, (0, 0), 3)[..., None]  # out of focus: smooth edges
+    colour = cv2.GaussianBlur(paint, (0, 0), 3) / np.maximum(alpha, 1e-6)
+    img = np.clip(img * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8)
+    core = cv2.erode(ink, np.ones((9, 9), np.uint8)).astype(bool)  # the stroke minus its blurred rim
+    raw = detect_tissue_array(img, TissueParams(remove_pen=False), mpp=MPP)
+    assert raw[core & ~truth].mean() > 0.9  # without the ink rules the strokes pass as tissue
+    mask = detect_tissue_array(img, mpp=MPP)
+    assert not (mask & core).any()
+    kept_eosin = eosin & ~cv2.dilate(ink, np.ones((9, 9), np.uint8)).astype(bool)
+    assert mask[kept_eosin].mean() > 0.97
+    assert iou(mask, truth & ~(alpha[..., 0] > 0.05)) > 0.85
+
+
+def test_dark_tissue_is_not_dark_ink():
+    """Dark, moderately saturated tissue (epidermis, dense nuclei: S ~0.5, V ~0.4) is kept."""
+    truth = blobs()
+    img = he_image(truth)
+    rng = np.random.default_rng(2)
+    dark = np.array([104.0, 53.0, 88.0]) + rng.normal(0, 8, (*truth.shape, 1))
+    img = np.where(truth[..., None], np.clip(dark, 0, 255), img).astype(np.uint8)
+    assert iou(detect_tissue_array(img, mpp=MPP), truth) > 0.95
+
+
 def test_black_border_and_dark_edge_excluded():
     truth = blobs()
     img = he_image(truth)
@@ -221,3 +262,37 @@ def test_no_mpp_slide_uses_fallback_thumbnail(shared_data, caplog):
     assert max(tm.mask.shape) == 600 and tm.mpp is None
     assert "no mpp" in caplog.text
     assert 0.3 < tm.area_fraction < 0.9
+
+
+@pytest.mark.parametrize(
+    ("name", "mpp"), [("cmu-1-small-region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 0.25)]
+)
+def test_dark_ink_rule_keeps_real_tissue(shared_data, name: str, mpp: float | None) -> None:
+    """On real H&E (CMU-1's dark epidermis, TCGA's eosin) the dark-ink rule removes nothing."""
+    from dataclasses import replace
+
+    from gigaslide.preprocess.pen import PenRules
+
+    with open_slide(shared_data / name, mpp=mpp) as slide:
+        with_rule = detect_tissue(slide)
+        off = PenRules(dark_ink_min_sat=2.0)  # a saturation no pixel reaches: rule disabled
+        without = detect_tissue(slide, replace(TissueParams(), pen=off))
+    assert with_rule.mask.sum() > 1000
+    np.testing.assert_array_equal(with_rule.mask, without.mask)
+
+
+def test_report_names_the_rule_that_removed_everything():
+    from gigaslide.preprocess.tissue import detect_tissue_report
+
+    img = he_image(np.zeros((200, 300), bool))
+    mask, report = detect_tissue_report(img, mpp=MPP)
+    assert not mask.any() and "no stained (saturated) pixel" in report.why_empty()
+    cv2.rectangle(img, (50, 50), (250, 150), (40, 150, 70), -1)  # a green ink blot, nothing else
+    mask, report = detect_tissue_report(img, mpp=MPP)
+    assert not mask.any() and report.ink_um2 == pytest.approx(201 * 101 * MPP**2, rel=0.01)
+    assert "taken for marker ink (--keep-ink keeps it)" in report.why_empty()
+    truth = np.zeros((200, 300), bool)
+    truth[90:100, 90:100] = True  # 100 px = 6,400 um^2 < 20,000
+    mask, report = detect_tissue_report(he_image(truth), mpp=MPP)
+    assert not mask.any() and report.small_um2 > 0 and "--min-tissue-area" in report.why_empty()
+    assert report.kept_um2 == 0 and report.min_tissue_area_um2 == 20_000

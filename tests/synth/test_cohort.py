@@ -103,7 +103,7 @@ def test_cli(tmp_path, capsys):
     rc = main(
         ["synth", "--out", str(out), "--n-slides", "2", "--width", "384", "--height", "320", "--seed", "5"]
     )
-    assert rc == 1  # parameter mismatch is refused with an error message, not a traceback
+    assert rc == 2  # parameter mismatch is refused with a one-line error (bad input: exit 2), not a traceback
 
 
 def test_parallel_workers_match_serial(tmp_path):

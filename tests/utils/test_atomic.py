@@ -33,3 +33,38 @@ def test_atomic_path_is_invisible_until_done(tmp_path) -> None:
         tmp.write_text("x")
         assert not target.exists()
     assert target.read_text() == "x"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_final_file_respects_the_umask(tmp_path, umask) -> None:
+    """mkstemp creates 0600; the final file gets 0666 & ~umask like any ordinary write."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        target = atomic_write_text(tmp_path / "a.csv", "x")
+        with atomic_path(tmp_path / "b.h5") as tmp:  # a writer that recreates the temp file
+            tmp.unlink()
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(old)
+    for p in (target, tmp_path / "b.h5"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+
+
+def test_read_only_folder_names_the_target_not_the_temp_file(tmp_path) -> None:
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # running as root: permissions are not enforced
+            pytest.skip("permissions are not enforced for this user")
+        with pytest.raises(PermissionError) as e:
+            atomic_write_text(ro / "manifest.csv", "x")
+    finally:
+        ro.chmod(0o755)
+    msg = str(e.value)
+    assert f"cannot write {ro / 'manifest.csv'}" in msg and ".tmp" not in msg

@@ -1,19 +1,23 @@
-"""`gigaslide convert`: move tile features between gigaslide, CLAM and TRIDENT folder layouts."""
+"""`gigaslide convert`: move tile features or coordinates between gigaslide, CLAM and TRIDENT layouts."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from gigaslide.cli.common import add_wait_argument, output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
-        help="convert feature folders between gigaslide, CLAM and TRIDENT layouts",
+        help="convert feature or coordinate folders between gigaslide, CLAM and TRIDENT layouts",
         description=(
-            "Convert SRC (gigaslide/CLAM h5_files/ + pt_files/, or TRIDENT features_<encoder>/) into "
-            "the layout given by --to under DST. Features and coordinates are copied exactly."
+            "Convert SRC (features: gigaslide/CLAM h5_files/ + pt_files/, or TRIDENT features_<encoder>/; "
+            "coordinates: a tiling output or CLAM patches/<id>.h5, TRIDENT patches/<id>_patches.h5) into "
+            "the layout given by --to in the folder given by --out. Features and coordinates are copied exactly; "
+            "attributes are rewritten in the target's meaning (TRIDENT's patch_size is the tile size at "
+            "the target resolution, CLAM's the size read at patch_level)."
         ),
     )
     p.add_argument("src", metavar="SRC", type=Path, help="source feature folder")
@@ -21,13 +25,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--to", required=True, choices=["gigaslide", "clam", "trident"])
     p.add_argument("--encoder", default=None, help="encoder name (TRIDENT folder name) when not in the files")
     p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="level-0 um/px of the slides: needed to turn CLAM coordinates (no resolution stored) into TRIDENT's",
+    )
+    p.add_argument(
         "--slides", default=None, help="convert only these slides: a slide folder or CSV (by stem)"
     )
+    add_wait_argument(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from gigaslide.pipeline.convert import convert_features
+    from gigaslide.pipeline.convert import convert_folder
 
     ids = None
     if args.slides is not None:
@@ -36,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
         ids = set()
         for s in collect_slides(args.slides):
             ids.update({s.slide_id, s.path.stem})
-    summary = convert_features(args.src, args.out, args.to, encoder=args.encoder, slide_ids=ids)
-    print(f"converted {len(summary.written)} slide(s) to {args.to} in {summary.out_dir}", file=sys.stderr)
+    with output_folder(args.out, wait=args.wait):
+        summary = convert_folder(
+            args.src, args.out, args.to, encoder=args.encoder, slide_mpp=args.slide_mpp, slide_ids=ids
+        )
+    print(f"converted {len(summary.written)} slide(s) to {args.to} in {summary.out_dir}")
     for sid, err in sorted(summary.failed.items()):
-        print(f"  FAILED {sid}: {err}", file=sys.stderr)
+        print(f"  FAILED {sid}: {err}")
     return 1 if summary.failed else 0

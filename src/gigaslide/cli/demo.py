@@ -1,10 +1,11 @@
 """`gigaslide demo`: the whole pipeline on a synthetic cohort the project generates itself.
 
 Stages (each is the real subcommand, each resumable, so a rerun skips finished work):
-synth -> tile -> embed -> train (classification, survival) -> probe -> heatmap.
-The tile encoder has no pretrained weights offline, so the demo embeds with a
-*randomly initialised* ``resnet18_trunc`` and says so; the synthetic signal is strong
-enough that slide models still learn it.
+synth -> tile -> pretrain (DINO) -> embed -> train (classification, survival) -> probe -> heatmap.
+No pretrained weights exist offline, so the demo pretrains its own tile encoder: a small ViT
+(``vit_tiny_d4``) trained with DINO on the cohort's tiles for a few epochs (CPU-sized crops and
+head), then embeds the tiles with that teacher. ``--pretrain-epochs 0`` skips pretraining and
+embeds with a *randomly initialised* ``resnet18_trunc`` instead, and says so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ log = logging.getLogger("gigaslide.demo")
 
 # resnet18_trunc (the Giga-SSL tile embedder) was trained on 10x tiles: 256 px at 1.0 um/px
 TILE_MPP = "1.0"
+PRETRAIN_ENCODER = "vit_tiny_d4"
+# DINO at CPU size: 96/48 px crops (the tiles are 256 px at 1 um/px), 2 local crops, a 1024-prototype head
+PRETRAIN_ARGS = ["--global-size", "96", "--local-size", "48", "--local-crops", "2", "--out-dim", "1024",
+                 "--head-hidden-dim", "512", "--head-bottleneck-dim", "128", "--warmup-epochs", "1",
+                 "--warmup-teacher-temp-epochs", "0", "--drop-path", "0", "--batch-size", "32",
+                 "--lr", "0.002", "--momentum-teacher", "0.99", "--no-progress"]  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,9 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "demo",
         help="run the whole pipeline on a generated synthetic cohort",
         description=(
-            "Generate a synthetic H&E cohort, tile it, embed the tiles (randomly initialised "
-            "resnet18_trunc: no weights are downloaded), cross-validate ABMIL for classification and "
-            "survival, run a linear probe and draw an attention heatmap. Every stage resumes on a rerun."
+            "Generate a synthetic H&E cohort, tile it, pretrain a small ViT tile encoder on it with DINO "
+            "(no weights are downloaded), embed the tiles with it, cross-validate ABMIL for classification "
+            "and survival, run a linear probe and draw an attention heatmap. Every stage resumes on a rerun."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
@@ -40,17 +47,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="training epochs per fold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="worker processes for tiling/embedding")
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=2,
+        help="DINO epochs for the demo's tile encoder (0: no pretraining, random-init resnet18_trunc)",
+    )
     return p
 
 
 def _stage(name: str, argv: Sequence[str]) -> None:
     from gigaslide.cli.main import main
+    from gigaslide.utils.errors import UserError
 
     log.info("== %s: gigaslide %s", name, " ".join(argv))
     t0 = time.perf_counter()
     code = main(list(argv))
     if code != 0:
-        raise SystemExit(f"demo stage '{name}' failed with exit status {code}")
+        # the stage printed its own error line; this one says where the demo stopped (cli.main, exit 2)
+        raise UserError(f"demo stage '{name}' failed with exit status {code} (see the message above)")
     log.info("== %s done in %.1f s", name, time.perf_counter() - t0)
 
 
@@ -94,18 +109,43 @@ def run(args: argparse.Namespace) -> int:
             "--preview",
         ],
     )
-    print(
-        "\nNOTE: no pretrained weights are available offline, so the demo embeds tiles with a RANDOMLY "
-        "INITIALISED resnet18_trunc. Pass --weights to `gigaslide embed` for real features.\n",
-        file=sys.stderr,
-    )
+    encoder = ["--encoder", "resnet18_trunc"]
+    if args.pretrain_epochs > 0:
+        ckpt = out / "pretrain" / "checkpoint.pth"
+        _stage(
+            "pretrain",
+            [
+                "pretrain",
+                "dino",
+                str(tiles),
+                "--encoder",
+                PRETRAIN_ENCODER,
+                "--out",
+                str(ckpt.parent),
+                "--epochs",
+                str(args.pretrain_epochs),
+                "--workers",
+                str(max(0, args.workers - 1)),
+                "--seed",
+                seed,
+                "--device",
+                "cpu",
+                *PRETRAIN_ARGS,
+            ],
+        )
+        encoder = ["--encoder", PRETRAIN_ENCODER, "--weights", str(ckpt)]
+    else:
+        print(
+            "\nNOTE: --pretrain-epochs 0: the demo embeds tiles with a RANDOMLY INITIALISED resnet18_trunc. "
+            "Pass --weights to `gigaslide embed` for real features.\n",
+            file=sys.stderr,
+        )
     _stage(
         "embed",
         [
             "embed",
             str(tiles),
-            "--encoder",
-            "resnet18_trunc",
+            *encoder,
             "--out",
             str(feats),
             "--batch-size",
@@ -167,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
             str(out / "heatmap.png"),
         ],
     )
-    _print_summary(out)
+    _print_summary(out, args.pretrain_epochs)
     return 0
 
 
@@ -183,8 +223,15 @@ def _heatmap_slide(cohort: Path) -> Path:
     return cohort / "slides" / f"{pick['slide_id'].iloc[0]}.tiff"
 
 
-def _print_summary(out: Path) -> None:
+def _print_summary(out: Path, pretrain_epochs: int) -> None:
     lines = ["", "gigaslide demo results", "======================"]
+    if pretrain_epochs > 0:
+        lines.append(
+            f"tile encoder: {PRETRAIN_ENCODER} pretrained with DINO on the demo tiles for {pretrain_epochs} "
+            f"epoch(s) ({out / 'pretrain' / 'checkpoint.pth'})"
+        )
+    else:
+        lines.append("tile encoder: resnet18_trunc with RANDOM weights (--pretrain-epochs 0)")
     for name in ("train_cls", "train_surv", "probe"):
         path = out / name / "results.json"
         if not path.exists():

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from gigaslide.cli.common import add_wait_argument, output_folder
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -69,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 um/px for slides lacking it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="aggregator keyword argument, e.g. --set dropout=0.0")  # fmt: skip
+    add_wait_argument(p)
     return p
 
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from gigaslide.experiments.e2e import E2EConfig, run_e2e
+    from gigaslide.utils.dist import init_distributed
 
     kwargs = {}
     for item in args.set:
@@ -92,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
         tile_size=args.tile_size, input_size=args.input_size, min_tissue=args.min_tissue, freeze_bn=args.freeze_bn,
         augment=not args.no_augment, slide_mpp=args.slide_mpp,
     )  # fmt: skip
-    res = run_e2e(cfg)
-    from gigaslide.utils.dist import dist_env
-
-    if dist_env().is_main:
+    info = init_distributed()  # run_e2e joins the same group; the lock needs it to tell every rank
+    with output_folder(args.out, wait=args.wait, dist_info=info):
+        res = run_e2e(cfg)
+    if info.is_main:
         last = res.history[-1] if res.history else {}
         print(json.dumps({"out": str(res.out_dir), "epochs": len(res.history), "final_loss": last.get("loss"),
                           "best_val_auc": res.best_val_auc, "n_train": res.n_train, "n_val": res.n_val}))  # fmt: skip

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from gigaslide.cli.common import add_wait_argument, output_folder
+
 RANDOM_WARNING = (
     "\n" + "!" * 78 + "\n"
     "RANDOM WEIGHTS: features are not meaningful. Encoder {name!r} was built without pretrained\n"
@@ -32,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--encoder", required=True, help="encoder name (see `gigaslide encoders`)")
     p.add_argument("--weights", default=None, help="weights file/folder, 'registry' or 'random'")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     p.add_argument(
         "--workers",
         type=int,
@@ -46,7 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="threads: a thread pool reads uint8 tiles, normalisation on the device (default); "
         "processes: DataLoader worker processes read and normalise tiles",
     )
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast precision on GPU"
+    )
     p.add_argument("--store-dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the stored features (float16 halves the files; use with --precision fp16)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
@@ -62,6 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="with --regions: also store ViT_4096 region tokens (M, 192); vit4k_xs_dino.pth or 'random'")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed (identical random-init weights on every rank)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_wait_argument(p)
     return p
 
 
@@ -80,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
     try:
+<<<<<<< HEAD
         seed_everything(args.seed)
         encoder = create_encoder(args.encoder, weights=args.weights)
         if encoder.weights_info.get("random_init") and info.is_main:
@@ -106,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
         else:
+=======
+        with output_folder(args.out, wait=args.wait, dist_info=info):
+            seed_everything(args.seed)
+            encoder = create_encoder(args.encoder, weights=args.weights, warn_random=False)
+            if encoder.weights_info.get("random_init") and info.is_main:
+                print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
+>>>>>>> main
             summary = run_embedding(
                 args.coords_dir,
                 encoder,
@@ -125,10 +138,11 @@ def run(args: argparse.Namespace) -> int:
             )
     finally:
         cleanup()
-    print(summary.describe(), file=sys.stderr)
     n_failed = summary.n_failed
+    if info.is_main:  # summaries go to stdout, as in `tile`
+        print(summary.describe())
     if info.is_distributed and info.is_main:
         failed = _merged_failures(summary.manifest)
-        print(f"all ranks: {len(failed)} slide(s) failed; manifest {summary.manifest}", file=sys.stderr)
+        print(f"all ranks: {len(failed)} slide(s) failed; manifest {summary.manifest}")
         n_failed = max(n_failed, len(failed))
     return 1 if n_failed else 0

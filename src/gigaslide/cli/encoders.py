@@ -60,12 +60,9 @@ def _weights_cell(row: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the encoder table (or JSON); returns 0, or 1 when the registry YAML is unreadable."""
-    try:
-        rows, yml, error = _rows(list(args.timm))
-    except ValueError as e:  # unknown timm architecture
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Print the encoder table (or JSON); returns 0, or 2 (bad input, as every command) when the
+    registry YAML is unreadable. An unknown timm architecture raises (cli.main reports it)."""
+    rows, yml, error = _rows(list(args.timm))
     if args.json:
         json.dump({"registry": yml, "registry_error": error, "encoders": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -88,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nweights registry: {yml}")
         for r in rows:
             print(f"  {r['name']}: {r['description']} [{r['paper']}]")
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if error:  # the table is still printed: a broken YAML must not hide the encoder list
+        print(f"gigaslide encoders: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     return 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from gigaslide.cli.common import output_file
 
 
 def _region(text: str) -> tuple[int, int, int, int]:
@@ -39,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", type=Path, default=None, help="checkpoint (checkpoints/fold<k>.pt) to compute attention"
     )
-    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output PNG (a folder: <slide stem>_heatmap.png in it)"
+    )
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 um/px when the slide lacks it")
     p.add_argument("--backend", default=None, help="slide reader backend (default: automatic)")
     p.add_argument(
@@ -69,31 +72,27 @@ def run(args: argparse.Namespace) -> int:
     )
     from gigaslide.io import open_slide
 
-    try:
-        if args.model is not None:
-            ts = attention_from_checkpoint(
-                args.scores, args.model, device=args.device, slide_mpp=args.slide_mpp
-            )
-        else:
-            ts = read_scores(args.scores, slide_mpp=args.slide_mpp)
-        size = args.tile_size_level0 or ts.tile_size_level0
-        if size is None:
-            raise ValueError(f"{args.scores}: no tile size in the file attributes; pass --tile-size-level0")
-        with open_slide(args.slide, mpp=args.slide_mpp, backend=args.backend) as slide:
-            check_scores_match_slide(ts, slide.dimensions, args.slide, args.scores, force=args.force)
-            out = render_heatmap(
-                slide,
-                ts.coords,
-                ts.scores,
-                size,
-                args.out,
-                max_size=args.max_size,
-                region=args.region,
-                alpha=args.alpha,
-                cmap=args.cmap,
-            )
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
-        print(f"gigaslide heatmap: error: {e}", file=sys.stderr)
-        return 2
+    # bad input raises; cli.main prints it as one line (exit status 2)
+    out_path = output_file(args.out, f"{Path(args.slide).stem}_heatmap.png")
+    if args.model is not None:
+        ts = attention_from_checkpoint(args.scores, args.model, device=args.device, slide_mpp=args.slide_mpp)
+    else:
+        ts = read_scores(args.scores, slide_mpp=args.slide_mpp)
+    size = args.tile_size_level0 or ts.tile_size_level0
+    if size is None:
+        raise ValueError(f"{args.scores}: no tile size in the file attributes; pass --tile-size-level0")
+    with open_slide(args.slide, mpp=args.slide_mpp, backend=args.backend) as slide:
+        check_scores_match_slide(ts, slide.dimensions, args.slide, args.scores, force=args.force)
+        out = render_heatmap(
+            slide,
+            ts.coords,
+            ts.scores,
+            size,
+            out_path,
+            max_size=args.max_size,
+            region=args.region,
+            alpha=args.alpha,
+            cmap=args.cmap,
+        )
     print(out)
     return 0

@@ -24,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gigaslide.cli.common import SPLIT_DEFAULTS, add_split_arguments, add_wait_argument, output_folder
 from gigaslide.data.features_io import read_features
+from gigaslide.data.labels import format_ids, read_labels
 from gigaslide.data.split_plan import build_splits
 from gigaslide.data.splits import save_splits
-from gigaslide.eval.probes import run_probe
-from gigaslide.eval.reports import write_report
+from gigaslide.eval.probes import DEFAULT_KNN_K, run_probe
+from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table, write_report
+from gigaslide.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
                 rows.append(feats.astype(np.float64).mean(axis=0))  # (E,)
                 ids.append(f.stem)
             except (ValueError, OSError, RuntimeError) as e:
-                failed[f.stem] = f"{f}: {e}"
+                failed[f.stem] = str(e) if str(f) in str(e) else f"{f}: {e}"
         if failed:
             warnings.warn(
                 f"{len(failed)} feature file(s) unreadable, skipped: {sorted(failed)[:20]}", stacklevel=2
@@ -108,28 +111,9 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
 def read_labels_csv(
     path: str | os.PathLike[str], task: str = "classification", label_col: str = "label"
 ) -> pd.DataFrame:
-    """Read a labels table (slide_id, case_id, label | time, event); ids are strings.
-
-    Without ``case_id`` every slide is its own case (warned: grouping by patient is then impossible).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"labels CSV {p} not found")
-    df = pd.read_csv(p, dtype={"slide_id": str, "case_id": str})
-    need = ["slide_id", *([label_col] if task == "classification" else ["time", "event"])]
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise ValueError(f"{p}: missing column(s) {missing}; has {list(df.columns)}")
-    if "case_id" not in df.columns:
-        warnings.warn(f"{p}: no case_id column; each slide is treated as its own case", stacklevel=2)
-        df["case_id"] = df["slide_id"]
-    dup = df["slide_id"][df["slide_id"].duplicated()].tolist()
-    if dup:
-        raise ValueError(f"{p}: duplicated slide_id(s): {dup[:20]}")
-    na = df.loc[df[need].isna().any(axis=1), "slide_id"].tolist()
-    if na:
-        raise ValueError(f"{p}: {len(na)} slide(s) with missing {need[1:]}: {na[:20]} (drop those rows)")
-    return df
+    """The labels table, read and checked by the reader `train` uses
+    (:func:`gigaslide.data.labels.read_labels`); the class column is returned as ``label``."""
+    return read_labels(path, task, label_col)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -147,74 +131,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, type=Path, help="output directory for the report")
     p.add_argument("--method", choices=["knn", "linear"], default="linear")
     p.add_argument("--task", choices=["classification", "survival"], default="classification")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--folds", type=int, default=10, help="number of case-grouped stratified folds")
+    p.add_argument("--label-col", default="label", help="column of --labels holding the class")
+    add_split_arguments(p, SPLIT_DEFAULTS)
     p.add_argument(
-        "--monte-carlo",
+        "--k",
         type=int,
         default=None,
-        metavar="R",
-        help="R random case-grouped stratified splits (Monte Carlo CV) instead of k folds",
+        help=f"KNN neighbours (default: {DEFAULT_KNN_K}, or the training-set size when smaller)",
     )
-    p.add_argument(
-        "--test-fraction", type=float, default=0.2, help="fraction of cases tested per Monte Carlo split"
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="validation cases: fraction of the training cases (k-fold) or of all cases (Monte Carlo)",
-    )
-    p.add_argument("--train-fraction", type=float, default=1.0, help="training-data budget inside each fold")
-    p.add_argument(
-        "--few-shot", type=int, default=None, metavar="N", help="N training slides per class per fold"
-    )
-    p.add_argument("--splits", type=Path, default=None, help="directory of CLAM/HIPT splits_<k>.csv files")
-    p.add_argument("--k", type=int, default=20, help="KNN neighbours")
     p.add_argument("--knn-metric", choices=["cosine", "euclidean"], default="cosine")
     p.add_argument("--knn-weighting", choices=["uniform", "distance"], default="uniform")
     p.add_argument(
         "--normalize", choices=["standard", "l2", "none"], default="standard", help="linear probe scaling"
     )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    add_wait_argument(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    with output_folder(args.out, wait=args.wait):
+        text = probe_report(args)
+    print(text)
+    return 0
+
+
+def probe_report(args: argparse.Namespace) -> str:
+    """Read the inputs, run the probe, write the report into ``args.out``; return the console table."""
     df = read_labels_csv(args.labels, task=args.task, label_col=args.label_col)
     emb = load_slide_embeddings(args.embeddings)
-    have = set(emb.ids)
-    missing = sorted(set(df["slide_id"]) - have)
+    missing = sorted(set(df["slide_id"]) - set(emb.ids))
     if missing:
         detail = [emb.failed[m] for m in missing if m in emb.failed][:5]
-        raise SystemExit(
-            f"error: {len(missing)} labelled slide(s) have no embedding in {args.embeddings}: {missing[:20]}"
+        raise UserError(
+            f"{len(missing)} labelled slide(s) have no embedding in {args.embeddings}: {format_ids(missing)}"
             + (f"; unreadable: {detail}" if detail else "")
-            + " (embed them, or drop them from the labels CSV)"
+            + f" (embed them, or drop them from {args.labels})"
         )
-    try:
-        splits = build_splits(
-            df, args.task, folds=args.folds, monte_carlo=args.monte_carlo, test_fraction=args.test_fraction,
-            val_fraction=args.val_fraction, seed=args.seed, splits_dir=args.splits, few_shot_n=args.few_shot,
-            train_fraction=args.train_fraction, label_col=args.label_col,
-        )  # fmt: skip
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
+    splits = build_splits(
+        df, args.task, folds=args.folds, monte_carlo=args.monte_carlo, test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction, seed=args.seed, splits_dir=args.splits, few_shot_n=args.few_shot,
+        train_fraction=args.train_fraction,
+    )  # fmt: skip
     save_splits(splits, args.out / "splits")
     kw = (
         {"k": args.k, "metric": args.knn_metric, "weighting": args.knn_weighting}
         if args.method == "knn"
         else {"normalize": args.normalize}
     )
-    result = run_probe(
-        emb.X, emb.ids, df, splits, method=args.method, task=args.task, label_col=args.label_col, **kw
-    )
+    result = run_probe(emb.X, emb.ids, df, splits, method=args.method, task=args.task, **kw)
     source = "monte_carlo_splits" if args.monte_carlo is not None else "kfold_splits"
     config = {
         **result.config,
         "embeddings": str(args.embeddings),
         "labels": str(args.labels),
+        "label_col": args.label_col,
         "folds": len(splits),
         "splits_source": str(args.splits) if args.splits else source,
         "test_fraction": args.test_fraction if args.monte_carlo is not None else None,
@@ -231,16 +203,12 @@ def run(args: argparse.Namespace) -> int:
         splits=splits, title=title, config=config, n_boot=args.n_boot, seed=args.seed,
     )  # fmt: skip
     doc = json.loads(paths["results"].read_text())
-    summary = {}
-    for name, r in doc["metrics"].items():
-        pooled = doc["pooled"].get(name, {})
-        summary[name] = {
-            "fold_mean": r["mean"],
-            "fold_std": r["std"],
-            "ci_over_folds": [r["ci_low"], r["ci_high"]],
-            "pooled": pooled.get("value"),
-            "ci_pooled": [pooled.get("ci_low"), pooled.get("ci_high")],
-        }
-    print(json.dumps(summary, indent=1))
-    log.info("report written to %s", args.out)
-    return 0
+    n_pred = doc["n_predictions"]
+    lines = [
+        f"{title} -> {args.out}",
+        format_metric_table(doc["metrics"], doc["pooled"]),
+        f"  fold columns: per-fold test metrics, {FOLD_CI_METHOD}",
+        f"  pooled columns: metric on all {n_pred} pooled out-of-fold test predictions, "
+        + next((p["ci_method"] for p in doc["pooled"].values()), "bootstrap CI undefined"),
+    ]
+    return "\n".join(lines)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
-log = logging.getLogger(__name__)
+from gigaslide.cli.common import add_wait_argument, output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--tile-size", type=int, default=256, help="TIFF tile side (default 256)")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="regenerate slides that already exist")
+    add_wait_argument(p)
     return p
 
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from gigaslide.synth.cohort import make_cohort
 
     t0 = time.perf_counter()
-    try:
+    with output_folder(args.out, wait=args.wait):  # bad input raises: cli.main reports it (exit 2)
         df = make_cohort(
             args.out,
             args.n_slides,
@@ -58,9 +58,6 @@ def run(args: argparse.Namespace) -> int:
             tile_size=args.tile_size,
             overwrite=args.overwrite,
         )
-    except (ValueError, RuntimeError) as e:
-        log.error("%s", e)
-        return 1
     n_pos = int(df["label"].sum())
     print(
         f"wrote {len(df)} slides ({n_pos} label 1, {len(df) - n_pos} label 0, "

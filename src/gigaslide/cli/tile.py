@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gigaslide.cli.common import add_wait_argument, output_folder
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from gigaslide.preprocess.tiling import DEFAULT_REGION_MIN_TISSUE
@@ -13,9 +15,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "tile",
         help="detect tissue and write tile coordinates for many slides",
         description=(
-            "Tile slides at an exact resolution. Writes OUT/patches/<slide_id>.h5, "
-            "OUT/tissue/<slide_id>.geojson and OUT/manifest.csv; a rerun skips finished slides "
-            "and retries failed ones."
+            "Tile slides at an exact resolution. Writes OUT/patches/<slide_id>.h5 (TRIDENT layout: "
+            "<slide_id>_patches.h5) and OUT/manifest.csv, with --outlines OUT/tissue/<slide_id>.geojson; "
+            "a rerun skips finished slides and retries failed ones."
         ),
     )
     p.add_argument("input", help="a slide file, a folder of slides, or a CSV with a `path` column")
@@ -34,6 +36,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile (default 0.25)"
     )
     p.add_argument(
+        "--tile-rule",
+        choices=["fraction", "clam"],
+        default="fraction",
+        help="fraction: keep tiles whose tissue fraction >= --min-tissue (default); clam: CLAM's rule (any "
+        "of 4 points at the centre +- a quarter tile in tissue, centre not in a hole; --min-tissue unused)",
+    )
+    p.add_argument(
+        "--min-tissue-area",
+        type=float,
+        default=None,
+        metavar="UM2",
+        help="tissue fragments smaller than this many um^2 are dropped (default 20000; 0 keeps every "
+        "fragment, e.g. for small biopsies or TMA cores)",
+    )
+    p.add_argument(
+        "--keep-ink", action="store_true", help="do not remove marker ink (coloured/dark pen strokes)"
+    )
+    p.add_argument(
         "--region-size", type=int, default=None, help="also write regions of this size (4096 for HIPT)"
     )
     p.add_argument(
@@ -48,7 +68,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
     p.add_argument("--backend", default=None, help="slide reader backend (default: automatic)")
     p.add_argument("--preview", action="store_true", help="also write OUT/previews/<slide_id>.png")
+    p.add_argument(
+        "--outlines",
+        action="store_true",
+        help="also write the tissue outlines as GeoJSON (OUT/tissue/<slide_id>.geojson, level-0 px, QuPath)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["gigaslide", "clam", "trident"],
+        default="gigaslide",
+        help="coordinate files for CLAM (= gigaslide: patches/<id>.h5, patch_size read at patch_level) "
+        "or TRIDENT (patches/<id>_patches.h5, patch_size at the target resolution); default gigaslide",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_wait_argument(p)
     return p
 
 
@@ -64,20 +97,32 @@ def run(args: argparse.Namespace) -> int:
         target_mpp = magnification_to_mpp(args.magnification)
     else:
         target_mpp = args.target_mpp if args.target_mpp is not None else 0.5
+    tissue_params = None
+    if args.min_tissue_area is not None or args.keep_ink:
+        from gigaslide.preprocess.tissue import TissueParams
+
+        defaults = TissueParams()
+        area = defaults.min_tissue_area_um2 if args.min_tissue_area is None else args.min_tissue_area
+        tissue_params = TissueParams(min_tissue_area_um2=area, remove_pen=not args.keep_ink)
     slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
-    summary = run_tiling(
-        slides,
-        args.out,
-        target_mpp=target_mpp,
-        tile_size=args.tile_size,
-        stride=args.stride,
-        min_tissue=args.min_tissue,
-        region_size=args.region_size,
-        region_min_tissue=args.region_min_tissue,
-        workers=args.workers,
-        backend=args.backend,
-        preview=args.preview,
-        progress=not args.no_progress,
-    )
+    with output_folder(args.out, wait=args.wait):
+        summary = run_tiling(
+            slides,
+            args.out,
+            target_mpp=target_mpp,
+            tile_size=args.tile_size,
+            stride=args.stride,
+            min_tissue=args.min_tissue,
+            region_size=args.region_size,
+            region_min_tissue=args.region_min_tissue,
+            workers=args.workers,
+            backend=args.backend,
+            preview=args.preview,
+            tissue_params=tissue_params,
+            layout=args.layout,
+            outlines=args.outlines,
+            tile_rule=args.tile_rule,
+            progress=not args.no_progress,
+        )
     print(summary.describe())
     return 0 if summary.ok else 1

@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
+
+from gigaslide.cli.common import SPLIT_DEFAULTS, add_split_arguments, add_wait_argument, output_folder
 
 log = logging.getLogger("gigaslide.train")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from gigaslide.train.config import TrainConfig
+
+    d = TrainConfig()  # flags default to None (a --config file may set them); help shows these defaults
     p = sub.add_parser(
         "train",
         help="cross-validated slide-level training (classification or survival) on tile features",
@@ -30,33 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", type=Path, required=True, help="CSV: slide_id, case_id, label | time, event")
     p.add_argument("--out", type=Path, required=True, help="output folder (reruns resume finished folds)")
-    p.add_argument("--model", default=None, help="slide model name (default abmil; see models.slide)")
-    p.add_argument("--task", choices=["classification", "survival"], default=None)
-    p.add_argument("--folds", type=int, default=None, help="number of folds (default 10)")
     p.add_argument(
-        "--monte-carlo",
-        type=int,
-        default=None,
-        metavar="R",
-        help="R random case-grouped stratified splits (Monte Carlo CV) instead of k folds",
+        "--model", default=None, help=f"slide model name, see `gigaslide models` (default: {d.model})"
     )
     p.add_argument(
-        "--test-fraction", type=float, default=None, help="cases tested per Monte Carlo split (0.2)"
+        "--task", choices=["classification", "survival"], default=None, help=f"(default: {d.task})"
     )
     p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=None,
-        help="validation cases (0.1): fraction of the training cases (k-fold) or of all cases (Monte Carlo)",
+        "--label-col", default="label", help="column of --labels holding the class (classification)"
     )
-    p.add_argument(
-        "--train-fraction",
-        type=float,
-        default=None,
-        help="fraction of each training fold kept, e.g. 0.25 for HIPT's data-efficiency runs (default 1.0)",
-    )
-    p.add_argument("--few-shot", type=int, default=None, metavar="N", help="N training slides per class")
-    p.add_argument("--splits", type=Path, default=None, help="folder of CLAM splits_<k>.csv files to use")
+    add_split_arguments(p, defaults={k: getattr(d, k) for k in SPLIT_DEFAULTS}, unset=True)
     p.add_argument(
         "--case-level", action="store_true", default=None, help="one bag per case (all its slides)"
     )
@@ -70,11 +57,37 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key (repeatable), e.g. --set lr=1e-4 --set max_tiles=4096",
     )
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--cache", choices=["memory", "lazy", "mmap"], default=None, help="feature loading")
+    p.add_argument(
+        "--list-keys",
+        action=_ListKeys,
+        help="list every config key (for --config and --set) with its type and default, and exit",
+    )
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs per fold (default: {d.epochs})")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default: {d.seed})")
+    p.add_argument(
+        "--cache",
+        choices=["memory", "lazy", "mmap"],
+        default=None,
+        help=f"feature loading: all in memory, read per bag, or memory-mapped (default: {d.cache})",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar over folds")
+    add_wait_argument(p)
     return p
+
+
+class _ListKeys(argparse.Action):
+    """``--list-keys``: print the config keys and exit (like ``--version``, no other argument needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        kwargs.pop("default", None)
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
+        from gigaslide.train.config import describe_keys
+
+        print(describe_keys())
+        parser.exit(0)
 
 
 def build_config(args: argparse.Namespace):  # -> TrainConfig
@@ -112,21 +125,22 @@ def resolve_device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gigaslide.data.cohort import Cohort, CohortError
+    from gigaslide.data.cohort import Cohort
     from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table
     from gigaslide.experiments.crossval import run_crossval, split_description
 
-    try:
-        cfg = build_config(args)
-        device = resolve_device(args.device)
-        cohort = Cohort(args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache)
+    cfg = build_config(args)
+    device = resolve_device(args.device)
+    with output_folder(args.out, wait=args.wait):
+        cohort = Cohort(
+            args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache,
+            label_col=args.label_col,
+        )  # fmt: skip
         log.info("%s; model %s on %s", cohort, cfg.model, device)
         result = run_crossval(
-            cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits
-        )
-    except (CohortError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        print(f"gigaslide train: error: {e}", file=sys.stderr)
-        return 2
+            cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits,
+            progress=not args.no_progress,
+        )  # fmt: skip
     if result.skipped_folds:
         log.info("resumed: folds %s were already finished", result.skipped_folds)
     doc = json.loads(result.report["results"].read_text())
@@ -142,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if warned:
         lines.append(
-            f"  WARNING: folds {warned} had an unusable validation set (see val_warning in per_fold.csv)"
+            f"  warning: folds {warned} had an unusable validation set (see val_warning in per_fold.csv)"
         )
     print("\n".join(lines))
     return 0

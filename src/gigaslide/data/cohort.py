@@ -1,7 +1,8 @@
 """`Cohort`: a label CSV joined with a folder of tile-feature files, validated up front.
 
-Label CSV columns: ``slide_id``, ``case_id`` and either ``label`` (classification) or
-``time`` + ``event`` (survival; ``event`` 1 = death/progression observed, 0 = censored).
+Label CSV columns (read by :func:`gigaslide.data.labels.read_labels`, the reader `probe` uses too):
+``slide_id``, ``case_id`` and either ``label`` (classification) or ``time`` + ``event`` (survival;
+``event`` 1 = death/progression observed, 0 = censored).
 Features: ``DIR/h5_files/<slide_id>.h5`` as written by ``gigaslide embed`` (CLAM layout), or
 ``DIR/<slide_id>.h5`` / ``DIR/<slide_id>.pt`` / ``DIR/pt_files/<slide_id>.pt`` directly.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from gigaslide.data.features_io import FeatureBag, read_features
+from gigaslide.data.labels import format_ids, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +33,6 @@ CACHE_MODES = ("memory", "lazy", "mmap")
 
 class CohortError(ValueError):
     """Invalid cohort input; the message names the file, the offending ids and the fix."""
-
-
-def format_ids(ids: Iterable[object], limit: int = 20) -> str:
-    """``'a, b, c'`` for the first ``limit`` ids plus ``'(+N more, M in total)'`` when truncated."""
-    ids = [str(i) for i in ids]
-    head = ", ".join(ids[:limit])
-    if len(ids) > limit:
-        head += f" (+{len(ids) - limit} more, {len(ids)} in total)"
-    return f"[{len(ids)}] {head}"
 
 
 @dataclass(frozen=True)
@@ -99,62 +92,13 @@ def _map_labels(
     return values.map(index).to_numpy(dtype=np.int64), names
 
 
-def read_label_table(labels_path: str | os.PathLike[str], task: str = "classification") -> pd.DataFrame:
+def read_label_table(
+    labels_path: str | os.PathLike[str], task: str = "classification", label_col: str = "label"
+) -> pd.DataFrame:
     """The validated label table of a CSV: ``slide_id``, ``case_id`` and ``label`` (as text) or
-    ``time`` + ``event``; errors name the file, the rows and the fix."""
-    labels_path = Path(labels_path)
-    if not labels_path.is_file():
-        raise CohortError(f"{labels_path}: label CSV not found")
-    try:
-        table = pd.read_csv(labels_path, dtype={"slide_id": str, "case_id": str, "label": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise CohortError(f"{labels_path}: cannot read label CSV ({e})") from e
-    table.columns = [str(c).strip() for c in table.columns]
-    needed = ["slide_id", "case_id"] + (["label"] if task == "classification" else ["time", "event"])
-    absent = [c for c in needed if c not in table.columns]
-    if absent:
-        raise CohortError(
-            f"{labels_path}: missing column(s) {absent} for task {task!r}; found "
-            f"{list(table.columns)}. Required: {needed} (case_id = patient; repeat slide_id if each "
-            "slide is its own patient)."
-        )
-    table = table[needed].copy()
-    for col in ("slide_id", "case_id"):
-        table[col] = table[col].astype("string").str.strip()
-    blank = table.index[table["slide_id"].isna() | (table["slide_id"] == "")]
-    if len(blank):
-        raise CohortError(f"{labels_path}: empty slide_id on CSV row(s) {format_ids(blank + 2)}")
-    table["slide_id"] = table["slide_id"].astype(str)
-    nocase = table.loc[table["case_id"].isna() | (table["case_id"] == ""), "slide_id"]
-    if len(nocase):
-        raise CohortError(f"{labels_path}: empty case_id for slide_id {format_ids(nocase)}")
-    table["case_id"] = table["case_id"].astype(str)
-    dup = table.loc[table["slide_id"].duplicated(keep=False), "slide_id"].unique()
-    if len(dup):
-        raise CohortError(
-            f"{labels_path}: duplicate slide_id(s) {format_ids(dup)}; each slide must appear once."
-        )
-    if task == "classification":
-        nolabel = table.loc[table["label"].isna() | (table["label"].str.strip() == ""), "slide_id"]
-        if len(nolabel):
-            raise CohortError(f"{labels_path}: missing label for slide_id {format_ids(nolabel)}")
-    else:
-        time = pd.to_numeric(table["time"], errors="coerce")
-        event = pd.to_numeric(table["event"], errors="coerce")
-        bad_t = table.loc[~np.isfinite(time.to_numpy(dtype=float)) | (time < 0).to_numpy(), "slide_id"]
-        if len(bad_t):
-            raise CohortError(
-                f"{labels_path}: 'time' must be a finite number >= 0; bad for slide_id {format_ids(bad_t)}"
-            )
-        bad_e = table.loc[~event.isin([0, 1]), "slide_id"]
-        if len(bad_e):
-            raise CohortError(
-                f"{labels_path}: 'event' must be 0 (censored) or 1 (observed); bad for slide_id "
-                f"{format_ids(bad_e)}"
-            )
-        table["time"] = time.astype(float)
-        table["event"] = event.astype(np.int64)
-    return table
+    ``time`` + ``event``; errors (:class:`CohortError`) name the file, the rows and the fix. The one
+    reader is :func:`gigaslide.data.labels.read_labels` (also used by `gigaslide probe`)."""
+    return read_labels(labels_path, task, label_col, error=CohortError)
 
 
 class Cohort:
@@ -168,6 +112,7 @@ class Cohort:
         cache: ``"memory"`` (load every bag once), ``"lazy"`` (read on access) or ``"mmap"``
             (memory-map contiguous HDF5 datasets; falls back to reading for chunked/compressed ones).
         check_values: scan every bag for NaN/inf values and empty bags at construction.
+        label_col: the class column of ``labels_csv`` (classification); read into ``label``.
     """
 
     def __init__(
@@ -178,6 +123,7 @@ class Cohort:
         classes: Sequence[str] | None = None,
         cache: str = "memory",
         check_values: bool = True,
+        label_col: str = "label",
     ) -> None:
         if task not in ("classification", "survival"):
             raise ValueError(f"task must be 'classification' or 'survival', got {task!r}")
@@ -187,6 +133,7 @@ class Cohort:
         self.features_dir = Path(features_dir)
         self.task = task
         self.cache = cache
+        self.label_col = label_col
         if not self.labels_path.is_file():
             raise CohortError(f"{self.labels_path}: label CSV not found")
         if not self.features_dir.is_dir():
@@ -213,7 +160,7 @@ class Cohort:
 
     # -- construction helpers ---------------------------------------------------------------
     def _read_table(self) -> pd.DataFrame:
-        return read_label_table(self.labels_path, self.task)
+        return read_label_table(self.labels_path, self.task, self.label_col)
 
     def _check_bags(self, check_values: bool) -> int:
         """Validate every bag (dimension, emptiness, finiteness); load into memory when caching."""

@@ -33,6 +33,7 @@ from gigaslide.eval.metrics import (
 
 log = logging.getLogger(__name__)
 
+DEFAULT_KNN_K = 20  # HIPT's KNN probe; clamped to the training-set size when not given
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_PENALIZERS: tuple[float, ...] = (0.01, 0.1, 1.0)
 
@@ -95,7 +96,7 @@ def knn_predict_proba(
     y_train: np.ndarray,
     X_test: np.ndarray,
     n_classes: int,
-    k: int = 20,
+    k: int | None = None,
     metric: str = "cosine",
     weighting: str = "uniform",
     temperature: float = 0.07,
@@ -103,8 +104,9 @@ def knn_predict_proba(
 ) -> np.ndarray:
     """(M, C) class probabilities of (M, E) test rows from their ``k`` nearest (N, E) training rows.
 
-    ``k`` larger than the N training rows is clamped to N with a WARNING naming ``fold``: with
-    uniform weighting every prediction is then the training-set class prior.
+    ``k=None`` uses ``DEFAULT_KNN_K`` neighbours, or all N training rows when fewer (silently: a
+    default should fit small training sets). An explicit ``k`` larger than N is clamped to N with a
+    warning naming ``fold``: with uniform weighting every prediction is then the training-set class prior.
 
     ``metric="cosine"`` (L2-normalised dot product) or ``"euclidean"``; ``weighting="uniform"``
     (fraction of votes) or ``"distance"`` (``exp(sim / temperature)`` for cosine, ``1 / d`` for
@@ -113,6 +115,8 @@ def knn_predict_proba(
     if X_train.shape[0] == 0:
         raise ValueError("KNN needs at least one training slide")
     n_train = int(X_train.shape[0])
+    if k is None:
+        k = min(DEFAULT_KNN_K, n_train)
     if k > n_train:
         log.warning(
             "%sKNN k=%d exceeds the %d training slide(s); using k=%d: every test slide votes over the whole "
@@ -311,7 +315,7 @@ def _val_warning(problem: str | None, fold: int, method: str, task: str, empty: 
     else:
         effect = "validation c-index is undefined: every penalizer ties and the smallest is used"
     msg = f"fold {fold}: {problem}; {effect}"
-    log.warning("WARNING %s", msg)
+    log.warning("%s", msg)
     return msg
 
 
@@ -435,10 +439,10 @@ def run_probe(
             if method == "knn":
                 probs = knn_predict_proba(
                     X[sp.train], y[sp.train], X[sp.test], n_cls,
-                    k=kw.get("k", 20), metric=kw.get("metric", "cosine"), weighting=kw.get("weighting", "uniform"),
+                    k=kw.get("k"), metric=kw.get("metric", "cosine"), weighting=kw.get("weighting", "uniform"),
                     fold=sp.fold,
                 )  # fmt: skip
-                hp: dict[str, Any] = {"hp_k": int(min(kw.get("k", 20), sp.train.size))}
+                hp: dict[str, Any] = {"hp_k": int(min(kw.get("k") or DEFAULT_KNN_K, sp.train.size))}
             else:
                 probs, hp = linear_probe_fold(
                     X[sp.train], y[sp.train], X[sp.test], X[sp.val], y[sp.val], n_cls,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from tqdm import tqdm
 
 from gigaslide import __version__
 from gigaslide.data.bags import BagDataset
@@ -111,8 +113,36 @@ def _val_warning(cohort: Cohort, cfg: TrainConfig, split: Split) -> str | None:
     else:
         effect = f"the validation {metric} is undefined (NaN); checkpoint selection uses the validation loss"
     msg = f"fold {split.fold}: {problem}; {effect}"
-    log.warning("WARNING %s", msg)
+    log.warning("%s", msg)
     return msg
+
+
+SMALL_VALIDATION = 10  # slides; fewer make checkpoint selection and early stopping noisy
+
+
+def small_validation_warning(splits: list[Split]) -> str | None:
+    """A warning naming the folds whose (non-empty) validation set has fewer than ``SMALL_VALIDATION``
+    slides, or None. Empty validation sets are :func:`_val_warning`'s."""
+    small = {s.fold: len(s.val) for s in splits if 0 < len(s.val) < SMALL_VALIDATION}
+    if not small:
+        return None
+    sizes = sorted(set(small.values()))
+    size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return (
+        f"validation sets of {len(small)} of {len(splits)} folds hold only {size} slide(s) (folds "
+        f"{sorted(small)[:20]}): checkpoint selection and early stopping on them are noisy; raise "
+        "--val-fraction or add slides"
+    )
+
+
+def check_model_config(cfg: TrainConfig, cohort: Cohort) -> None:
+    """Build the configured model once, so that a typo in ``model`` or ``model_kwargs`` is reported
+    before anything is written into the output folder (a half-written run would block the rerun)."""
+    try:
+        create_slide_model(cfg.model, cohort.dim, n_outputs(cfg, cohort.n_classes), **cfg.model_kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise ValueError(f"model {cfg.model!r} with model_kwargs {cfg.model_kwargs}: {msg}") from e
 
 
 def _select(samples: list[Sample], slide_ids: list[str]) -> list[Sample]:
@@ -143,7 +173,13 @@ def _check_resume(out: Path, cfg_dict: dict[str, Any], splits: list[Split]) -> N
 
 
 def _run_fold(
-    cohort: Cohort, cfg: TrainConfig, split: Split, samples: list[Sample], out: Path, device: torch.device
+    cohort: Cohort,
+    cfg: TrainConfig,
+    split: Split,
+    samples: list[Sample],
+    out: Path,
+    device: torch.device,
+    progress: bool = False,
 ) -> dict[str, Any]:
     k = split.fold
     train_s, val_s, test_s = (_select(samples, getattr(split, n)) for n in ("train", "val", "test"))
@@ -156,7 +192,8 @@ def _run_fold(
     model = create_slide_model(cfg.model, cohort.dim, n_out, **cfg.model_kwargs)
     train_ds = BagDataset(cohort, train_s, max_tiles=cfg.max_tiles, train=True, seed=fold_cfg.seed)
     val_ds = BagDataset(cohort, val_s) if val_s else None
-    result = train_model(model, train_ds, val_ds, fold_cfg, device, validation_metric(fold_cfg.task))
+    label = f"fold {k}" if progress else None  # the engine's per-epoch bar (loss, rate)
+    result = train_model(model, train_ds, val_ds, fold_cfg, device, validation_metric(fold_cfg.task), label)
     model.load_state_dict(result.best_state)
     pred = predict(model, BagDataset(cohort, test_s), device)
     frame = pred.to_frame(cohort.class_names)
@@ -206,6 +243,20 @@ def _run_fold(
     return doc
 
 
+def fold_progress(doc: dict[str, Any]) -> str:
+    """One fold's summary for the progress bar: epochs run, last training loss, best validation
+    metric and the test metrics, e.g. ``fold 2: 20 ep, loss 0.41, val 0.83, test auc 0.80``."""
+    row, history = doc["row"], doc.get("history") or []
+    parts = [f"fold {row['fold']}: {row.get('epochs_run', len(history))} ep"]
+    if history:
+        parts.append(f"loss {history[-1]['train_loss']:.3g}")
+        vals = [h["val_metric"] for h in history if np.isfinite(h.get("val_metric", float("nan")))]
+        if vals:
+            parts.append(f"val {max(vals):.3g}")
+    tests = [f"{m} {row[m]:.3g}" for m in (*CLASSIFICATION_METRICS, *SURVIVAL_METRICS) if m in row][:2]
+    return ", ".join(parts + ([f"test {', '.join(tests)}"] if tests else []))
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -220,17 +271,25 @@ def run_crossval(
     out_dir: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     splits_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
 ) -> CVResult:
     """Cross-validate ``model_name`` on ``cohort``: train every fold (skipping finished ones), test,
-    and write the report into ``out_dir`` (see the module docstring for the files)."""
+    and write the report into ``out_dir`` (see the module docstring for the files).
+
+    ``progress`` shows a bar over the folds on stderr with the last fold's epochs, training loss,
+    validation metric and test metrics."""
     if task != cohort.task:
         raise ValueError(f"task {task!r} differs from the cohort's task {cohort.task!r}")
     cfg = replace(cfg, model=model_name, task=task)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
+    check_model_config(cfg, cohort)  # before anything is written
     splits = make_splits(cohort, cfg, splits_dir)
     _check_resume(out, cfg.to_dict(), splits)
+    small = small_validation_warning(splits)
+    if small:
+        log.warning("%s", small)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {
         "label_map": cohort.label_map(),
         "in_dim": cohort.dim,
@@ -246,6 +305,9 @@ def run_crossval(
     save_splits(splits, out / "splits")
     samples = cohort.samples(cfg.case_level)
     docs, skipped = [], []
+    bar = tqdm(
+        total=len(splits), desc=f"{cfg.model} folds", unit="fold", file=sys.stderr, disable=not progress
+    )
     for split in splits:
         k = split.fold
         fold_json, ckpt = out / "folds" / f"fold{k}.json", out / "checkpoints" / f"fold{k}.pt"
@@ -253,10 +315,14 @@ def run_crossval(
             log.info("fold %d already done (%s), skipping", k, fold_json)
             docs.append(json.loads(fold_json.read_text()))
             skipped.append(k)
+            bar.update(1)
             continue
         log.info("fold %d: training %s", k, cfg.model)
-        docs.append(_run_fold(cohort, cfg, split, samples, out, device))
+        docs.append(_run_fold(cohort, cfg, split, samples, out, device, progress))
         log.info("fold %d: %s", k, {m: v for m, v in docs[-1]["row"].items() if isinstance(v, float)})
+        bar.set_postfix_str(fold_progress(docs[-1]), refresh=False)
+        bar.update(1)
+    bar.close()
     per_fold = [d["row"] for d in docs]
     predictions = pd.concat([pd.DataFrame(d["predictions"]) for d in docs], ignore_index=True)
     metric_names = CLASSIFICATION_METRICS if task == "classification" else SURVIVAL_METRICS

@@ -3,6 +3,14 @@
 All coordinates given to :meth:`Slide.read_region` are level-0 pixels for the
 location and pixels of the requested level for the size, as in OpenSlide. Reads
 that fall partly or wholly outside the slide are padded with white background.
+
+Pixel semantics, identical in every backend: a read at ``level`` returns that level's
+STORED pixels, starting at ``(floor(x / ds), floor(y / ds))`` with ``ds`` the level's
+downsample. Nothing is interpolated, so a tile does not depend on the backend that read it.
+(OpenSlide itself resamples the sub-pixel remainder of ``x / ds`` at levels whose downsample
+is not an integer, e.g. Aperio's 2.0005; the ``openslide`` backend reads the stored pixels
+there instead, see :mod:`gigaslide.io.openslide_backend`.) The top-left of a level-L read is
+thus off by less than one level-L pixel from ``x``: at most ``ds`` level-0 pixels.
 """
 
 from __future__ import annotations

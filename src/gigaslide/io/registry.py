@@ -201,16 +201,22 @@ def _open_any(path: Path, mpp: float | None, backend: str | None) -> Slide:
             ) from exc
     check_file(path)
     reasons: list[str] = []
+    unavailable: dict[str, str] = {}
     for name in list_backends():
         info = _REGISTRY[name]
         reason = backend_unavailable_reason(name)
         if reason is not None:
-            reasons.append(f"  - {name}: not available ({reason})")
+            unavailable[name] = reason
             continue
         try:
             return _open_with(info, path, mpp)
         except SlideReadError as exc:
             reasons.append(f"  - {name}: {_strip_path(str(exc), path)}")
+    if reasons:  # the installed readers refused the file: installing another one is rarely the fix
+        if unavailable:
+            reasons.append(f"  (not installed here: {', '.join(unavailable)})")
+    else:  # nothing could even try: then the install hints are the fix
+        reasons = [f"  - {name}: not available ({reason})" for name, reason in unavailable.items()]
     listing = "\n".join(reasons) if reasons else "  (no backends are registered)"
     raise SlideReadError(f"{path}: no slide reader backend could open this file:\n{listing}")
 

@@ -7,7 +7,9 @@
 * :func:`filter_state_dict` adapts checkpoint keys to a model: strips wrapper prefixes
   (``module.``, ``backbone.``, ``_orig_mod.``, ``model.``, ``encoder.``) when that makes keys
   match, drops the documented, model-declared prefixes (DINO ``head.``; ``layer4.``/``fc.`` for
-  truncated ResNets; a timm classifier) and resizes ``pos_embed`` to the model's grid.
+  truncated ResNets; a timm classifier), drops the projection head of a DINO-layout training
+  checkpoint (``backbone.*`` + ``head.*``, e.g. from ``gigaslide pretrain dino``) for any encoder,
+  and resizes ``pos_embed`` to the model's grid.
 * :func:`load_weights` does both, loads strictly by default and reports what happened,
   including the sha256 of the file so outputs can record exactly which weights made them.
 """
@@ -260,6 +262,27 @@ def _resize_pos_embed_for(model: nn.Module, ckpt_pe: torch.Tensor) -> torch.Tens
     return out
 
 
+def _drop_ssl_head(
+    sd: dict[str, torch.Tensor], model_keys: set[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A DINO ``MultiCropWrapper`` state (every key under ``backbone.`` or ``head.``, possibly behind
+    ``module.``) loaded into a plain encoder: the projection head is not part of the encoder, drop it."""
+    if any(k.startswith(("backbone.", "head.")) for k in model_keys):
+        return sd, []
+    ddp = "module." if sd and all(k.startswith("module.") for k in sd) else ""
+    inner = [k[len(ddp) :] for k in sd]
+    if not any(k.startswith("backbone.") for k in inner) or not all(
+        k.startswith(("backbone.", "head.")) for k in inner
+    ):
+        return sd, []
+    head = [k for k in sd if k[len(ddp) :].startswith("head.")]
+    if head:
+        logger.debug(
+            "dropped the %d keys of the SSL projection head (DINO layout: backbone.* + head.*)", len(head)
+        )
+    return {k: v for k, v in sd.items() if not k[len(ddp) :].startswith("head.")}, head
+
+
 def adapt_state_dict(
     sd: Mapping[str, torch.Tensor],
     model: nn.Module,
@@ -276,14 +299,18 @@ def adapt_state_dict(
     """
     model_sd = model.state_dict()
     model_keys = set(model_sd)
+<<<<<<< HEAD
     out = dict(sd)
     model_filter = getattr(model, "checkpoint_filter", None)
     if callable(model_filter):  # a layout filter declared beside the model (timm's checkpoint_filter_fn)
         out = dict(model_filter(out))
     out = _strip_prefixes(out, model_keys)
+=======
+    sd, dropped = _drop_ssl_head(dict(sd), model_keys)
+    out = _strip_prefixes(sd, model_keys)
+>>>>>>> main
     if drop_prefixes is None:
         drop_prefixes = tuple(getattr(model, "checkpoint_drop_prefixes", ()))
-    dropped: list[str] = []
     for prefix in drop_prefixes:
         gone = [k for k in out if k.startswith(prefix) and k not in model_keys]
         for k in gone:

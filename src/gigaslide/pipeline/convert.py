@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 from gigaslide.data.features_io import write_features
-from gigaslide.preprocess.coords_io import _plain
+from gigaslide.preprocess.coords_io import (
+    _plain,
+    _with_inferred_stride,
+    coords_filename,
+    layout_attrs,
+)
 from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.utils.atomic import atomic_path, atomic_write_text
 
@@ -116,20 +121,49 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str,
     return feats, coords, fattrs, cattrs
 
 
-def _spec_of(cattrs: dict[str, Any]) -> TileSpec | None:
-    if "gigaslide_spec" not in cattrs:
-        return None
-    return TileSpec.from_dict(json.loads(cattrs["gigaslide_spec"]))
+def _spec_of(cattrs: dict[str, Any], coords: np.ndarray | None = None, slide_mpp: float | None = None):
+    """The tile spec behind coordinate attributes: gigaslide's exact one, else rebuilt from CLAM/TRIDENT's."""
+    if "gigaslide_spec" in cattrs:
+        return TileSpec.from_dict(json.loads(cattrs["gigaslide_spec"]))
+    try:
+        spec = TileSpec.from_attrs(cattrs, slide_mpp=slide_mpp)
+    except (ValueError, KeyError, TypeError):
+        return None  # unknown attributes: copied as they are
+    if spec.extra.get("source") == "clam" and coords is not None:
+        spec = _with_inferred_stride(spec, coords)
+    return spec
 
 
-def coords_attrs_for(cattrs: dict[str, Any], to: str) -> dict[str, Any]:
-    """Coordinate attributes in the conventions of ``to`` (gigaslide's canonical set when the spec is known)."""
-    spec = _spec_of(cattrs)
-    out = dict(cattrs)
-    if spec is not None:
-        out.update(spec.to_attrs())
-        if to == "trident":  # TRIDENT's patch_size is the tile size at the target magnification
-            out["patch_size"] = int(spec.tile_size)
+# attributes that belong to one layout's meaning of ``patch_size`` and must not survive a conversion
+_LAYOUT_KEYS = {
+    "patch_size", "patch_level", "downsample", "downsampled_level_dim", "level_dim", "level0_dim",
+    "patch_size_level0", "target_magnification", "level0_magnification", "overlap", "level0_width",
+    "level0_height", "tile_size", "stride", "target_mpp", "slide_mpp", "level0_stride", "gigaslide_spec",
+    "custom_downsample",
+}  # fmt: skip
+
+
+def coords_attrs_for(
+    cattrs: dict[str, Any],
+    to: str,
+    name: str | None = None,
+    coords: np.ndarray | None = None,
+    slide_mpp: float | None = None,
+) -> dict[str, Any]:
+    """Coordinate attributes rewritten in the conventions of ``to`` (see :mod:`gigaslide.preprocess.coords_io`).
+
+    The spec comes from gigaslide's JSON, or is rebuilt from CLAM's or TRIDENT's attributes (the
+    CLAM stride from ``coords``); the other layout's attributes are dropped, the rest kept.
+    """
+    spec = _spec_of(cattrs, coords, slide_mpp)
+    if spec is None:
+        out = dict(cattrs)
+    else:
+        layout = "trident" if to == "trident" else "gigaslide"
+        out = {k: v for k, v in cattrs.items() if k not in _LAYOUT_KEYS}
+        out.update(layout_attrs(spec, layout))
+    if name is not None:
+        out["name"] = name  # CLAM's StitchCoords and TRIDENT read it
     return out
 
 
@@ -169,7 +203,7 @@ def convert_features(
             enc = encoder or fattrs.get("encoder") or source.encoder
             if enc and "encoder" not in fattrs:
                 fattrs["encoder"] = enc
-            cattrs = coords_attrs_for(cattrs, to)
+            cattrs = coords_attrs_for(cattrs, to, name=sid, coords=coords)
             if to == "trident":
                 if not enc:
                     raise ValueError(f"{path}: the encoder name is unknown; pass --encoder")
@@ -197,3 +231,107 @@ def convert_features(
         writer.writerows(rows)
         atomic_write_text(out / "manifest.csv", buf.getvalue())
     return summary
+
+
+# -- coordinate folders ----------------------------------------------------------------------
+def find_coords_files(src: str | os.PathLike[str]) -> dict[str, Path]:
+    """slide_id -> coordinate file of a tiling output, CLAM or TRIDENT folder (``patches/`` or the folder itself).
+
+    TRIDENT's ``<id>_patches.h5`` names give the slide id ``<id>``.
+    """
+    root = Path(src)
+    pdir = root / "patches" if (root / "patches").is_dir() else root
+    files: dict[str, Path] = {}
+    for p in sorted(pdir.glob("*.h5")):
+        if p.name.startswith("."):
+            continue
+        sid = p.stem[: -len("_patches")] if p.stem.endswith("_patches") else p.stem
+        files[sid] = p
+    return files
+
+
+def _read_coords_raw(path: Path) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """(coords (N, 2) int64, coords attrs (file attrs merged), tissue fractions or None) of one file."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise ValueError(f"{path}: no `coords` dataset (has {list(f.keys())})")
+            if "features" in f:
+                raise ValueError(f"{path}: a feature file, not a coordinate file")
+            coords = np.asarray(f["coords"][:])
+            attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+            for k, v in f.attrs.items():
+                attrs.setdefault(k, _plain(v))
+            tf = np.asarray(f["tissue_fraction"][:]) if "tissue_fraction" in f else None
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 coordinate file ({e})") from e
+    return coords.astype(np.int64, copy=False).reshape(-1, 2), attrs, tf
+
+
+def convert_coords(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    to: str,
+    *,
+    slide_mpp: float | None = None,
+    slide_ids: set[str] | None = None,
+) -> ConvertSummary:
+    """Convert a folder of coordinate files (tiling output, CLAM or TRIDENT) into layout ``to``.
+
+    Writes ``DST/patches/<id>.h5`` (gigaslide, CLAM) or ``DST/patches/<id>_patches.h5`` (TRIDENT),
+    coordinates copied exactly, attributes in the target's meaning (see
+    :mod:`gigaslide.preprocess.coords_io`). CLAM files store no resolution: converting them to
+    TRIDENT needs ``slide_mpp`` (TRIDENT's magnifications come from it).
+    """
+    if to not in FORMATS:
+        raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    files = {k: v for k, v in find_coords_files(src).items() if slide_ids is None or k in slide_ids}
+    if not files:
+        raise ConvertError(
+            f"{src}: no coordinate files found; expected patches/*.h5 (gigaslide, CLAM) or "
+            "patches/*_patches.h5 (TRIDENT)" + (" for --slides" if slide_ids else "")
+        )
+    out = Path(dst)
+    summary = ConvertSummary(out_dir=out)
+    layout = "trident" if to == "trident" else "gigaslide"
+    for sid, path in files.items():
+        try:
+            coords, cattrs, tf = _read_coords_raw(path)
+            attrs = coords_attrs_for(cattrs, to, name=sid, coords=coords, slide_mpp=slide_mpp)
+            if to == "trident" and "level0_magnification" not in attrs:
+                raise ValueError(
+                    f"{path}: the coordinates store no physical resolution (CLAM), and TRIDENT files need "
+                    "the slide's magnification; pass --slide-mpp UM_PER_PX"
+                )
+            if to != "trident" and "patch_level" not in attrs:
+                raise ValueError(f"{path}: unrecognised coordinate attributes {sorted(cattrs)}")
+            target = out / "patches" / coords_filename(sid, layout)
+            with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
+                ds = f.create_dataset("coords", data=coords)
+                for k, v in _clean(attrs).items():
+                    ds.attrs[k] = v
+                if tf is not None:
+                    f.create_dataset("tissue_fraction", data=tf)
+            summary.written[sid] = target
+        except Exception as e:
+            log.error("%s: %s", sid, e)
+            summary.failed[sid] = f"{type(e).__name__}: {e}"
+    return summary
+
+
+def convert_folder(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    to: str,
+    *,
+    encoder: str | None = None,
+    slide_mpp: float | None = None,
+    slide_ids: set[str] | None = None,
+) -> ConvertSummary:
+    """Convert a feature folder (:func:`convert_features`) or a coordinate folder (:func:`convert_coords`)."""
+    root = Path(src)
+    is_features = (root / "h5_files").is_dir() or (root / "pt_files").is_dir()
+    is_features |= root.name.startswith("features_") or any(root.glob("features_*"))
+    if not is_features and find_coords_files(root):
+        return convert_coords(root, dst, to, slide_mpp=slide_mpp, slide_ids=slide_ids)
+    return convert_features(root, dst, to, encoder=encoder, slide_ids=slide_ids)

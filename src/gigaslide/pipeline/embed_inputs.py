@@ -81,9 +81,18 @@ def discover_jobs(
             by_id.setdefault(s.path.stem, s)
     manifest = root / "manifest.csv"
     jobs: list[SlideJob] = []
-    if manifest.is_file() and (root / "patches").is_dir():
+    rows: list[dict[str, str]] = []
+    if manifest.is_file():
         with manifest.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
+    if rows and "status" in rows[0]:  # a tiling output, even when no slide could be tiled
+        tiled = [r for r in rows if r.get("status") == STATUS_DONE]
+        if not tiled:
+            errors = "; ".join(f"{r.get('slide_id')}: {r.get('error') or r.get('status')}" for r in rows[:3])
+            raise EmbedInputError(
+                f"{root}: every slide of this tiling output failed to tile ({len(rows)} slide(s); {errors}); "
+                f"see {manifest}, fix the cause and rerun `gigaslide tile`"
+            )
         for row in rows:
             sid = row.get("slide_id", "")
             if row.get("status") != STATUS_DONE:
@@ -91,8 +100,9 @@ def discover_jobs(
                 continue
             cfile = Path(row.get("coords_file") or f"patches/{sid}.h5")
             cpath = cfile if cfile.is_absolute() else root / cfile
-            if not cpath.exists():
-                cpath = root / "patches" / f"{sid}.h5"
+            if not cpath.exists():  # the folder moved: gigaslide's or TRIDENT's (--layout trident) name
+                trident = root / "patches" / f"{sid}_patches.h5"
+                cpath = trident if trident.exists() else root / "patches" / f"{sid}.h5"
             mpp = float(row["mpp"]) if row.get("mpp") else slide_mpp
             source = f"--slides {slides}"
             if sid in by_id:

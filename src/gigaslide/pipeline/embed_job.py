@@ -140,6 +140,28 @@ class EmbedSummary:
         return "\n".join(lines)
 
 
+def feature_file_damage(path: Path, n_rows: int, dim: int, fingerprint: str) -> str | None:
+    """Why a finished feature file is unusable (unreadable, truncated, wrong shape for its own
+    fingerprint), or None when it reads back or belongs to another run (another fingerprint: the
+    caller refuses it). Reads the structure and the last row only."""
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f.get("features")
+            if not isinstance(ds, h5py.Dataset):
+                return "no 'features' dataset"
+            stored = ds.attrs.get("fingerprint")
+            stored = stored.decode() if isinstance(stored, bytes) else stored
+            if stored is not None and str(stored) != fingerprint:
+                return None
+            if ds.ndim != 2 or ds.shape[0] != n_rows or ds.shape[1] != dim:
+                return f"features shape {ds.shape}, expected ({n_rows}, {dim})"
+            if n_rows:
+                ds[n_rows - 1]  # a truncated file fails here
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        return f"unreadable: {' '.join(str(e).split())}"
+    return None
+
+
 # -- the job -------------------------------------------------------------------------------
 class _Embedder:
     """Per-run state shared by all slides of one rank."""
@@ -222,7 +244,11 @@ class _Embedder:
         if job.mpp is None:
             with contextlib.suppress(ValueError):  # TRIDENT files without a magnification need an mpp
                 cf = read_coords(job.coords_path)
-        if cf is not None and np.isfinite(cf.spec.slide_mpp):
+        if (
+            cf is not None
+            and np.isfinite(cf.spec.slide_mpp)
+            and cf.spec.extra.get("mpp_source") != "magnification"  # TRIDENT's 20x is nominal: ask the slide
+        ):
             return cf
         mpp = job.mpp
         if mpp is None:
@@ -255,6 +281,10 @@ class _Embedder:
         fp = self.fingerprint(coords, cf.attrs)
         final = self.h5_dir / f"{job.slide_id}.h5"
         dim = int(self.meta.embed_dim)
+        damage = feature_file_damage(final, n, dim, fp) if final.exists() else None
+        if damage is not None:  # a corrupt file is recomputed, not mistaken for another encoder's
+            log.warning("%s is damaged (%s); computing it again", final, damage)
+            final.unlink()
         if final.exists():
             if stored_fingerprint(final) != fp:
                 raise FileExistsError(
@@ -435,9 +465,9 @@ def run_embedding(
         "store_dtype": store_dtype,
     }
     embedder = _Embedder(encoder, out, opts)
-    if embedder.random_init:
-        log.warning(
-            "RANDOM WEIGHTS: encoder %s has no pretrained weights; features are not meaningful",
+    if embedder.random_init:  # create_encoder (or the CLI's banner) has warned: say it once
+        log.info(
+            "random weights: encoder %s has no pretrained weights; every file records random_init=True",
             encoder.meta.name,
         )
     summary = EmbedSummary(out_dir=out, manifest=main_manifest, random_init=embedder.random_init)

@@ -3,8 +3,9 @@
 Output layout of ``run_tiling(slides, OUT)``::
 
     OUT/manifest.csv              one row per slide (status done/failed, counts, timing, error)
-    OUT/patches/<slide_id>.h5     tile coordinates + tissue fractions (CLAM/TRIDENT-readable)
-    OUT/tissue/<slide_id>.geojson tissue polygons in level-0 pixels
+    OUT/patches/<slide_id>.h5     tile coordinates + tissue fractions (CLAM's layout and meaning)
+    OUT/patches/<slide_id>_patches.h5  instead, with ``layout="trident"``: TRIDENT's layout and meaning
+    OUT/tissue/<slide_id>.geojson with ``outlines``: tissue polygons in level-0 pixels (QuPath)
     OUT/regions/<slide_id>.h5     with ``region_size``: HIPT regions (e.g. 4096 px), see below
     OUT/previews/<slide_id>.png   with ``preview``: thumbnail + tissue outline + tile grid
 
@@ -83,9 +84,18 @@ class TilingParams:
     backend: str | None = None
     preview: bool = False
     tissue_params: TissueParams | None = None
+    layout: str = "gigaslide"
+    outlines: bool = False
+    tile_rule: str = "fraction"
 
     def validate(self) -> None:
         """Raise ValueError with the offending option for impossible settings."""
+        from gigaslide.preprocess.coords_io import LAYOUTS
+
+        if self.tile_rule not in ("fraction", "clam"):
+            raise ValueError(f"--tile-rule must be 'fraction' or 'clam', got {self.tile_rule!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
             raise ValueError(
                 f"--target-mpp must be a positive number of microns per pixel, got {self.target_mpp}"
@@ -139,10 +149,12 @@ class TilingSummary:
         return "\n".join(lines)
 
 
-def output_paths(out_dir: Path, slide_id: str) -> dict[str, Path]:
-    """Where the outputs of one slide go."""
+def output_paths(out_dir: Path, slide_id: str, layout: str = "gigaslide") -> dict[str, Path]:
+    """Where the outputs of one slide go (TRIDENT's coordinate files end in ``_patches.h5``)."""
+    from gigaslide.preprocess.coords_io import coords_filename
+
     return {
-        "patches": out_dir / "patches" / f"{slide_id}.h5",
+        "patches": out_dir / "patches" / coords_filename(slide_id, layout),
         "tissue": out_dir / "tissue" / f"{slide_id}.geojson",
         "regions": out_dir / "regions" / f"{slide_id}.h5",
         "previews": out_dir / "previews" / f"{slide_id}.png",
@@ -177,7 +189,7 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
     from gigaslide.preprocess.tiling import tile_slide
 
     out = Path(out_dir)
-    paths = output_paths(out, slide.slide_id)
+    paths = output_paths(out, slide.slide_id, params.layout)
     t0 = time.perf_counter()
     row: dict[str, Any] = {
         "path": str(Path(slide.path).resolve()),
@@ -199,10 +211,17 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
                 stride=params.stride,
                 min_tissue=params.min_tissue,
                 tissue_params=params.tissue_params,
+                rule=params.tile_rule,
             )
             warning = tiles.warning  # e.g. tiles upsampled from level 0
-            atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
-            attrs = {"slide_id": slide.slide_id, "slide_path": str(slide.path)}
+            if params.outlines:  # valid polygons of a fragmented mask cost more than the tiling itself
+                atomic_write_text(paths["tissue"], json.dumps(tiles.tissue.to_geojson()))
+            attrs = {
+                "slide_id": slide.slide_id,
+                "name": slide.slide_id,  # CLAM's StitchCoords and TRIDENT read `name`
+                "slide_path": str(slide.path),
+                **_tissue_attrs(params),
+            }
             if params.region_size:
                 row["n_regions"], region_warning = _write_regions(
                     s, slide, tiles.tissue, paths["regions"], params
@@ -214,14 +233,35 @@ def tile_one(slide: SlideInput, out_dir: str | os.PathLike[str], params: TilingP
                 with atomic_named_path(paths["previews"]) as tmp:
                     render_preview(tiles.tissue, tiles.coords, tiles.spec, tmp, slide_name=slide.slide_id)
             # the coordinate file is written last: its presence marks the slide finished
-            write_coords(paths["patches"], tiles.coords, tiles.spec, tiles.tissue_fraction, extra_attrs=attrs)
-        row.update(status=STATUS_DONE, n_tiles=tiles.n_tiles, error="", coords_file=str(paths["patches"]))
+            write_coords(
+                paths["patches"],
+                tiles.coords,
+                tiles.spec,
+                tiles.tissue_fraction,
+                extra_attrs=attrs,
+                layout=params.layout,
+            )
+        row.update(
+            status=STATUS_DONE, n_tiles=tiles.n_tiles, error="", coords_file=str(paths["patches"].resolve())
+        )
     except Exception as exc:
         logger.debug("slide %s failed", slide.slide_id, exc_info=True)
         row.update(status=STATUS_FAILED, error=format_error(exc), coords_file="")
     row["warning"] = warning
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def _tissue_attrs(params: TilingParams) -> dict[str, Any]:
+    """The tissue-detection settings a rerun must match (stored on the coordinate file)."""
+    from gigaslide.preprocess.tissue import TissueParams
+
+    tp = params.tissue_params or TissueParams()
+    return {
+        "min_tissue_area_um2": float(tp.min_tissue_area_um2),
+        "remove_ink": int(tp.remove_pen),
+        "clam_tile_rule": int(params.tile_rule == "clam"),
+    }
 
 
 def _write_regions(
@@ -274,13 +314,15 @@ def _region_spec_matches(path: Path, params: TilingParams) -> bool:
 
 def is_finished(manifest: Manifest, slide: SlideInput, out_dir: Path, params: TilingParams) -> bool:
     """True when an earlier run finished ``slide`` with the same tiling parameters."""
-    paths = output_paths(out_dir, slide.slide_id)
+    paths = output_paths(out_dir, slide.slide_id, params.layout)
     if not manifest.is_done(slide.slide_id) or not paths["patches"].is_file():
         return False
     if params.region_size and not _region_spec_matches(paths["regions"], params):
         logger.info("%s: regions missing or made with other region parameters; tiling again", slide.slide_id)
         return False
     if params.preview and not paths["previews"].is_file():
+        return False
+    if params.outlines and not paths["tissue"].is_file():
         return False
     try:
         with h5py.File(paths["patches"], "r") as f:
@@ -293,6 +335,9 @@ def is_finished(manifest: Manifest, slide: SlideInput, out_dir: Path, params: Ti
             )
             if same and slide.mpp is not None:
                 same = math.isclose(float(attrs["slide_mpp"]), slide.mpp, rel_tol=1e-9)
+            for key, want in _tissue_attrs(params).items():  # files from before these attrs: defaults
+                if same and key in attrs:
+                    same = math.isclose(float(attrs[key]), float(want), abs_tol=1e-9)
     except (OSError, KeyError, ValueError):
         return False
     if not same:
@@ -370,6 +415,9 @@ def run_tiling(
     tissue_params: TissueParams | None = None,
     progress: bool = True,
     region_min_tissue: float = DEFAULT_REGION_MIN_TISSUE,
+    layout: str = "gigaslide",
+    outlines: bool = False,
+    tile_rule: str = "fraction",
 ) -> TilingSummary:
     """Tile every slide into ``out_dir`` (layout in the module docstring); resumable.
 
@@ -384,6 +432,11 @@ def run_tiling(
         preview: also write a preview PNG per slide.
         tissue_params: tissue detection parameters (None = defaults).
         progress: show a progress bar on stderr.
+        layout: ``gigaslide`` (= CLAM: ``patches/<id>.h5``, ``patch_size`` read at ``patch_level``) or
+            ``trident`` (``patches/<id>_patches.h5``, ``patch_size`` at the target resolution); see
+            :mod:`gigaslide.preprocess.coords_io`.
+        outlines: also write the tissue outlines as GeoJSON (``OUT/tissue/<id>.geojson``).
+        tile_rule: ``fraction`` (default) or ``clam`` (CLAM's four-point rule on gigaslide's mask).
 
     Returns:
         A :class:`TilingSummary`; failed slides are listed there and in the manifest.
@@ -398,6 +451,9 @@ def run_tiling(
         backend=backend,
         preview=bool(preview),
         tissue_params=tissue_params,
+        layout=layout,
+        outlines=bool(outlines),
+        tile_rule=tile_rule,
     )
     params.validate()
     if workers < 1:

@@ -2,7 +2,11 @@
 
 Marker ink has hues that haematoxylin and eosin never produce: green and cyan ink (70-190 deg),
 blue ink (190-238 deg; haematoxylin is violet-purple, >= 245 deg), and a saturated pure red
-(eosin is pink-magenta, ~330 deg). Black ink, scanner borders and dark slide edges are caught by
+(eosin is pink-magenta, ~330 deg). Dark red and purple ink (often out of focus: a smooth
+blur) share eosin's and haematoxylin's hues, so it is told apart by being dark AND deeply
+saturated over a large area: eosin-rich tissue as saturated is bright (red cells, dense
+eosin: value >= 0.75), tissue as dark (epidermis, dense nuclei) is less saturated (<= 0.55),
+and the few tissue pixels that are both do not form a marker-sized component. Black ink, scanner borders and dark slide edges are caught by
 brightness instead: nothing darker than ``dark_value`` is tissue.
 
 All rules work on OpenCV HSV (H in 0..180 = degrees / 2, S and V in 0..255).
@@ -28,6 +32,10 @@ class PenRules:
         red_hue: hue range of red ink, wrapping through 0 (start > end means wrap).
         red_min_sat: minimum saturation of red ink (high: eosin and red cells are paler).
         min_value: ink darker than this is left to the dark rule.
+        dark_ink_hue: hue range of dark red/purple ink (wrapping through 0).
+        dark_ink_min_sat: minimum saturation of dark red/purple ink.
+        dark_ink_max_value: maximum value (brightness) of dark red/purple ink.
+        dark_ink_min_area_um2: dark red/purple components smaller than this are tissue, not ink.
         min_area_um2: ink components smaller than this are ignored (stain noise, not strokes).
         dilate_um: ink masks are grown by this much to swallow anti-aliased stroke edges.
     """
@@ -39,6 +47,10 @@ class PenRules:
     red_hue: tuple[float, float] = (345.0, 12.0)
     red_min_sat: float = 0.8
     min_value: float = 0.15
+    dark_ink_hue: tuple[float, float] = (270.0, 20.0)
+    dark_ink_min_sat: float = 0.6
+    dark_ink_max_value: float = 0.65
+    dark_ink_min_area_um2: float = 20_000.0
     min_area_um2: float = 2000.0
     dilate_um: float = 20.0
 
@@ -66,7 +78,9 @@ def disk(radius_px: float) -> np.ndarray:
 
 
 def pen_mask(hsv: np.ndarray, rules: PenRules, mpp: float) -> np.ndarray:
-    """(H, W) bool: pixels covered by green, cyan, blue or red marker ink (grown by ``dilate_um``).
+    """(H, W) bool: pixels covered by green, cyan, blue, red or dark red/purple marker ink.
+
+    Ink is grown by ``dilate_um`` to swallow the stroke edges.
 
     ``hsv`` is an OpenCV HSV image (uint8) whose pixels are ``mpp`` microns wide.
     """
@@ -80,6 +94,13 @@ def pen_mask(hsv: np.ndarray, rules: PenRules, mpp: float) -> np.ndarray:
         | (_hue_in(h, *rules.red_hue) & (s >= rules.red_min_sat))
     ) & bright
     ink = _drop_small(ink, rules.min_area_um2 / (mpp * mpp))
+    dark_ink = (
+        _hue_in(h, *rules.dark_ink_hue)
+        & (s >= rules.dark_ink_min_sat)
+        & (v <= rules.dark_ink_max_value)
+        & bright
+    )
+    ink |= _drop_small(dark_ink, rules.dark_ink_min_area_um2 / (mpp * mpp))
     if ink.any() and rules.dilate_um > 0:
         ink = cv2.dilate(ink.astype(np.uint8), disk(rules.dilate_um / mpp)).astype(bool)
     return ink

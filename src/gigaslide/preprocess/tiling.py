@@ -32,12 +32,25 @@ UPSAMPLE_TOLERANCE = 1.01  # a target finer than level 0 by more than 1% upsampl
 class NoTissueError(ValueError):
     """No tile of a slide reached the minimum tissue fraction."""
 
-    def __init__(self, slide_path: Any, min_tissue: float, n_grid: int, max_fraction: float) -> None:
+    def __init__(
+        self,
+        slide_path: Any,
+        min_tissue: float,
+        n_grid: int,
+        max_fraction: float,
+        detection: str | None = None,
+    ) -> None:
+        if max_fraction > FRACTION_EPS:  # tissue was found, the tile threshold removed it
+            advice = (
+                f"none of the {n_grid} grid tiles has a tissue fraction >= {min_tissue:g} (the best has "
+                f"{max_fraction:.3f}). Lower the threshold (--min-tissue, "
+                f"e.g. {max(round(max_fraction * 0.9, 3), 0.0):g})"
+            )
+        else:  # no tissue at all: say which detection rule removed it
+            advice = f"no tissue was detected ({detection or 'the tissue mask is empty'})"
         super().__init__(
-            f"{slide_path}: no tile kept: none of the {n_grid} grid tiles has a tissue fraction >= "
-            f"{min_tissue:g} (the best has {max_fraction:.3f}). Lower the threshold (--min-tissue, "
-            f"e.g. {max(round(max_fraction * 0.9, 3), 0.0):g}) or check the tissue detection on the "
-            "slide's thumbnail (`gigaslide preview SLIDE`)."
+            f"{slide_path}: no tile kept: {advice}. Check the tissue detection on the slide's "
+            "thumbnail (`gigaslide preview SLIDE`)."
         )
         self.slide_path = slide_path
         self.min_tissue = min_tissue
@@ -137,6 +150,7 @@ def tile_slide(
     min_tissue: float = 0.25,
     tissue: TissueMask | None = None,
     tissue_params: TissueParams | None = None,
+    rule: str = "fraction",
 ) -> TilingResult:
     """Tile ``slide`` at ``target_mpp`` and keep the tiles with enough tissue.
 
@@ -148,6 +162,8 @@ def tile_slide(
         min_tissue: minimum fraction of a tile covered by tissue.
         tissue: a precomputed tissue mask (reused e.g. for tiles and regions of one slide).
         tissue_params: parameters of tissue detection when ``tissue`` is None.
+        rule: ``fraction`` (tissue covers >= ``min_tissue`` of the tile) or ``clam`` (CLAM's
+            four-point rule, :mod:`gigaslide.preprocess.clam_rule`; ``min_tissue`` is not used).
 
     Raises:
         MissingMPPError: the slide has no mpp; the message says how to pass one.
@@ -163,10 +179,19 @@ def tile_slide(
         tissue = detect_tissue(slide, tissue_params)
     grid = grid_coords(spec)  # (G, 2)
     fractions = np.asarray(tissue.tissue_fraction(grid, spec.level0_size), dtype=np.float32)  # (G,)
-    keep = select_tiles(fractions, spec.min_tissue)
+    if rule == "clam":
+        from gigaslide.preprocess.clam_rule import four_point_keep
+
+        keep = four_point_keep(grid, spec.level0_size, tissue)
+    elif rule == "fraction":
+        keep = select_tiles(fractions, spec.min_tissue)
+    else:
+        raise ValueError(f"--tile-rule must be 'fraction' or 'clam', got {rule!r}")
     if not keep.any():
         best = float(fractions.max()) if fractions.size else 0.0
-        raise NoTissueError(slide.path, spec.min_tissue, int(grid.shape[0]), best)
+        report = getattr(tissue, "report", None)  # None for a mask given from outside
+        why = report.why_empty() if report is not None else None
+        raise NoTissueError(slide.path, spec.min_tissue, int(grid.shape[0]), best, detection=why)
     warning = upsampling_warning(spec)
     if warning:
         logger.warning("%s: %s", slide.path, warning)

@@ -129,11 +129,14 @@ class TileSpec:
 
     # -- persistence (CLAM / TRIDENT compatible attribute names) ----------------------
     def to_attrs(self) -> dict[str, Any]:
-        """Attributes written on the ``coords`` dataset.
+        """Attributes of ``coords`` in gigaslide's (= CLAM's) layout.
 
-        CLAM reads ``patch_size``/``patch_level``/``downsample``/``level_dim``; TRIDENT reads
-        ``patch_size``/``patch_size_level0``/``target_magnification``/``level0_magnification``/``overlap``.
-        ``patch_size`` is the size read at ``patch_level`` (CLAM's meaning).
+        CLAM reads ``patch_size`` as the size read at ``patch_level`` (``read_size``), with
+        ``downsample``/``level_dim``; ``patch_size_level0`` is the same in every tool. TRIDENT's
+        magnification attributes are left out on purpose: TRIDENT reads ``patch_size`` as the size
+        at the TARGET resolution whenever they are present, so here (where ``patch_size`` is the
+        read size) their absence makes TRIDENT take its CLAM reading path, which reads the right
+        region. A TRIDENT file has its own attributes (:meth:`trident_attrs`).
         """
         w, h = self.level0_dims
         return {
@@ -145,8 +148,6 @@ class TileSpec:
             "level_dim": [round(w / self.read_downsample), round(h / self.read_downsample)],
             "level0_dim": [int(w), int(h)],
             "patch_size_level0": int(self.level0_size),
-            "target_magnification": float(self.target_magnification),
-            "level0_magnification": float(mpp_to_magnification(self.slide_mpp)),
             "overlap": int(self.overlap),
             "tile_size": int(self.tile_size),
             "stride": int(self.stride),
@@ -156,6 +157,43 @@ class TileSpec:
             "min_tissue": float(self.min_tissue),
             "gigaslide_spec": json.dumps(self.to_dict()),
         }
+
+    def trident_attrs(self) -> dict[str, Any]:
+        """Attributes of ``coords`` in TRIDENT's layout (``patches/<name>_patches.h5``).
+
+        TRIDENT reads a tile as ``patch_size`` px at the target resolution covering
+        ``round(patch_size * level0_magnification / target_magnification)`` level-0 px. The
+        magnifications are written unrounded (``10 / mpp``) so that ratio is exactly the tile's
+        level-0 size; ``level0_width``/``level0_height`` let a reader check the slide. Without a
+        known mpp (CLAM-origin coordinates) the magnifications are left out.
+        """
+        w, h = self.level0_dims
+        attrs: dict[str, Any] = {
+            "patch_size": int(self.tile_size),
+            "patch_size_level0": int(self.level0_size),
+            "overlap": int(self.overlap),
+            "level0_width": int(w),
+            "level0_height": int(h),
+            "tile_size": int(self.tile_size),
+            "stride": int(self.stride),
+            "min_tissue": float(self.min_tissue),
+            "gigaslide_spec": json.dumps(self.to_dict()),
+        }
+        if math.isfinite(self.slide_mpp) and self.slide_mpp > 0:
+            attrs.update(
+                level0_magnification=float(mpp_to_magnification(self.slide_mpp)),
+                target_magnification=float(mpp_to_magnification(self.slide_mpp * self.scale_exact)),
+                target_mpp=float(self.slide_mpp * self.scale_exact),
+                slide_mpp=float(self.slide_mpp),
+            )
+        return attrs
+
+    @property
+    def scale_exact(self) -> float:
+        """Level-0 pixels per output pixel, from the level-0 tile size when the mpp is unknown."""
+        if math.isfinite(self.target_mpp) and math.isfinite(self.slide_mpp) and self.slide_mpp > 0:
+            return self.scale
+        return self.level0_size / self.tile_size
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -180,21 +218,27 @@ class TileSpec:
             raw = attrs["gigaslide_spec"]
             return cls.from_dict(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
         level_dim = attrs.get("level_dim")
-        if "patch_size_level0" in attrs:  # TRIDENT (no level dimensions stored, unless ours)
-            level_dim = attrs.get("level0_dim")
+        if "patch_size_level0" in attrs and "patch_level" not in attrs:  # TRIDENT
             level0_size = int(attrs["patch_size_level0"])
             patch_size = int(attrs["patch_size"])
             overlap = int(attrs.get("overlap", 0))
+            extra: dict[str, Any] = {"source": "trident"}
             if slide_mpp is None and "level0_magnification" in attrs:
+                # only a nominal value (20x -> 0.5 um/px, while the slide may say 0.499): readers
+                # that have the slide pass its mpp instead
                 slide_mpp = 10.0 / float(attrs["level0_magnification"])
-            if slide_mpp is None:
-                raise ValueError("TRIDENT coordinates need the slide mpp (pass slide_mpp)")
+                extra["mpp_source"] = "magnification"
+            mpp = float(slide_mpp) if slide_mpp is not None else float("nan")
+            if "level0_width" in attrs and "level0_height" in attrs:
+                level_dim = [attrs["level0_width"], attrs["level0_height"]]
+            else:
+                level_dim = attrs.get("level0_dim")
             scale = level0_size / patch_size
             return cls(
                 tile_size=patch_size,
                 stride=patch_size - overlap,
-                target_mpp=float(slide_mpp) * scale,
-                slide_mpp=float(slide_mpp),
+                target_mpp=mpp * scale,
+                slide_mpp=mpp,
                 read_level=0,
                 read_downsample=1.0,
                 read_size=level0_size,
@@ -202,7 +246,7 @@ class TileSpec:
                 level0_stride=float((patch_size - overlap) * scale),
                 level0_dims=(int(level_dim[0]), int(level_dim[1])) if level_dim is not None else (0, 0),
                 min_tissue=0.0,
-                extra={"source": "trident"},
+                extra=extra,
             )
         if "patch_level" in attrs:  # CLAM
             patch_size = int(attrs["patch_size"])

@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import shapely
-from shapely.geometry import Polygon, mapping
-from shapely.geometry.polygon import orient
 
-from gigaslide.io.base import Slide
 from gigaslide.preprocess.pen import PenRules, dark_mask, disk, pen_mask
+
+if TYPE_CHECKING:  # shapely is imported only when outlines are built
+    from shapely.geometry import Polygon
+
+    from gigaslide.io.base import Slide
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class TissueParams:
             raise ValueError(
                 f"TissueParams.sat_threshold_range must satisfy 0 <= lo <= hi <= 1, got {lo, hi}"
             )
+        if not (math.isfinite(self.min_tissue_area_um2) and self.min_tissue_area_um2 >= 0):
+            raise ValueError(
+                "--min-tissue-area (TissueParams.min_tissue_area_um2) must be a non-negative area in "
+                f"um^2, got {self.min_tissue_area_um2}"
+            )
 
 
 def _odd(n: float) -> int:
@@ -112,6 +118,52 @@ def saturation_threshold(sat: np.ndarray, valid: np.ndarray, params: TissueParam
     return float(np.clip(otsu, lo, hi))
 
 
+@dataclass(frozen=True)
+class TissueReport:
+    """Area (um^2) that each rule of the detector removed, to explain an empty mask.
+
+    Attributes:
+        stained_um2: pixels above the saturation threshold (before any rule removed them).
+        ink_um2: stained area removed as marker ink.
+        dark_um2: stained area removed as dark (black ink, borders).
+        small_um2: area of the fragments smaller than ``min_tissue_area_um2``.
+        kept_um2: area of the final mask.
+        min_tissue_area_um2: the minimum fragment area that was applied.
+    """
+
+    stained_um2: float
+    ink_um2: float
+    dark_um2: float
+    small_um2: float
+    kept_um2: float
+    min_tissue_area_um2: float
+
+    def why_empty(self) -> str:
+        """Which rule removed the tissue (one sentence with the option that changes it)."""
+        if self.kept_um2 > 0:
+            return f"the detector kept {self.kept_um2:,.0f} um^2 of tissue"
+        if self.stained_um2 <= 0:
+            return "the thumbnail has no stained (saturated) pixel: the slide looks empty or unstained"
+        parts = []
+        if self.small_um2 > 0:
+            parts.append(
+                f"{self.small_um2:,.0f} um^2 (after closing and hole filling) in fragments smaller than "
+                "the minimum tissue area "
+                f"{self.min_tissue_area_um2:,.0f} um^2 (--min-tissue-area, e.g. 0)"
+            )
+        if self.ink_um2 > 0:
+            parts.append(f"{self.ink_um2:,.0f} um^2 taken for marker ink (--keep-ink keeps it)")
+        if self.dark_um2 > 0:
+            parts.append(
+                f"{self.dark_um2:,.0f} um^2 darker than TissueParams.dark_value (black ink, borders)"
+            )
+        removed = "; ".join(parts) if parts else "by the morphological clean-up"
+        return (
+            f"tissue detection found {self.stained_um2:,.0f} um^2 of stained area and removed all of it: "
+            f"{removed}"
+        )
+
+
 def detect_tissue_array(
     rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None
 ) -> np.ndarray:
@@ -122,6 +174,13 @@ def detect_tissue_array(
         params: thresholds; defaults if None.
         mpp: microns per pixel of ``rgb`` (sizes in ``params`` are in microns); default ``params.mask_mpp``.
     """
+    return detect_tissue_report(rgb, params, mpp)[0]
+
+
+def detect_tissue_report(
+    rgb: np.ndarray, params: TissueParams | None = None, mpp: float | None = None
+) -> tuple[np.ndarray, TissueReport]:
+    """:func:`detect_tissue_array` and the :class:`TissueReport` of what each rule removed."""
     params = params or TissueParams()
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
@@ -133,23 +192,37 @@ def detect_tissue_array(
         raise ValueError(f"mpp must be a positive number, got {mpp}")
     px_area = mpp * mpp
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    excluded = dark_mask(hsv, params.dark_value, dilate_px=1)
-    if params.remove_pen:
-        excluded |= pen_mask(hsv, params.pen, mpp)
+    dark = dark_mask(hsv, params.dark_value, dilate_px=1)
+    ink = pen_mask(hsv, params.pen, mpp) if params.remove_pen else np.zeros_like(dark)
+    excluded = dark | ink
     sat = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), min(_odd(params.median_um / mpp), 255))
     thr = saturation_threshold(sat, ~excluded, params)
-    tissue = (sat > thr) & ~excluded
+    stained = sat > thr
+    tissue = stained & ~excluded
     if params.close_um > 0 and tissue.any():
         tissue = cv2.morphologyEx(
             tissue.astype(np.uint8), cv2.MORPH_CLOSE, disk(params.close_um / 2 / mpp)
         ).astype(bool)
     tissue = _fill_small_holes(tissue, params.max_hole_area_um2 / px_area)
     tissue &= ~excluded
-    return _drop_small(tissue, params.min_tissue_area_um2 / px_area)
+    kept = _drop_small(tissue, params.min_tissue_area_um2 / px_area)
+    report = TissueReport(
+        stained_um2=float(stained.sum()) * px_area,
+        ink_um2=float((stained & ink).sum()) * px_area,
+        dark_um2=float((stained & dark & ~ink).sum()) * px_area,
+        small_um2=float((tissue & ~kept).sum()) * px_area,
+        kept_um2=float(kept.sum()) * px_area,
+        min_tissue_area_um2=float(params.min_tissue_area_um2),
+    )
+    return kept, report
 
 
 def mask_polygons(mask: np.ndarray, downsample: tuple[float, float]) -> list[Polygon]:
     """Outlines of a mask as shapely polygons in level-0 pixels, holes preserved (RETR_CCOMP)."""
+    import shapely
+    from shapely.geometry import Polygon
+    from shapely.geometry.polygon import orient
+
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
@@ -190,17 +263,28 @@ class TissueMask:
         mask: (H, W) bool tissue mask on the thumbnail grid.
         downsample: level-0 pixels per mask pixel in (x, y).
         thumbnail: (H, W, 3) uint8 RGB thumbnail the mask was computed on.
-        polygons: tissue outlines in level-0 pixel coordinates (holes preserved).
         mpp: microns per mask pixel, None when the slide had no mpp.
         level0_dims: (width, height) of level 0.
+        report: what each detection rule removed (None for a mask given from outside).
+
+    The outlines (:attr:`polygons`) are built on first use: tiling needs only the mask, and
+    making the polygons of a fragmented mask valid costs more than the rest of the tiling.
     """
 
     mask: np.ndarray
     downsample: tuple[float, float]
     thumbnail: np.ndarray
-    polygons: list[Polygon]
     mpp: float | None = None
     level0_dims: tuple[int, int] = (0, 0)
+    report: TissueReport | None = None
+    _polygons: list[Polygon] | None = field(default=None, repr=False)
+
+    @property
+    def polygons(self) -> list[Polygon]:
+        """Tissue outlines in level-0 pixel coordinates (holes preserved), built on first use."""
+        if self._polygons is None:
+            self._polygons = mask_polygons(self.mask, self.downsample)
+        return self._polygons
 
     @classmethod
     def from_mask(
@@ -210,8 +294,9 @@ class TissueMask:
         thumbnail: np.ndarray,
         mpp: float | None = None,
         level0_dims: tuple[int, int] | None = None,
+        report: TissueReport | None = None,
     ) -> TissueMask:
-        """Build a TissueMask (polygons included) from a boolean mask."""
+        """Build a TissueMask from a boolean mask (outlines are built when first asked for)."""
         mask = np.asarray(mask, dtype=bool)
         if level0_dims is None:
             level0_dims = (round(mask.shape[1] * downsample[0]), round(mask.shape[0] * downsample[1]))
@@ -219,9 +304,9 @@ class TissueMask:
             mask=mask,
             downsample=(float(downsample[0]), float(downsample[1])),
             thumbnail=thumbnail,
-            polygons=mask_polygons(mask, downsample),
             mpp=mpp,
             level0_dims=(int(level0_dims[0]), int(level0_dims[1])),
+            report=report,
         )
 
     @property
@@ -231,6 +316,8 @@ class TissueMask:
 
     def to_geojson(self) -> dict[str, Any]:
         """GeoJSON FeatureCollection of the tissue polygons, coordinates in level-0 pixels (QuPath-style)."""
+        from shapely.geometry import mapping
+
         features = [
             {
                 "type": "Feature",
@@ -249,9 +336,7 @@ class TissueMask:
 
     def integral(self) -> np.ndarray:
         """(H + 1, W + 1) float64 summed-area table of the mask."""
-        sat = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), dtype=np.float64)
-        sat[1:, 1:] = self.mask.astype(np.float64).cumsum(0).cumsum(1)
-        return sat
+        return cv2.integral(self.mask.view(np.uint8)).astype(np.float64)  # exact: int32 counts
 
     def tissue_fraction(self, coords: np.ndarray, size_level0: int | float) -> np.ndarray:
         """Fraction of each level-0 square ``[x, x + size) x [y, y + size)`` covered by tissue; (N,) float64.
@@ -326,9 +411,14 @@ def detect_tissue(slide: Slide, params: TissueParams | None = None) -> TissueMas
     th, tw = thumb.shape[:2]
     downsample = (w0 / tw, h0 / th)
     mask_mpp = (slide_mpp if slide_mpp is not None else params.assumed_mpp) * downsample[0]
-    mask = detect_tissue_array(thumb, params, mpp=mask_mpp)
+    mask, report = detect_tissue_report(thumb, params, mpp=mask_mpp)
     if not mask.any():
-        log.warning("%s: no tissue found (thumbnail %dx%d)", slide.path, tw, th)
+        log.warning("%s: no tissue found (thumbnail %dx%d): %s", slide.path, tw, th, report.why_empty())
     return TissueMask.from_mask(
-        mask, downsample, thumb, mpp=mask_mpp if slide_mpp is not None else None, level0_dims=(w0, h0)
+        mask,
+        downsample,
+        thumb,
+        mpp=mask_mpp if slide_mpp is not None else None,
+        level0_dims=(w0, h0),
+        report=report,
     )

@@ -196,3 +196,18 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike[str], meta: dict[str, 
 def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     """A validated copy of ``cfg`` with ``changes``."""
     return dataclasses.replace(cfg, **changes)
+
+
+def describe_keys() -> str:
+    """Every config key (for a ``--config`` YAML or ``--set key=value``) with its type and default."""
+    hints = _field_types()
+    rows = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        rows.append((f.name, kind, "null" if default is None else yaml.safe_dump(default).strip()))
+    rows = [(k, t, d.removesuffix("\n...")) for k, t, d in rows]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [f"{'key':<{w0}}  {'type':<{w1}}  default", *(f"{k:<{w0}}  {t:<{w1}}  {d}" for k, t, d in rows)]
+    lines.append("set with --set KEY=VALUE (YAML values; model_kwargs.NAME=VALUE for one model argument)")
+    return "\n".join(lines)

@@ -269,8 +269,11 @@ def train_model(
     cfg: TrainConfig,
     device: torch.device | str,
     metric_fn: MetricFn | None = None,
+    progress_label: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_bags``; select the best epoch on ``val_bags`` (the last one without).
+
+    ``progress_label`` (e.g. ``"fold 3"``) shows the engine's per-epoch progress bar under that label.
 
     ``metric_fn(samples, logits) -> float`` scores the validation set each epoch (NaN when
     undefined); it is required when ``cfg.monitor == "metric"``. The evaluation layer provides
@@ -305,7 +308,8 @@ def train_model(
         weight_decay=cfg.weight_decay, no_decay_norm_bias=False, accum_steps=cfg.accum_steps // window,
         grad_clip=cfg.grad_clip,
     )  # fmt: skip
-    engine = Engine(objective, optim, EngineConfig(epochs=cfg.epochs, seed=cfg.seed, progress=False), device)
+    shown = {"progress": progress_label is not None, "description": progress_label or "train"}
+    engine = Engine(objective, optim, EngineConfig(epochs=cfg.epochs, seed=cfg.seed, **shown), device)
     fit = engine.fit(_BagEpochs(train_bags, cfg.seed, window))
     history = [{"train_loss" if k == "loss" else k: v for k, v in row.items()} for row in fit.history]
     if objective.val_bags is not None and not math.isfinite(objective.best_score):
@@ -369,9 +373,13 @@ def load_checkpoint(
     """Rebuild the model of a checkpoint written by :func:`save_checkpoint`; returns (model, meta)."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read checkpoint ({e})") from e
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    except Exception as e:  # torch.load on a foreign file raises anything (IndexError, UnpicklingError ...)
+        reason = " ".join(str(e).split())[:300]
+        raise ValueError(
+            f"{path}: not a readable gigaslide training checkpoint (checkpoints/fold<k>.pt of `gigaslide "
+            f"train`): {type(e).__name__}: {reason}"
+        ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a gigaslide training checkpoint (no 'state_dict'/'model' entries)")
     model = create_slide_model(

@@ -1,7 +1,9 @@
 """Atomic file writes: write to a temporary sibling, then rename over the target.
 
 Nothing half-written is ever visible under the final name, so an interrupted job
-leaves either the previous file or no file, never a truncated one.
+leaves either the previous file or no file, never a truncated one. The final file gets the
+mode an ordinary ``open(..., "w")`` would give it (``0o666 & ~umask``), not the private 0600 of
+``tempfile.mkstemp``, so colleagues on a shared server can read the results.
 """
 
 from __future__ import annotations
@@ -9,8 +11,31 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # os.umask can only be read by setting it: restore at once
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a newly created regular file under the current umask (``0o666 & ~umask``)."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -23,11 +48,19 @@ def atomic_path(final: str | os.PathLike[str], suffix: str | None = None) -> Ite
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     sfx = suffix if suffix is not None else final.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f"{sfx}.tmp", dir=final.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f"{sfx}.tmp", dir=final.parent)
+    except PermissionError as e:  # name the file the user asked for, not the hidden temporary one
+        raise PermissionError(
+            f"cannot write {final}: permission denied in {final.parent} ({e.strerror}); "
+            "choose a writable output folder"
+        ) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, file_mode())  # mkstemp creates 0600; give the umask's mode
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

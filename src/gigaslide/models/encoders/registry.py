@@ -131,13 +131,16 @@ def create_encoder(
     *,
     checkpoint_key: str | None = None,
     trust_pickle: bool = False,
+    warn_random: bool = True,
     **kw: Any,
 ) -> nn.Module:
     """Build encoder ``name``, load its weights, return it in eval mode with ``.meta``/``.weights_info``.
 
     ``weights``: a local file or folder, ``"registry"``, ``"random"``, or ``None`` (registry entry
     if present, otherwise random). Random weights are never silent: a WARNING is logged and
-    ``weights_info == {"random_init": True}``. ``strict`` loading raises on any key mismatch.
+    ``weights_info == {"random_init": True}`` (``warn_random=False``: the caller prints its own
+    warning, e.g. `gigaslide embed`'s banner; logged at INFO here). ``strict`` loading raises on
+    any key mismatch.
     ``**kw`` go to the factory (for ``timm:`` names, to ``timm.create_model``).
     """
     if not name.startswith(TIMM_PREFIX) and name not in _REGISTRY:
@@ -162,7 +165,8 @@ def create_encoder(
             if weights is not None
             else f"no weights given and no entry in {registry_path()}"
         )
-        logger.warning(
+        logger.log(
+            logging.WARNING if warn_random else logging.INFO,
             "encoder %s uses RANDOM weights (%s): features are meaningless except for tests; "
             "pass weights=<file> or add '%s: <file>' to the weights registry",
             name,

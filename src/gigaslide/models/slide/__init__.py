@@ -7,7 +7,18 @@ out = model(x, coords=None, mask=mask)  # SlideOutput(logits, embedding, attenti
 
 from __future__ import annotations
 
+<<<<<<< HEAD
 from gigaslide.models.slide import abmil, clam, dsmil, hipt, pooling, transmil  # noqa: F401  (registration)
+=======
+from gigaslide.models.slide import (  # noqa: F401  (registration)
+    abmil,
+    clam,
+    dsmil,
+    pooling,
+    sparseconvmil,
+    transmil,
+)
+>>>>>>> main
 from gigaslide.models.slide.abmil import ABMIL
 from gigaslide.models.slide.base import (
     SlideModel,
@@ -27,6 +38,7 @@ from gigaslide.models.slide.registry import (
     list_slide_models,
     register_slide_model,
 )
+from gigaslide.models.slide.sparseconvmil import SparseConvMIL
 from gigaslide.models.slide.transmil import TransMIL
 
 __all__ = [
@@ -40,6 +52,7 @@ __all__ = [
     "SlideModel",
     "SlideModelInfo",
     "SlideOutput",
+    "SparseConvMIL",
     "TransMIL",
     "create_slide_model",
     "get_slide_model_info",

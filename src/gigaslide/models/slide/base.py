@@ -111,8 +111,11 @@ class SlideModel(nn.Module, abc.ABC):
 
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
-        if in_dim < 1 or n_classes < 1:
-            raise ValueError(f"in_dim and n_classes must be >= 1, got in_dim={in_dim}, n_classes={n_classes}")
+        if in_dim < 1 or n_classes < 0:
+            raise ValueError(
+                f"in_dim must be >= 1 and n_classes >= 0 (0 = embedding only), got in_dim={in_dim}, "
+                f"n_classes={n_classes}"
+            )
         self.in_dim = int(in_dim)
         self.n_classes = int(n_classes)
         self.embed_dim = int(in_dim)

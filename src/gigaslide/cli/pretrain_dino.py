@@ -1,0 +1,104 @@
+"""`gigaslide pretrain dino`: DINO pretraining of a registry tile encoder on the tiles of a tiling output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "dino",
+        help="DINO self-distillation of a tile encoder (HIPT stage 1)",
+        description=(
+            "DINO pretraining (student/teacher self-distillation with multi-crop views) of a registry ViT tile "
+            "encoder on the tiles of TILING_DIR (a `gigaslide tile` output), read from the slides at the "
+            "tiling's exact resolution. Writes OUT/checkpoint.pth in DINO's layout (teacher, student, "
+            "dino_loss, optimizer, epoch, ...): use it with `gigaslide embed --encoder NAME --weights "
+            "OUT/checkpoint.pth` (the teacher backbone). Reruns resume. Multi-GPU: "
+            "torchrun --nproc_per_node K -m gigaslide pretrain dino ..."
+        ),
+    )
+    p.add_argument(
+        "tiling_dir", metavar="TILING_DIR", type=Path, help="tiling output folder (gigaslide tile)"
+    )
+    p.add_argument(
+        "--encoder", required=True, help="encoder name (see `gigaslide encoders`), e.g. hipt_vit256"
+    )
+    p.add_argument("--weights", default="random", help="initial student weights (default: random init)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (checkpoint.pth, logs)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per GPU/process and step")
+    p.add_argument("--global-size", type=int, default=224, help="global crop side (px)")
+    p.add_argument("--local-size", type=int, default=96, help="local crop side (px)")
+    p.add_argument("--local-crops", type=int, default=8, help="number of local crops")
+    p.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes K")
+    p.add_argument("--head-hidden-dim", type=int, default=2048)
+    p.add_argument("--head-bottleneck-dim", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate per 256 tiles of global batch")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (capped at --epochs)")
+    p.add_argument("--weight-decay", type=float, default=0.04)
+    p.add_argument("--weight-decay-end", type=float, default=0.4)
+    p.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum (cosine to 1)")
+    p.add_argument("--teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="capped at --epochs")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without head last-layer updates")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0 = off)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate")
+    p.add_argument("--encoder-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra encoder constructor argument (repeatable), e.g. depth=2")  # fmt: skip
+    p.add_argument("--slides", default=None, help="slide folder or CSV (when the tiling's slides moved)")
+    p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes building crops")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="AMP on CUDA")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigaslide.ssl.dino import DINOConfig, pretrain_dino
+    from gigaslide.ssl.multicrop import MultiCropConfig
+    from gigaslide.utils.dist import cleanup, init_distributed
+
+    cfg = DINOConfig(
+        out_dim=args.out_dim, head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
+        momentum_teacher=args.momentum_teacher, teacher_temp=args.teacher_temp,
+        warmup_teacher_temp=args.warmup_teacher_temp, warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+        freeze_last_layer=args.freeze_last_layer, clip_grad=args.clip_grad, drop_path_rate=args.drop_path,
+        lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end,
+        crops=MultiCropConfig(global_size=args.global_size, local_size=args.local_size, n_local=args.local_crops),
+    )  # fmt: skip
+    info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    try:
+        ckpt = pretrain_dino(
+            args.tiling_dir, args.encoder, args.out, epochs=args.epochs, batch_size=args.batch_size, cfg=cfg,
+            weights=args.weights, encoder_kwargs=dict(args.encoder_arg), slides=args.slides,
+            slide_mpp=args.slide_mpp, num_workers=args.workers, device=args.device, precision=args.precision,
+            seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+    finally:
+        cleanup()
+    if info.is_main:
+        extra = "".join(f" (built with {k}={v})" for k, v in args.encoder_arg)
+        print(f"DINO checkpoint: {ckpt}{extra}")
+        print(
+            f"embed with it:   gigaslide embed {args.tiling_dir} --encoder {args.encoder} --weights {ckpt} --out FEATURES"
+        )
+    sys.stdout.flush()
+    return 0
