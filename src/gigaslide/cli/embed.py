@@ -85,57 +85,50 @@ def run(args: argparse.Namespace) -> int:
 
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
     try:
-<<<<<<< HEAD
-        seed_everything(args.seed)
-        encoder = create_encoder(args.encoder, weights=args.weights)
-        if encoder.weights_info.get("random_init") and info.is_main:
-            print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
-        if args.vit4k_weights and not args.regions:
-            raise ValueError("--vit4k-weights only applies with --regions")
-        if args.regions and args.save_pt:
-            raise ValueError("--save-pt writes CLAM (N, D) tensors; it does not apply with --regions")
-        if args.regions:
-            from gigaslide.pipeline.region_embed import run_region_embedding
-
-            summary = run_region_embedding(
-                args.coords_dir,
-                encoder,
-                args.out,
-                vit4k=args.vit4k_weights,
-                batch_size=args.batch_size,
-                precision=args.precision,
-                device=args.device,
-                slides=args.slides,
-                slide_mpp=args.slide_mpp,
-                store_dtype=args.store_dtype,
-                dist_info=info,
-                progress=not args.no_progress,
-            )
-        else:
-=======
         with output_folder(args.out, wait=args.wait, dist_info=info):
             seed_everything(args.seed)
             encoder = create_encoder(args.encoder, weights=args.weights, warn_random=False)
             if encoder.weights_info.get("random_init") and info.is_main:
                 print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
->>>>>>> main
-            summary = run_embedding(
-                args.coords_dir,
-                encoder,
-                args.out,
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-                loader=args.loader,
-                precision=args.precision,
-                device=args.device,
-                save_pt=args.save_pt,
-                chunk_size=args.chunk_size,
-                slides=args.slides,
-                slide_mpp=args.slide_mpp,
-                store_dtype=args.store_dtype,
-                dist_info=info,
-                progress=not args.no_progress,
-            )
+            if args.vit4k_weights and not args.regions:
+                raise ValueError("--vit4k-weights only applies with --regions")
+            if args.regions and args.save_pt:
+                raise ValueError("--save-pt writes CLAM (N, D) tensors; it does not apply with --regions")
+            if args.regions:
+                from gigaslide.pipeline.region_embed import run_region_embedding
+
+                summary = run_region_embedding(
+                    args.coords_dir,
+                    encoder,
+                    args.out,
+                    vit4k=args.vit4k_weights,
+                    batch_size=args.batch_size,
+                    precision=args.precision,
+                    device=args.device,
+                    slides=args.slides,
+                    slide_mpp=args.slide_mpp,
+                    store_dtype=args.store_dtype,
+                    dist_info=info,
+                    progress=not args.no_progress,
+                )
+            else:
+                summary = run_embedding(
+                    args.coords_dir,
+                    encoder,
+                    args.out,
+                    batch_size=args.batch_size,
+                    num_workers=args.workers,
+                    loader=args.loader,
+                    precision=args.precision,
+                    device=args.device,
+                    save_pt=args.save_pt,
+                    chunk_size=args.chunk_size,
+                    slides=args.slides,
+                    slide_mpp=args.slide_mpp,
+                    store_dtype=args.store_dtype,
+                    dist_info=info,
+                    progress=not args.no_progress,
+                )
     finally:
         cleanup()
     n_failed = summary.n_failed

@@ -299,16 +299,11 @@ def adapt_state_dict(
     """
     model_sd = model.state_dict()
     model_keys = set(model_sd)
-<<<<<<< HEAD
-    out = dict(sd)
+    sd, dropped = _drop_ssl_head(dict(sd), model_keys)
     model_filter = getattr(model, "checkpoint_filter", None)
     if callable(model_filter):  # a layout filter declared beside the model (timm's checkpoint_filter_fn)
-        out = dict(model_filter(out))
-    out = _strip_prefixes(out, model_keys)
-=======
-    sd, dropped = _drop_ssl_head(dict(sd), model_keys)
+        sd = dict(model_filter(sd))
     out = _strip_prefixes(sd, model_keys)
->>>>>>> main
     if drop_prefixes is None:
         drop_prefixes = tuple(getattr(model, "checkpoint_drop_prefixes", ()))
     for prefix in drop_prefixes:

@@ -7,18 +7,15 @@ out = model(x, coords=None, mask=mask)  # SlideOutput(logits, embedding, attenti
 
 from __future__ import annotations
 
-<<<<<<< HEAD
-from gigaslide.models.slide import abmil, clam, dsmil, hipt, pooling, transmil  # noqa: F401  (registration)
-=======
 from gigaslide.models.slide import (  # noqa: F401  (registration)
     abmil,
     clam,
     dsmil,
+    hipt,
     pooling,
     sparseconvmil,
     transmil,
 )
->>>>>>> main
 from gigaslide.models.slide.abmil import ABMIL
 from gigaslide.models.slide.base import (
     SlideModel,
