@@ -12,6 +12,7 @@ import importlib
 # recipe name -> module under gigaslide.cli
 RECIPES: dict[str, str] = {
     "dino": "pretrain_dino",
+    "hipt-region": "pretrain_hipt_region",
 }
 
 
