@@ -11,6 +11,10 @@
    (ResNet-18 layer4, 256 -> 512) on the same maps.
 3. One Giga-SSL step's aggregator cost: ``sparseconvmil`` forward + backward on 2 views of B slides
    x T tiles (the paper: T = 5).
+4. Giga-SSL pretraining end to end (``pretrain_gigassl``: bank views, aggregator, projector, NT-Xent,
+   Adam, checkpoint) in steps/s on a random-feature bank of 3 x B slides, and encoding
+   (``encode_gigassl``: R = 50 views of T = 5 tiles per slide) in seconds per slide, from a plain
+   feature folder of the same slides.
 
     .venv/bin/python bench/gigassl.py              # full run
     .venv/bin/python bench/gigassl.py --quick      # smaller sizes
@@ -183,6 +187,61 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> None:
           f"({1e3 / ms:.1f} steps/s, model only)")  # fmt: skip
 
 
+def write_random_bank(root: Path, n_slides: int, n_aug: int, n_tiles: int, dim: int) -> tuple[Path, Path]:
+    """A bank and a plain feature folder of random features on a 32 x 32 tile grid."""
+    from gigaslide.data.features_io import write_features
+    from gigaslide.data.gigassl_bank import BankWriter
+    from gigaslide.preprocess.tiling_spec import TileSpec
+
+    spec = TileSpec.create(tile_size=256, target_mpp=1.0, slide_mpp=0.5, level_downsamples=[1.0],
+                           level0_dims=(20000, 20000))  # fmt: skip
+    rng = np.random.default_rng(0)
+    grid = np.array([(i, j) for i in range(32) for j in range(32)])
+    for s in range(n_slides):
+        rows = np.stack([rng.choice(len(grid), n_tiles, replace=False) for _ in range(n_aug)])
+        coords = np.rint(grid[rows] * spec.level0_stride).astype(np.int64)  # (n_aug, n_tiles, 2)
+        feats = rng.normal(size=(n_aug, n_tiles, dim)).astype(np.float32)
+        with BankWriter(root / "bank" / "h5_files" / f"s{s}.h5", coords, dim, "bench",
+                        features_attrs={"slide_id": f"s{s}"}, coords_attrs=spec.to_attrs()) as w:  # fmt: skip
+            w.open()
+            for a in range(n_aug):
+                w.write(feats[a])
+            w.finalize()
+        write_features(root / "features" / "h5_files" / f"s{s}.h5", feats[0], coords[0],
+                       coords_attrs=spec.to_attrs())  # fmt: skip
+    return root / "bank", root / "features"
+
+
+def bench_pretrain_encode(args: argparse.Namespace, device: torch.device, root: Path) -> None:
+    from gigaslide.data.gigassl_views import GigaSSLViews
+    from gigaslide.ssl.gigassl_encode import encode_gigassl
+    from gigaslide.ssl.simclr import GigaSSLConfig, pretrain_gigassl
+
+    b = args.batch
+    bank, feats = write_random_bank(root, 3 * b, 2, 16, 256)
+    cfg = GigaSSLConfig(warmup_epochs=0)
+    views = GigaSSLViews(bank, batch_size=b, n_tiles=5, seed=0)
+    ms_views = timed(lambda: views.batch(0, 0), args.repeat, torch.device("cpu")) * 1e3
+    print(
+        f"\n### drawing one minibatch of views (2 x {b} slides x 5 tiles, read from the bank): {ms_views:.0f} ms"
+    )
+    pretrain_gigassl(bank, root / "warm", epochs=1, batch_size=b, cfg=cfg, device=device, progress=False)
+    t0 = time.perf_counter()
+    ckpt = pretrain_gigassl(
+        bank, root / "ssl", epochs=1, batch_size=b, cfg=cfg, device=device, progress=False
+    )
+    dt = time.perf_counter() - t0
+    print(f"### Giga-SSL pretraining end to end (views + sparseconvmil + projector + NT-Xent + Adam + "
+          f"checkpoint), B = {b} slides, T = 5: {3 / dt:.2f} steps/s ({dt / 3 * 1e3:.0f} ms/step)")  # fmt: skip
+    n = min(3 * b, args.encode_slides)
+    for p in sorted((feats / "h5_files").glob("*.h5"))[n:]:
+        p.unlink()
+    t0 = time.perf_counter()
+    encode_gigassl(feats, ckpt, None, n_views=50, device=device, progress=False)
+    dt = time.perf_counter() - t0
+    print(f"### encode: R = 50 views x T = 5 tiles per slide, {n} slides: {dt / n * 1e3:.0f} ms/slide")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -200,6 +259,8 @@ def main() -> None:
     p.add_argument("--stage-max", type=int, default=5000, help="most sites for the sparseconvmil stage")
     p.add_argument("--batch", type=int, default=256, help="slides per SSL minibatch (paper: 256)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--encode-slides", type=int, default=64, help="slides timed by the encode benchmark")
+    p.add_argument("--only-ssl", action="store_true", help="run only part 4 (pretraining and encoding)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared machine)"
     )
@@ -207,15 +268,18 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.n_aug, args.n_tiles, args.sites, args.batch, args.repeat = 2, 32, [100, 1000, 4000], 64, 2
-        args.density, args.stage_max = [0.5, 0.05], 1000
+        args.density, args.stage_max, args.encode_slides = [0.5, 0.05], 1000, 16
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     print(f"machine: {machine()}; device {device}; torch threads {torch.get_num_threads()}")
+    if not args.only_ssl:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_bank(args, device, Path(tmp))
+        bench_sparse(args, device)
+        bench_step(args, device)
     with tempfile.TemporaryDirectory() as tmp:
-        bench_bank(args, device, Path(tmp))
-    bench_sparse(args, device)
-    bench_step(args, device)
+        bench_pretrain_encode(args, device, Path(tmp))
 
 
 if __name__ == "__main__":

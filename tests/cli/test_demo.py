@@ -42,6 +42,11 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     assert preds["sample_id"].is_unique
     heat = np.asarray(Image.open(out / "heatmap.png"))
     assert heat.ndim == 3 and heat.shape[2] in (3, 4) and heat.std() > 0
+    # the Giga-SSL step: pretrained and untrained aggregator and mean pooling, side by side
+    gs = pd.read_csv(out / "gigassl" / "evaluation" / "results.csv")
+    assert set(gs["representation"]) == {"giga-ssl", "untrained aggregator", "mean pooling"}
+    assert list(gs["budget"].unique()) == ["100%", "25%"] and gs["auc_mean"].between(0, 1).all()
+    assert "Giga-SSL linear probe (AUC)" in printed
 
     # a rerun resumes every stage: nothing is recomputed, same results
     mtime = (out / "features" / "h5_files" / f"{labels.slide_id[0]}.h5").stat().st_mtime_ns

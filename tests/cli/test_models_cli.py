@@ -15,7 +15,9 @@ def test_models_json_lists_registry(capsys) -> None:
     for r in rows:
         info = get_slide_model_info(r["name"])
         assert r["attention"] == info.produces_attention and r["paper"] == info.paper
-    assert {"abmil", "clam_sb", "transmil", "dsmil", "mean", "max"} <= {r["name"] for r in rows}
+    assert {"abmil", "clam_sb", "transmil", "dsmil", "mean", "feature_max", "topk_mil"} <= {
+        r["name"] for r in rows
+    }
 
 
 def test_models_table(capsys) -> None:

@@ -163,3 +163,16 @@ def test_bootstrap_counts_undefined_resamples_and_stratifies() -> None:
     assert strat.n_invalid == 0  # stratified resamples always keep the positive
     with pytest.raises(ValueError, match="undefined on"):
         bootstrap_ci(roc_auc, y, s, n_boot=50, seed=0, max_invalid_fraction=0.1)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_bootstrap_interval_of_a_mean_is_z_standard_errors(alpha: float) -> None:
+    # the percentile interval of a sample mean lies at mean -/+ z_{1-alpha/2} * SE (normal theory)
+    x = np.random.default_rng(0).normal(loc=3.0, scale=2.0, size=1000)
+    ci = bootstrap_ci(np.mean, x, n_boot=4000, alpha=alpha, seed=0)
+    se = x.std() / np.sqrt(x.size)
+    z = {0.05: 1.959964, 0.2: 1.281552}[alpha]
+    assert ci.point == pytest.approx(x.mean())
+    # [alpha, 1 - alpha] would give z = 1.645 (alpha 0.05) or 0.842 (alpha 0.2): 16% / 34% narrower
+    assert ci.high - ci.point == pytest.approx(z * se, rel=0.06)
+    assert ci.point - ci.low == pytest.approx(z * se, rel=0.06)

@@ -63,12 +63,19 @@ def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
         "model_orig_mod": {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}},
         "encoder_prefix": {f"encoder.{k}": v for k, v in sd.items()},
         "nested_twice": {"state_dict": {"model": {f"model.{k}": v for k, v in sd.items()}}},
+        # stacked wrappers: stripping the outer prefix alone matches no key
+        "ddp_compile": {f"module._orig_mod.{k}": v for k, v in sd.items()},
+        "dino_student_ddp": {**{f"module.backbone.{k}": v for k, v in sd.items()}, **_dino_head()},
+        "model_encoder": {"model": {f"model.encoder.{k}": v for k, v in sd.items()}},
+        "three_stacked": {f"module._orig_mod.backbone.{k}": v for k, v in sd.items()},
     }
 
 
-@pytest.mark.parametrize(
-    "layout", ["plain", "dino", "state_dict_module", "model_orig_mod", "encoder_prefix", "nested_twice"]
-)
+LAYOUTS = ["plain", "dino", "state_dict_module", "model_orig_mod", "encoder_prefix", "nested_twice"]
+STACKED = ["ddp_compile", "dino_student_ddp", "model_encoder", "three_stacked"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + STACKED)
 def test_torch_layouts_round_trip(tmp_path: Path, layout: str) -> None:
     src, dst = _tiny(0), _tiny(1)
     path = tmp_path / f"{layout}.pth"
@@ -80,7 +87,8 @@ def test_torch_layouts_round_trip(tmp_path: Path, layout: str) -> None:
     assert info["missing"] == [] and info["unexpected"] == []
     assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert info["n_tensors"] == len(src.state_dict())
-    assert sorted(info["dropped"]) == (sorted(_dino_head()) if layout == "dino" else [])
+    with_head = layout in ("dino", "dino_student_ddp")
+    assert sorted(info["dropped"]) == (sorted(_dino_head()) if with_head else [])
 
 
 def test_safetensors_file_round_trip(tmp_path: Path) -> None:
@@ -300,3 +308,38 @@ def test_non_checkpoint_file_is_named_as_such(tmp_path: Path, content: bytes, re
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with pytest.raises(WeightsError, match=r"weights\.pth is not a readable PyTorch checkpoint"):
         load_checkpoint(path)
+
+
+def test_truncated_resnet_names_what_it_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from torchvision.models import resnet18
+
+    from gigaslide.models.encoders.resnet import TruncatedResNet
+
+    torch.manual_seed(0)
+    full = resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(full.state_dict(), path)
+    model = TruncatedResNet(resnet18())
+    with caplog.at_level(logging.INFO, logger="gigaslide.models.weights"):
+        info = load_weights(model, path)
+    n_layer4 = sum(k.startswith("layer4.") for k in full.state_dict())
+    assert sorted(info["dropped"]) == sorted(k for k in full.state_dict() if k.startswith(("layer4.", "fc.")))
+    assert f"dropped layer4.* ({n_layer4} keys), fc.* (2 keys), declared unused" in caplog.text
+    torch.testing.assert_close(model.layer3[0].conv1.weight, full.layer3[0].conv1.weight)
+
+
+def test_declared_extras_kept_when_the_checkpoint_is_another_layout(tmp_path: Path) -> None:
+    from torchvision.models import resnet18
+
+    from gigaslide.models.encoders.resnet import TruncatedResNet
+
+    sd = resnet18().state_dict()
+    del sd["layer3.0.conv1.weight"]  # not this model's checkpoint: nothing may be dropped silently
+    path = tmp_path / "other.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsMismatchError) as err:
+        load_weights(TruncatedResNet(resnet18()), path)
+    msg = str(err.value)
+    n_extra = sum(k.startswith(("layer4.", "fc.")) for k in sd)
+    assert "1 missing keys [layer3.0.conv1.weight]" in msg
+    assert f"{n_extra} unexpected keys [layer4.0" in msg and f"({n_extra} total)" in msg

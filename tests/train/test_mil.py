@@ -147,6 +147,10 @@ def test_early_stopping_stops(tmp_path: Path) -> None:
     _, result, _ = _fit(cohort, cfg, 10, 4)
     assert result.stopped_early and len(result.history) == 4  # min_epochs delays the stop
     assert result.best_epoch == 0
+    # best epoch 0, no improvement at epochs 1 and 2: patience 2 is used up after exactly 3 epochs
+    cfg = TrainConfig(epochs=30, lr=1e-12, warmup_epochs=0, patience=2, min_epochs=1)
+    _, result, _ = _fit(cohort, cfg, 10, 4)
+    assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 0
     cfg = TrainConfig(epochs=5, lr=1e-12, warmup_epochs=0, early_stopping=False)
     _, result, _ = _fit(cohort, cfg, 10, 4)
     assert not result.stopped_early and len(result.history) == 5

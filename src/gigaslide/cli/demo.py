@@ -1,7 +1,9 @@
 """`gigaslide demo`: the whole pipeline on a synthetic cohort the project generates itself.
 
 Stages (each is the real subcommand, each resumable, so a rerun skips finished work):
-synth -> tile -> pretrain (DINO) -> embed -> train (classification, survival) -> probe -> heatmap.
+synth -> tile -> pretrain (DINO) -> embed -> train (classification, survival) -> probe -> heatmap
+-> Giga-SSL (bank -> pretrain gigassl -> encode -> linear evaluation against the untrained aggregator
+and mean pooling).
 No pretrained weights exist offline, so the demo pretrains its own tile encoder: a small ViT
 (``vit_tiny_d4``) trained with DINO on the cohort's tiles for a few epochs (CPU-sized crops and
 head), then embeds the tiles with that teacher. ``--pretrain-epochs 0`` skips pretraining and
@@ -53,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=2,
         help="DINO epochs for the demo's tile encoder (0: no pretraining, random-init resnet18_trunc)",
     )
+    p.add_argument("--gigassl-epochs", type=int, default=10, help="Giga-SSL SimCLR epochs (0 skips the step)")
+    p.add_argument("--e2e-epochs", type=int, default=2, help="end-to-end training epochs (0 skips the step)")
     return p
 
 
@@ -207,8 +211,49 @@ def run(args: argparse.Namespace) -> int:
             str(out / "heatmap.png"),
         ],
     )
+    if args.gigassl_epochs > 0:
+        _gigassl_stages(out, tiles, feats, labels, encoder, args)
+    if args.e2e_epochs > 0:
+        _e2e_stage(out, tiles, labels, encoder, args)
     _print_summary(out, args.pretrain_epochs)
     return 0
+
+
+# Giga-SSL at demo size: 3 augmentations x 12 tiles per slide, a 64-wide sparse stage, 10 views per slide
+GIGASSL_PRETRAIN_ARGS = ["--aggregator-arg", "width=64", "--batch-size", "8", "--lr", "0.1", "--temperature",
+                         "0.1", "--warmup-epochs", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+def _gigassl_stages(out: Path, tiles: Path, feats: Path, labels: Path, encoder: list[str],
+                    args: argparse.Namespace) -> None:  # fmt: skip
+    """Bank -> SimCLR pretraining -> encode (trained and untrained) -> linear evaluation beside mean pooling."""
+    from gigaslide.ssl.simclr import untrained_checkpoint_like
+
+    g, seed = out / "gigassl", str(args.seed)
+    _stage("gigassl-bank", ["gigassl", "bank", str(tiles), *encoder, "--out", str(g / "bank"), "--n-aug", "3",
+                            "--n-tiles", "12", "--batch-size", "36", "--workers", str(args.workers), "--seed", seed,
+                            "--device", "cpu", "--no-progress"])  # fmt: skip
+    ckpt = g / "pretrain" / "checkpoint.pth"
+    _stage("gigassl-pretrain", ["pretrain", "gigassl", str(g / "bank"), "--out", str(ckpt.parent), "--epochs",
+                                str(args.gigassl_epochs), "--seed", seed, *GIGASSL_PRETRAIN_ARGS])  # fmt: skip
+    untrained = untrained_checkpoint_like(ckpt, g / "untrained.pth", seed=args.seed)
+    for name, c in (("gigassl", ckpt), ("untrained", untrained)):
+        _stage(f"gigassl-encode-{name}", ["gigassl", "encode", str(feats), "--checkpoint", str(c), "--out",
+                                          str(g / f"{name}.npz"), "--views", "10", "--seed", seed, "--device", "cpu",
+                                          "--no-progress"])  # fmt: skip
+    _stage("gigassl-evaluate", ["gigassl", "evaluate", "--embeddings", str(g / "gigassl.npz"), "--compare",
+                                f"untrained aggregator={g / 'untrained.npz'}", "--features", str(feats), "--labels",
+                                str(labels), "--budgets", "100%,25%", "--folds", str(args.folds), "--seed", seed,
+                                "--out", str(g / "evaluation")])  # fmt: skip
+
+
+def _e2e_stage(out: Path, tiles: Path, labels: Path, encoder: list[str], args: argparse.Namespace) -> None:
+    """End-to-end training of the demo's tile encoder with a gated-attention aggregator, gradient-cached:
+    16 tiles per slide read from the slides at every step (96 px, the DINO crop size), 4 per encoder pass."""
+    _stage("e2e", ["e2e", "--tiles", str(tiles), "--labels", str(labels), *encoder, "--model", "gated_abmil",
+                   "--tiles-per-slide", "16", "--mode", "cached", "--chunk-size", "4", "--input-size", "96",
+                   "--epochs", str(args.e2e_epochs), "--lr", "1e-4", "--seed", str(args.seed),
+                   "--out", str(out / "e2e")])  # fmt: skip
 
 
 def _heatmap_slide(cohort: Path) -> Path:
@@ -244,4 +289,14 @@ def _print_summary(out: Path, pretrain_epochs: int) -> None:
                 shown.append(f"{metric}={value['mean']:.3f}±{value.get('std', 0.0):.3f}")
         lines.append(f"{name:>12}: " + ", ".join(shown[:4]))
     lines.append(f"report: {out / 'train_cls' / 'summary.md'}   heatmap: {out / 'heatmap.png'}")
+    e2e = out / "e2e" / "results.json"
+    if e2e.exists():
+        res = json.loads(e2e.read_text())
+        auc = res.get("best_val_auc")
+        lines.append(f"end-to-end ({res['n_train']} training slides, encoder {res['encoder_init']}): best validation "
+                     f"AUC {auc:.3f}" if auc is not None else "end-to-end: no validation AUC")  # fmt: skip
+    gigassl = out / "gigassl" / "evaluation" / "report.md"
+    if gigassl.exists():
+        table = [line for line in gigassl.read_text().splitlines() if line.startswith("|")]
+        lines += ["Giga-SSL linear probe (AUC):", *table]
     print("\n".join(lines))

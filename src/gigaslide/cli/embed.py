@@ -87,13 +87,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with output_folder(args.out, wait=args.wait, dist_info=info):
             seed_everything(args.seed)
-            encoder = create_encoder(args.encoder, weights=args.weights, warn_random=False)
-            if encoder.weights_info.get("random_init") and info.is_main:
-                print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
             if args.vit4k_weights and not args.regions:
                 raise ValueError("--vit4k-weights only applies with --regions")
             if args.regions and args.save_pt:
                 raise ValueError("--save-pt writes CLAM (N, D) tensors; it does not apply with --regions")
+            encoder = create_encoder(args.encoder, weights=args.weights, warn_random=False)
+            if encoder.weights_info.get("random_init") and info.is_main:
+                print(RANDOM_WARNING.format(name=args.encoder), file=sys.stderr, flush=True)
             if args.regions:
                 from gigaslide.pipeline.region_embed import run_region_embedding
 

@@ -1,4 +1,9 @@
-"""`gigaslide gigassl`: Giga-SSL commands. ``bank`` builds the augmented embedding bank of a tiling output."""
+"""`gigaslide gigassl`: Giga-SSL commands.
+
+``bank`` builds the augmented embedding bank of a tiling output; ``encode`` turns slides into
+Giga-SSL embeddings with a pretrained aggregator (`gigaslide pretrain gigassl`); ``evaluate`` runs the
+linear probe of those embeddings beside mean pooling under the paper's data budgets.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from gigaslide.cli.common import add_wait_argument, output_folder
+from gigaslide.cli.common import add_wait_argument, output_file, output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,10 +63,101 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_wait_argument(b)
+    _add_encode(sub)
+    _add_evaluate(sub)
     return p
 
 
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "encode",
+        help="one L2-normalised Giga-SSL embedding per slide (mean of R views)",
+        description=(
+            "Embed every slide of SOURCE (a `gigaslide embed` output: plain, non-augmented tile features; or a "
+            "bank with an identity augmentation) with the pretrained aggregator: R views of T random tiles, "
+            "their embeddings averaged and L2-normalised. Writes OUT (.npz: embeddings, slide_ids), the "
+            "format `gigaslide probe --embeddings` reads."
+        ),
+    )
+    e.add_argument("source", metavar="BANK_OR_FEATURES", type=Path, help="features folder or bank folder")
+    e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pth of `pretrain gigassl`")
+    e.add_argument(
+        "--out", required=True, type=Path, help="output .npz (a folder gets gigassl_embeddings.npz)"
+    )
+    e.add_argument("--views", type=int, default=50, help="R views per slide (default 50)")
+    e.add_argument("--n-tiles", type=int, default=None, help="tiles per view (default: the training T)")
+    e.add_argument("--use-augmented", action="store_true",
+                   help="bank without an identity augmentation: draw views from its augmentations")  # fmt: skip
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e.set_defaults(_gigassl_run=_run_encode)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser(
+        "evaluate",
+        help="linear probe of Giga-SSL embeddings beside mean pooling, with the paper's data budgets",
+        description=(
+            "Cross-validated logistic-regression probe (AUC) of the Giga-SSL embeddings (L2) and of the mean of "
+            "the tile features (standardised), on the same case-grouped folds, for each training budget "
+            "(default: 100%%, 25%%, 50, 100 and 250 training slides). Writes OUT/results.csv and OUT/report.md."
+        ),
+    )
+    v.add_argument("--embeddings", required=True, type=Path, help="Giga-SSL embeddings (.npz of `encode`)")
+    v.add_argument("--features", required=True, type=Path, help="tile-feature folder (mean-pooling baseline)")
+    v.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                   help="another embeddings file probed like the Giga-SSL one (repeatable), e.g. untrained=u.npz")  # fmt: skip
+    v.add_argument("--labels", required=True, type=Path, help="CSV with slide_id, case_id, label")
+    v.add_argument("--label-col", default="label")
+    v.add_argument("--out", required=True, type=Path, help="report folder")
+    v.add_argument(
+        "--budgets", default="100%,25%,50,100,250", help="comma-separated: percentages or slide counts"
+    )
+    v.add_argument("--folds", type=int, default=10)
+    v.add_argument("--seed", type=int, default=0)
+    add_wait_argument(v)
+    v.set_defaults(_gigassl_run=_run_evaluate)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    from gigaslide.ssl.gigassl_encode import encode_gigassl
+
+    out = output_file(args.out, "gigassl_embeddings.npz")
+    res = encode_gigassl(args.source, args.checkpoint, out, n_views=args.views, n_tiles=args.n_tiles,
+                         use_augmented=args.use_augmented, device=args.device, seed=args.seed,
+                         progress=not args.no_progress)  # fmt: skip
+    print(f"{len(res.slide_ids)} slide embeddings {res.embeddings.shape} -> {res.path}")
+    if res.failed:
+        print(f"{len(res.failed)} slide(s) failed: " + "; ".join(res.failed.values()), file=sys.stderr)
+    return 1 if res.failed else 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from gigaslide.cli.probe import load_slide_embeddings, read_labels_csv
+    from gigaslide.experiments.gigassl_eval import Representation, evaluate_representations, parse_budget
+
+    budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+    extra = [c.split("=", 1) for c in args.compare]
+    if any(len(c) != 2 for c in extra):
+        raise ValueError(f"--compare takes NAME=PATH, got {args.compare}")
+    with output_folder(args.out, wait=args.wait):
+        df = read_labels_csv(args.labels, label_col=args.label_col)
+        reps = {}
+        for name, path, norm in [("giga-ssl", args.embeddings, "l2"), *[(n, Path(p), "l2") for n, p in extra],
+                                 ("mean pooling", args.features, "standard")]:  # fmt: skip
+            emb = load_slide_embeddings(path)
+            reps[name] = Representation(emb.X, emb.ids, norm)
+        evaluate_representations(reps, df, args.out, budgets=budgets, folds=args.folds, seed=args.seed,
+                                 label_col=args.label_col)  # fmt: skip
+    print((args.out / "report.md").read_text())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    sub_run = getattr(args, "_gigassl_run", None)
+    if sub_run is not None:
+        return int(sub_run(args))
     from gigaslide.models.encoders import create_encoder
     from gigaslide.pipeline.gigassl_bank import build_gigassl_bank
     from gigaslide.utils.dist import cleanup, init_distributed

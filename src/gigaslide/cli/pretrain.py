@@ -12,6 +12,7 @@ import importlib
 # recipe name -> module under gigaslide.cli
 RECIPES: dict[str, str] = {
     "dino": "pretrain_dino",
+    "gigassl": "pretrain_gigassl",
     "hipt-region": "pretrain_hipt_region",
 }
 
@@ -19,7 +20,7 @@ RECIPES: dict[str, str] = {
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain",
-        help="self-supervised pretraining (DINO, ...)",
+        help="self-supervised pretraining (DINO, Giga-SSL, ...)",
         description="Self-supervised pretraining of encoders and slide models. Choose a recipe.",
     )
     recipes = p.add_subparsers(dest="recipe", metavar="RECIPE")

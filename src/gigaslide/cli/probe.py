@@ -27,6 +27,7 @@ import pandas as pd
 from gigaslide.cli.common import SPLIT_DEFAULTS, add_split_arguments, add_wait_argument, output_folder
 from gigaslide.data.features_io import read_features
 from gigaslide.data.labels import format_ids, read_labels
+from gigaslide.data.provenance import FeatureProvenance, check_provenance
 from gigaslide.data.split_plan import build_splits
 from gigaslide.data.splits import save_splits
 from gigaslide.eval.probes import DEFAULT_KNN_K, run_probe
@@ -43,9 +44,10 @@ class SlideEmbeddings:
     X: np.ndarray
     ids: list[str]
     failed: dict[str, str] = field(default_factory=dict)
+    provenance: FeatureProvenance | None = None  # feature-file folders only
 
 
-def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
+def load_slide_embeddings(path: str | os.PathLike[str], allow_mixed: bool = False) -> SlideEmbeddings:
     """Read slide embeddings from ``.npz`` / ``.h5`` / ``.pt`` (``embeddings`` (N, E) + ``slide_ids``)
     or from a directory of per-slide tile-feature files (``*.h5``/``*.pt``, also under ``h5_files/``),
     each mean-pooled into one slide embedding (HIPT's mean-embedding protocol). Unreadable feature
@@ -77,7 +79,9 @@ def load_slide_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
         dims = {r.shape[0] for r in rows}
         if len(dims) > 1:
             raise ValueError(f"{p}: feature files disagree on the embedding dimension: {sorted(dims)}")
-        return SlideEmbeddings(np.stack(rows), ids, failed)
+        read_ok = {f.stem: f for f in files if f.stem not in failed}
+        provenance = check_provenance(read_ok, allow_mixed=allow_mixed, source=str(p))
+        return SlideEmbeddings(np.stack(rows), ids, failed, provenance)
     if not p.is_file():
         raise FileNotFoundError(f"embeddings {p} not found")
     if p.suffix == ".npz":
@@ -146,6 +150,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--allow-mixed-features",
+        action="store_true",
+        help="use feature files from different encoders/weights anyway (refused by default)",
+    )
     add_wait_argument(p)
     return p
 
@@ -160,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 def probe_report(args: argparse.Namespace) -> str:
     """Read the inputs, run the probe, write the report into ``args.out``; return the console table."""
     df = read_labels_csv(args.labels, task=args.task, label_col=args.label_col)
-    emb = load_slide_embeddings(args.embeddings)
+    emb = load_slide_embeddings(args.embeddings, allow_mixed=args.allow_mixed_features)
     missing = sorted(set(df["slide_id"]) - set(emb.ids))
     if missing:
         detail = [emb.failed[m] for m in missing if m in emb.failed][:5]
@@ -201,6 +210,7 @@ def probe_report(args: argparse.Namespace) -> str:
     paths = write_report(
         args.out, result.summary, result.per_fold, result.predictions, args.task,
         splits=splits, title=title, config=config, n_boot=args.n_boot, seed=args.seed,
+        features=emb.provenance.to_dict() if emb.provenance is not None else None,
     )  # fmt: skip
     doc = json.loads(paths["results"].read_text())
     n_pred = doc["n_predictions"]

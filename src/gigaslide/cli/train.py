@@ -72,6 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar over folds")
+    p.add_argument(
+        "--allow-mixed-features",
+        action="store_true",
+        help="use feature files from different encoders/weights anyway (refused by default)",
+    )
     add_wait_argument(p)
     return p
 
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     with output_folder(args.out, wait=args.wait):
         cohort = Cohort(
             args.labels, args.features, task=cfg.task, classes=cfg.classes, cache=cfg.cache,
-            label_col=args.label_col,
+            label_col=args.label_col, allow_mixed_features=args.allow_mixed_features,
         )  # fmt: skip
         log.info("%s; model %s on %s", cohort, cfg.model, device)
         result = run_crossval(

@@ -25,6 +25,7 @@ import pandas as pd
 
 from gigaslide.data.features_io import FeatureBag, read_features
 from gigaslide.data.labels import format_ids, read_labels
+from gigaslide.data.provenance import check_provenance
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,12 @@ def _map_labels(
             f"(labels {sorted(set(unknown))}): slide_id {format_ids(bad)}. "
             "Fix the CSV or pass the full --classes list."
         )
+    present = sorted(set(values))
+    if len(present) == 1:
+        raise CohortError(
+            f"{labels_path}: every slide has the label {present[0]!r}: classification needs at least "
+            "two classes; add slides of another class or fix the label column"
+        )
     return values.map(index).to_numpy(dtype=np.int64), names
 
 
@@ -113,6 +120,8 @@ class Cohort:
             (memory-map contiguous HDF5 datasets; falls back to reading for chunked/compressed ones).
         check_values: scan every bag for NaN/inf values and empty bags at construction.
         label_col: the class column of ``labels_csv`` (classification); read into ``label``.
+        allow_mixed_features: accept feature files from different encoders/weights (refused by
+            default, see :mod:`gigaslide.data.provenance`); ``self.provenance`` records them.
     """
 
     def __init__(
@@ -124,6 +133,7 @@ class Cohort:
         cache: str = "memory",
         check_values: bool = True,
         label_col: str = "label",
+        allow_mixed_features: bool = False,
     ) -> None:
         if task not in ("classification", "survival"):
             raise ValueError(f"task must be 'classification' or 'survival', got {task!r}")
@@ -157,6 +167,11 @@ class Cohort:
         self._index = {s: i for i, s in enumerate(self.table["slide_id"])}
         self._cache: dict[str, FeatureBag] = {}
         self.dim = self._check_bags(check_values)
+        self.provenance = check_provenance(
+            dict(zip(self.table["slide_id"], self.table["path"])),
+            allow_mixed=allow_mixed_features,
+            source=str(self.features_dir),
+        )
 
     # -- construction helpers ---------------------------------------------------------------
     def _read_table(self) -> pd.DataFrame:

@@ -42,8 +42,8 @@ def read_labels(
     (stripped strings, read from ``label_col``) or ``time`` (float >= 0) + ``event`` (int 0/1).
 
     Raises ``error`` (a ``ValueError``) for: an unreadable file, missing columns, empty or duplicate
-    slide ids, empty case ids, missing labels, non-numeric/negative/infinite times, events other
-    than 0/1.
+    slide ids, empty case ids, missing labels, a single class (classification), non-numeric/negative/
+    infinite times, events other than 0/1.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -88,6 +88,11 @@ def read_labels(
         if len(nolabel):
             raise error(f"{path}: missing {label_col!r} for slide_id {format_ids(nolabel)} (drop those rows)")
         table["label"] = table["label"].astype(str)
+        if table["label"].nunique() == 1:
+            raise error(
+                f"{path}: every slide has the label {table['label'].iloc[0]!r} in column {label_col!r}: "
+                "classification needs at least two classes; add slides of another class or fix the labels"
+            )
         return table
     time = pd.to_numeric(table["time"], errors="coerce")
     event = pd.to_numeric(table["event"], errors="coerce")

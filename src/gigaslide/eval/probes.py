@@ -411,6 +411,11 @@ def run_probe(
 
     if task == "classification":
         y_used, classes = encode_labels(tab[label_col])
+        if len(classes) < 2:
+            raise ValueError(
+                f"labels table: every slide has the label {classes[0]!r} in column {label_col!r}: "
+                "classification needs at least two classes"
+            )
         y = np.full(X.shape[0], -1, dtype=np.int64)
         y[row_of_used] = y_used
         config["classes"] = classes

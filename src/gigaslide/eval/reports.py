@@ -208,10 +208,11 @@ def _markdown(
     n_predictions: int,
     unit: str,
     extra: Mapping[str, Any],
+    features: Mapping[str, Any] | None = None,
 ) -> str:
-    lines = [
-        f"# {title}",
-        "",
+    lines = [f"# {title}", ""]
+    lines += _features_lines(features)
+    lines += [
         f"Task: {task}; {n_folds} train/test split(s) (folds); {n_predictions} pooled test predictions.",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
@@ -232,6 +233,32 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
+def _features_lines(features: Mapping[str, Any] | None) -> list[str]:
+    """summary.md lines on the encoder behind the features, with the loud warnings first."""
+    if not features:
+        return []
+    lines = []
+    if features.get("random_init"):
+        lines += [
+            "**WARNING: the features come from a RANDOM-INIT encoder (no pretrained weights): these "
+            "results only test the pipeline and say nothing about the data.**",
+            "",
+        ]
+    if features.get("mixed"):
+        lines += [
+            f"**WARNING: the features mix {len(features.get('sources', []))} encoders/weights "
+            "(allowed explicitly): the results are not those of one encoder.**",
+            "",
+        ]
+    if features.get("encoder"):
+        sha = str(features.get("weights_sha256") or "")[:12]
+        weights = "RANDOM-INIT" if features.get("random_init") else features.get("weights")
+        lines += [f"Features: encoder {features['encoder']}, weights {weights} (sha256 {sha}).", ""]
+    elif features.get("n_files"):
+        lines += ["Features: the feature files record no encoder or weights (written by another tool).", ""]
+    return lines
+
+
 def write_report(
     out_dir: str | os.PathLike[str],
     summary: Mapping[str, tuple[float, float]],
@@ -245,8 +272,13 @@ def write_report(
     seed: int = 0,
     pooled: Mapping[str, Mapping[str, Any]] | None = None,
     unit: str = "slides",
+    features: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the evaluation report into ``out_dir`` (every file atomically); return name -> path.
+
+    ``features`` is the provenance of the features (:class:`gigaslide.data.provenance.FeatureProvenance`
+    as a dict): stored as ``results.json["features"]`` (with ``random_init`` at the top level too) and
+    stated at the top of ``summary.md``, with a loud warning for a random-init or mixed encoder.
 
     ``pooled`` are the metrics of the pooled test predictions as returned by :func:`pooled_metrics`
     (computed here when None). Files: ``results.json`` (``metrics``: fold mean/std/CI over folds;
@@ -302,6 +334,8 @@ def write_report(
         "metrics": results,
         "pooled": pooled_doc,
         "n_predictions": len(predictions),
+        "random_init_features": bool(features.get("random_init")) if features else None,
+        "features": _json_safe(dict(features)) if features else None,
         **_json_safe(extra),
         "config": _json_safe(dict(config or {})),
         "splits": [_json_safe(s.to_dict()) for s in splits] if splits is not None else None,
@@ -313,6 +347,6 @@ def write_report(
         paths[name] = out / f"{name}.csv"
     paths["summary"] = atomic_write_text(
         out / "summary.md",
-        _markdown(title, task, results, pooled_doc, len(per_fold), len(predictions), unit, extra),
+        _markdown(title, task, results, pooled_doc, len(per_fold), len(predictions), unit, extra, features),
     )
     return paths

@@ -304,6 +304,10 @@ def run_crossval(
         atomic_write_text(out / "label_map.json", json.dumps(cohort.label_map(), indent=1))
     save_splits(splits, out / "splits")
     samples = cohort.samples(cfg.case_level)
+    provenance = getattr(cohort, "provenance", None)
+    warning = provenance.warning() if provenance is not None else None
+    if warning:
+        log.warning("%s (%s)", warning, cohort.features_dir)
     docs, skipped = [], []
     bar = tqdm(
         total=len(splits), desc=f"{cfg.model} folds", unit="fold", file=sys.stderr, disable=not progress
@@ -343,5 +347,6 @@ def run_crossval(
         seed=cfg.seed,
         pooled=pooled,
         unit=unit,
+        features=provenance.to_dict() if provenance is not None else None,
     )
     return CVResult(summary, per_fold, predictions, pooled, splits, out, report, skipped)

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 NESTED_KEYS: tuple[str, ...] = ("teacher", "student", "state_dict", "model", "module", "model_state_dict")
 #: key prefixes added by wrappers (DDP, DINO MultiCropWrapper, torch.compile, Lightning, SSL heads)
 STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.", "backbone.", "model.", "encoder.")
+#: longest stack of wrapper prefixes tried (e.g. ``module._orig_mod.backbone.``)
+MAX_PREFIX_STACK = 3
 #: file names looked for inside a weights folder, in order
 FOLDER_WEIGHT_FILES: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
 _LIST_LIMIT = 20
@@ -213,23 +215,41 @@ def _n_matching(keys: Sequence[str], target: set[str]) -> int:
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Greedily strip wrapper prefixes while doing so increases the number of keys matching the model."""
-    best = _n_matching(list(sd), model_keys)
-    while True:
-        choice: tuple[int, str, dict[str, torch.Tensor]] | None = None
-        for prefix in STRIP_PREFIXES:
-            if not any(k.startswith(prefix) for k in sd):
-                continue
-            cand = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
-            if len(cand) != len(sd):
-                continue  # stripping would merge two keys
-            score = _n_matching(list(cand), model_keys)
-            if score > best and (choice is None or score > choice[0]):
-                choice = (score, prefix, cand)
-        if choice is None:
-            return sd
-        best, prefix, sd = choice
-        logger.debug("stripped checkpoint key prefix %r (%d keys now match the model)", prefix, best)
+    """Strip the stack of wrapper prefixes that makes the most keys match the model.
+
+    Wrappers stack (``module._orig_mod.`` from DDP around ``torch.compile``, ``module.backbone.`` from a
+    DINO student, ``model.encoder.``), and stripping only the outer one matches no key yet, so every
+    chain of up to :data:`MAX_PREFIX_STACK` prefixes is scored; ties go to the shorter chain.
+    """
+    best_sd, best = sd, _n_matching(list(sd), model_keys)
+    best_chain: tuple[str, ...] = ()
+    frontier: list[tuple[tuple[str, ...], dict[str, torch.Tensor]]] = [((), sd)]
+    for _ in range(MAX_PREFIX_STACK):
+        nxt = []
+        for chain, cur in frontier:
+            for prefix in STRIP_PREFIXES:
+                if not any(k.startswith(prefix) for k in cur):
+                    continue
+                cand = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in cur.items()}
+                if len(cand) != len(cur):
+                    continue  # stripping would merge two keys
+                score = _n_matching(list(cand), model_keys)
+                if score > best:
+                    best_sd, best, best_chain = cand, score, (*chain, prefix)
+                nxt.append(((*chain, prefix), cand))
+        frontier = nxt
+    if best_chain:
+        logger.debug("stripped checkpoint key prefixes %r (%d keys now match the model)", best_chain, best)
+    return best_sd
+
+
+def describe_dropped(dropped: Sequence[str]) -> str:
+    """``'layer4.* (60 keys), fc.* (2 keys)'``: the dropped keys grouped by their first component."""
+    groups: dict[str, int] = {}
+    for k in dropped:
+        head = k.split(".", 1)[0]
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(f"{h}.* ({n} key{'s' if n > 1 else ''})" for h, n in groups.items())
 
 
 def _is_timm_model(model: nn.Module) -> bool:
@@ -294,27 +314,31 @@ def adapt_state_dict(
     layout it recognises (e.g. HIPT's ``local_vit.module.`` written by ``nn.DataParallel``).
     ``drop_prefixes`` defaults to the model's ``checkpoint_drop_prefixes`` attribute: key prefixes the
     model documents as expected extras (e.g. ``("layer4.", "fc.")`` for a truncated ResNet, ``("head.",)``
-    for a DINO backbone). Only keys under those prefixes that the model does not have are dropped;
-    everything else is left for the strict check in :func:`load_weights`.
+    for a DINO backbone). Keys under those prefixes are dropped only when the checkpoint is that declared
+    layout, i.e. every other key then matches the model and none is missing; otherwise nothing is
+    dropped and the strict check in :func:`load_weights` lists every key that does not fit.
     """
     model_sd = model.state_dict()
     model_keys = set(model_sd)
-    sd, dropped = _drop_ssl_head(dict(sd), model_keys)
+    out = dict(sd)
     model_filter = getattr(model, "checkpoint_filter", None)
     if callable(model_filter):  # a layout filter declared beside the model (timm's checkpoint_filter_fn)
-        sd = dict(model_filter(sd))
-    out = _strip_prefixes(sd, model_keys)
+        out = dict(model_filter(out))
+    out, dropped = _drop_ssl_head(out, model_keys)
+    out = _strip_prefixes(out, model_keys)
     if drop_prefixes is None:
         drop_prefixes = tuple(getattr(model, "checkpoint_drop_prefixes", ()))
-    for prefix in drop_prefixes:
-        gone = [k for k in out if k.startswith(prefix) and k not in model_keys]
-        for k in gone:
-            del out[k]
-        if gone:
-            logger.debug(
-                "dropped %d checkpoint keys under %r (expected, not used by this model)", len(gone), prefix
-            )
-        dropped += gone
+    declared = [k for k in out if k not in model_keys and any(k.startswith(p) for p in drop_prefixes)]
+    kept = set(out) - set(declared)
+    missing = [k for k in model_keys if k not in kept and not k.endswith(".num_batches_tracked")]
+    if declared and (missing or any(k not in model_keys for k in kept)):
+        # not the layout the model declares (a full checkpoint of this very model minus the declared
+        # extras): keep every key so that the strict check lists them all
+        logger.debug("checkpoint is not a declared layout of %s: nothing dropped", type(model).__name__)
+        declared = []
+    for k in declared:
+        del out[k]
+    dropped += declared
     if (
         "pos_embed" in out
         and "pos_embed" in model_sd
@@ -352,7 +376,9 @@ def load_weights(
     model_sd = model.state_dict()
     # BatchNorm step counters are not weights (many exports drop them): they keep their initial 0
     missing = [k for k in model_sd if k not in sd and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in sd if k not in model_sd]
+    declared = tuple(getattr(model, "checkpoint_drop_prefixes", ()))
+    # keys the model does not declare as expected extras first: they tell why the layout differs
+    unexpected = sorted((k for k in sd if k not in model_sd), key=lambda k: k.startswith(declared))
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
         for k, v in sd.items()
@@ -374,7 +400,8 @@ def load_weights(
     to_load = {k: v for k, v in sd.items() if k in model_sd and k not in bad}
     model.load_state_dict(to_load, strict=False)
     digest = sha256_file(file)
-    logger.info("loaded %d tensors from %s (sha256 %s)", len(to_load), file, digest[:12])
+    note = f"; dropped {describe_dropped(dropped)}, declared unused by the model" if dropped else ""
+    logger.info("loaded %d tensors from %s (sha256 %s)%s", len(to_load), file, digest[:12], note)
     return {
         "path": str(Path(path).expanduser().resolve()),
         "file": str(file.resolve()),

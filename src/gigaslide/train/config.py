@@ -52,6 +52,7 @@ class TrainConfig:
     survival_loss: str = "nll"  # "nll", "cox" or "nll+cox"
     n_bins: int = 4
     nll_alpha: float = 0.0
+    nll_baseline_init: bool = True  # NLL: output bias starts at the training fold's baseline hazards
     cox_weight: float = 1.0
     # data / splits
     folds: int = 10

@@ -14,6 +14,7 @@ from gigaslide.models.slide import (  # noqa: F401  (registration)
     hipt,
     pooling,
     sparseconvmil,
+    topk_mil,
     transmil,
 )
 from gigaslide.models.slide.abmil import ABMIL
@@ -36,6 +37,7 @@ from gigaslide.models.slide.registry import (
     register_slide_model,
 )
 from gigaslide.models.slide.sparseconvmil import SparseConvMIL
+from gigaslide.models.slide.topk_mil import TopKMIL
 from gigaslide.models.slide.transmil import TransMIL
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "SlideModelInfo",
     "SlideOutput",
     "SparseConvMIL",
+    "TopKMIL",
     "TransMIL",
     "create_slide_model",
     "get_slide_model_info",

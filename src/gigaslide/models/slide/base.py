@@ -108,6 +108,9 @@ class SlideModel(nn.Module, abc.ABC):
 
     #: models that cannot run without tile coordinates set this to True
     needs_coords: bool = False
+    #: classification loss of the model's official recipe: "cross_entropy" (softmax over classes) or
+    #: "bce" (one sigmoid per class against one-hot targets, e.g. DS-MIL)
+    classification_loss: str = "cross_entropy"
 
     def __init__(self, in_dim: int, n_classes: int) -> None:
         super().__init__()
@@ -143,6 +146,38 @@ class SlideModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def _forward(self, x: Tensor, coords: Tensor | None, mask: Tensor, labels: Tensor | None) -> SlideOutput:
         """Model-specific aggregation of validated inputs."""
+
+    def loss_streams(self, out: SlideOutput) -> list[tuple[float, Tensor]]:
+        """``(weight, logits (B, C))`` pairs the task loss is applied to and summed over.
+
+        Default ``[(1.0, out.logits)]``; a model trained on several predictions overrides it
+        (DS-MIL: ``0.5`` each on the bag stream and on the max-instance stream).
+        """
+        return [(1.0, out.logits)]
+
+    def output_layers(self) -> list[nn.Module]:
+        """The layer(s) whose outputs are ``logits`` (default: ``self.classifier``).
+
+        A trainer sets their bias to a prior (e.g. the cohort's baseline hazard per survival bin)
+        through :meth:`init_output_bias`. Models whose logits come from other layers override this.
+        """
+        head = getattr(self, "classifier", None)
+        if head is None:
+            raise NotImplementedError(f"{type(self).__name__} has no `classifier`; override output_layers()")
+        return [head]
+
+    @torch.no_grad()
+    def init_output_bias(self, bias: Tensor) -> None:
+        """Set the bias (C,) of every output layer, so that the untrained model predicts ``bias``."""
+        bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
+        if bias.numel() != self.n_classes:
+            raise ValueError(f"output bias needs {self.n_classes} values, got {bias.numel()}")
+        for layer in self.output_layers():
+            if getattr(layer, "bias", None) is None or layer.bias.numel() != self.n_classes:
+                raise ValueError(
+                    f"{type(self).__name__}: output layer {layer} has no ({self.n_classes},) bias"
+                )
+            layer.bias.copy_(bias.to(layer.bias))
 
 
 def mlp_block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:

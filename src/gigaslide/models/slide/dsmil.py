@@ -6,9 +6,11 @@ Stream 2 (bag): every tile gets a query ``q_k = q(x_k)``; the attention of tile 
 ``softmax_k(<q_k, q(x_crit_c)> / sqrt(q_dim))`` (over valid tiles); the bag representation of class c
 is ``b_c = sum_k a_kc v(x_k)``, and a Conv1d with kernel D over (C, D) gives the bag logits.
 
-Outputs: ``logits = (max_instance_logits + bag_logits) / 2``, the averaged two-stream prediction of
-the paper's evaluation; the reference trains with ``0.5 * (loss(bag) + loss(max))`` instead, which a
-trainer can reproduce from ``extras["bag_logits"]`` and ``extras["max_instance_logits"]``.
+Training and prediction follow the reference code: the loss is ``0.5 * BCE(bag_logits) + 0.5 *
+BCE(max_instance_logits)`` with one-hot targets (declared through ``classification_loss = "bce"`` and
+:meth:`DSMIL.loss_streams`, which trainers apply), and ``logits`` are the bag stream's. With
+``average_streams=True`` the logits are ``(max_instance_logits + bag_logits) / 2`` instead (the
+reference's ``--average`` test option).
 ``embedding`` is the flattened bag representation (B, C * D) and ``attention`` is the mean over
 classes of the per-class tile attention (each sums to 1, so the mean does), with per-class maps in
 ``extras["class_attention"]`` (B, N, C); ``extras["instance_logits"]`` (B, N, C) holds the per-tile
@@ -27,7 +29,7 @@ from gigaslide.models.slide.registry import register_slide_model
 
 @register_slide_model(
     "dsmil",
-    description="DS-MIL: max-instance stream + critical-instance distance attention bag stream, averaged.",
+    description="DS-MIL: max-instance stream + critical-instance attention bag stream; trained on both.",
     paper="Li, Li & Eliceiri, Dual-stream MIL with self-supervised contrastive learning, CVPR 2021",
     produces_attention=True,
 )
@@ -41,7 +43,10 @@ class DSMIL(SlideModel):
         nonlinear_q: query net Linear-ReLU-Linear-Tanh (default, as in the reference) instead of Linear.
         passing_v: transform values with Dropout-Linear-ReLU instead of passing features through.
         dropout: dropout in the value net (only with ``passing_v``; reference default 0.0).
+        average_streams: predict ``(max + bag) / 2`` instead of the bag stream (reference ``--average``).
     """
+
+    classification_loss = "bce"
 
     def __init__(
         self,
@@ -51,6 +56,7 @@ class DSMIL(SlideModel):
         nonlinear_q: bool = True,
         passing_v: bool = False,
         dropout: float = 0.0,
+        average_streams: bool = False,
     ) -> None:
         super().__init__(in_dim, n_classes)
         self.instance_classifier = nn.Linear(in_dim, n_classes)
@@ -66,6 +72,7 @@ class DSMIL(SlideModel):
             self.v = nn.Identity()
         self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
         self.q_dim = q_dim
+        self.average_streams = bool(average_streams)
         self.embed_dim = n_classes * in_dim
 
     def _forward(self, x: Tensor, coords: Tensor | None, mask: Tensor, labels: Tensor | None) -> SlideOutput:
@@ -81,7 +88,7 @@ class DSMIL(SlideModel):
         bag = attn.transpose(1, 2) @ self.v(x)  # (B, C, D)
         bag_logits = self.bag_classifier(bag).squeeze(-1)  # (B, C)
         return SlideOutput(
-            logits=0.5 * (max_logits + bag_logits),
+            logits=0.5 * (max_logits + bag_logits) if self.average_streams else bag_logits,
             embedding=bag.flatten(1),
             attention=attn.mean(dim=-1),
             extras={
@@ -91,3 +98,11 @@ class DSMIL(SlideModel):
                 "class_attention": attn,
             },
         )
+
+    def loss_streams(self, out: SlideOutput) -> list[tuple[float, Tensor]]:
+        """The reference trains both streams: ``0.5 * loss(bag) + 0.5 * loss(max instance)``."""
+        return [(0.5, out.extras["bag_logits"]), (0.5, out.extras["max_instance_logits"])]
+
+    def output_layers(self) -> list[nn.Module]:
+        """Both streams produce logits: the bag Conv1d and the instance classifier."""
+        return [self.bag_classifier, self.instance_classifier]

@@ -1,8 +1,12 @@
-"""Parameter-free pooling baselines: masked mean and masked max over tiles, then a linear classifier.
+"""Parameter-free pooling baselines: masked mean and feature-wise masked max over tiles, then a linear classifier.
 
 With ``hidden_dim`` set, tiles first go through Linear -> ReLU -> Dropout (a learnable instance
 projection); without it the slide embedding is the pooled encoder feature itself, which makes these
 models linear probes on pooled features (the "GMP" baseline of HIPT).
+
+``feature_max`` takes the maximum of every feature dimension separately (so the pooled vector mixes
+tiles); it is not the instance-level max MIL of Campanella et al. 2019, which selects whole tiles by
+their score: that is ``topk_mil``. The old name ``max`` still builds ``feature_max``, with a warning.
 """
 
 from __future__ import annotations
@@ -54,13 +58,14 @@ class MeanPoolMIL(_PoolingMIL):
 
 
 @register_slide_model(
-    "max",
-    description="Masked element-wise max of tile features (optionally projected), then a linear classifier.",
-    paper="Max-pooling MIL baseline (e.g. Campanella et al. 2019)",
+    "feature_max",
+    description="Feature-wise masked max of tile features (optionally projected), then a linear classifier.",
+    paper="Feature-wise max pooling baseline (e.g. Wang et al., Revisiting multiple instance neural "
+    "networks, Pattern Recognition 2018); for tile-level max MIL see topk_mil",
     produces_attention=False,
 )
 class MaxPoolMIL(_PoolingMIL):
-    """Element-wise max pooling over valid tiles."""
+    """Feature-wise (element-wise) max pooling over valid tiles."""
 
     def _pool(self, h: Tensor, mask: Tensor) -> Tensor:
         return masked_max(h, mask)

@@ -13,6 +13,7 @@ LongViT) register the same way.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,6 +45,13 @@ class SlideModelInfo:
 
 
 _REGISTRY: dict[str, SlideModelInfo] = {}
+#: deprecated names -> (current name, why); they still build the model, with a FutureWarning
+_ALIASES: dict[str, tuple[str, str]] = {
+    "max": (
+        "feature_max",
+        "it takes a feature-wise maximum; the instance-level MIL of Campanella et al. 2019 is 'topk_mil'",
+    ),
+}
 
 
 def register_slide_model(
@@ -90,7 +98,14 @@ def list_slide_models() -> list[str]:
 
 
 def get_slide_model_info(name: str) -> SlideModelInfo:
-    """Metadata of a registered model; raises KeyError listing the known names."""
+    """Metadata of a registered model; raises KeyError listing the known names.
+
+    A deprecated alias (``max``) warns and returns the model it names now (``feature_max``).
+    """
+    if name in _ALIASES and name not in _REGISTRY:
+        new, why = _ALIASES[name]
+        warnings.warn(f"slide model {name!r} is deprecated, use {new!r}: {why}", FutureWarning, stacklevel=3)
+        name = new
     try:
         return _REGISTRY[name]
     except KeyError:
