@@ -26,6 +26,7 @@ import pandas as pd
 from gigaslide.data.features_io import FeatureBag, read_features
 from gigaslide.data.labels import format_ids, read_labels
 from gigaslide.data.provenance import check_provenance
+from gigaslide.data.region_features import REGION_KIND, is_region_file, read_region_bag
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class Cohort:
             try:
                 if self.cache == "memory" or check_values:
                     bag = self._read(sid, path)
-                    n, d = bag.features.shape
+                    n, d = bag.features.shape[0], bag.features.shape[-1]  # (N, D) or regions (M, T, D)
                     if check_values and n and not _all_finite(bag.features):
                         nonfinite.append(sid)
                     if self.cache == "memory":
@@ -215,6 +216,8 @@ class Cohort:
         return int(next(iter(dims)))
 
     def _read(self, slide_id: str, path: Path) -> FeatureBag:
+        if is_region_file(path):  # HIPT region bags: (M, T, D) token grids + (M, T) patch mask
+            return read_region_bag(path)
         if self.cache == "mmap" and path.suffix == ".h5":
             mapped = _mmap_h5(path)
             if mapped is not None:
@@ -297,6 +300,8 @@ def _peek_shape(path: Path) -> tuple[int, int]:
             if "features" not in f:
                 raise ValueError(f"{path}: no 'features' dataset")
             shape = f["features"].shape
+            if len(shape) == 3 and f["features"].attrs.get("kind", "") == REGION_KIND:
+                return int(shape[0]), int(shape[2])  # HIPT regions (M, T, D): M bag items of width D
         if len(shape) == 3 and shape[0] == 1:
             shape = shape[1:]
         if len(shape) != 2:

@@ -33,6 +33,7 @@ class FeatureBag:
     coords: np.ndarray | None  # (N, 2) int64 level-0 corners, None for a bare .pt file
     attrs: dict[str, Any] = field(default_factory=dict)  # attributes of `features`
     spec: TileSpec | None = None
+    item_mask: np.ndarray | None = None  # (N, T) bool for bags of token grids (HIPT regions), else None
 
     @property
     def n_tiles(self) -> int:

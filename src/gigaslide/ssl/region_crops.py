@@ -119,7 +119,7 @@ class RegionGrids(Dataset):
             try:
                 rf = read_region_features(f)
                 m, t, d = rf.features.shape
-                k = int(round(t**0.5))
+                k = int(round(t**0.5))  # noqa: RUF046
                 if k * k != t:
                     raise ValueError(f"{t} tokens per region do not make a square grid")
                 if shape is not None and (t, d) != shape:

@@ -207,7 +207,7 @@ def _forward(model: nn.Module, batch: BagBatch, labels: Tensor | None = None) ->
         info is not None and info.accepts_coords
     )
     coords = batch.coords if wants_coords else None
-    return model(batch.x, coords=coords, mask=batch.mask, labels=labels)
+    return model(batch.x, coords=coords, mask=batch.model_mask, labels=labels)
 
 
 @torch.no_grad()
