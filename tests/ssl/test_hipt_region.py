@@ -60,7 +60,9 @@ def test_a_view_is_a_crop_maybe_flipped() -> None:
 
 def test_view_dropout_zeroes_a_fraction_and_rescales() -> None:
     grid = torch.ones(64, 16, 16)
-    v = RegionCrops(RegionCropConfig(dropout=0.25, flip_p=0.0)).view(grid, 14, torch.Generator().manual_seed(0))
+    v = RegionCrops(RegionCropConfig(dropout=0.25, flip_p=0.0)).view(
+        grid, 14, torch.Generator().manual_seed(0)
+    )
     kept = v[v != 0]
     assert torch.allclose(kept, torch.full_like(kept, 1 / 0.75))
     assert abs(float((v == 0).float().mean()) - 0.25) < 0.02

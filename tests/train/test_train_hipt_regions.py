@@ -27,7 +27,7 @@ def _one_thread():
 
 
 def region_cohort(root: Path, task: str = "classification", n: int = 24) -> tuple[Path, Path]:
-    """Slides of 2..4 regions; the signal (a shifted token block) sits in one region of the 'hi' slides."""
+    """Slides of 2..4 regions; the signal (shifted tokens) sits in the first region of the signal slides."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
@@ -36,16 +36,15 @@ def region_cohort(root: Path, task: str = "classification", n: int = 24) -> tupl
         mask = np.ones((m, SIDE * SIDE), bool)
         mask[-1, SIDE * (SIDE - 1) :] = False  # the last region is an edge region: its last row is padding
         feats[-1, ~mask[-1]] = 1e3  # padding values must never matter
-        group = i % 2
-        if group:
-            feats[0, :6, :3] += 2.5
+        group = i % 2 if task == "classification" else i % 3  # survival: 3 risk levels
+        feats[0, :, :3] += 1.5 * group
         coords = np.stack([np.arange(m) * 4096, np.zeros(m)], 1)
         write_region_features(root / "feats" / "h5_files" / f"s{i}.h5", feats, mask, coords)
         row: dict[str, object] = {"slide_id": f"s{i}", "case_id": f"c{i}"}
         if task == "classification":
             row["label"] = ["lo", "hi"][group]
-        else:  # high-signal slides die early
-            row["time"] = float(rng.uniform(1, 5) if group else rng.uniform(8, 14))
+        else:  # the stronger the signal, the earlier the event
+            row["time"] = float(10 - 3 * group + rng.uniform(0, 1))
             row["event"] = 1
         rows.append(row)
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
@@ -67,17 +66,23 @@ def test_region_bags_collate_with_region_and_patch_masks(tmp_path: Path) -> None
     assert not mm[0, 2].any() and mm[1, 1].all() and int(mm[1, 2].sum()) == SIDE * (SIDE - 1)
 
 
-def _train(tmp_path: Path, task: str, model: str, epochs: int) -> dict:
-    feats, labels = region_cohort(tmp_path, task)
+def _train(
+    tmp_path: Path, task: str, model: str, epochs: int, extra: tuple[str, ...] = (), n: int = 24
+) -> dict:
+    feats, labels = region_cohort(tmp_path, task, n)
     out = tmp_path / f"run_{model}_{task}"
     argv = ["train", "--features", str(feats), "--labels", str(labels), "--model", model, "--task", task,
             "--folds", "3", "--epochs", str(epochs), "--seed", "0", "--device", "cpu", "--out", str(out),
             "--set", "lr=0.001", "--set", "warmup_epochs=0", "--set", "bootstrap=10",
-            "--set", "early_stopping=false"]  # fmt: skip
+            "--set", "early_stopping=false", *extra]  # fmt: skip
     assert main(argv) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["fold0.pt", "fold1.pt", "fold2.pt"]
-    assert len(pd.read_csv(out / "predictions.csv")) == 24
+    assert len(pd.read_csv(out / "predictions.csv")) == n
     return json.loads((out / "results.json").read_text())["metrics"]
+
+
+# ViT_4096 frozen (the paper's recipe; random weights here): the global transformer and pooling learn
+FROZEN = ("--set", "model_kwargs.freeze_4k=true", "--set", "lr=0.0005")
 
 
 def test_hipt_ap_learns_a_region_signal(tmp_path: Path) -> None:
@@ -86,10 +91,11 @@ def test_hipt_ap_learns_a_region_signal(tmp_path: Path) -> None:
 
 
 def test_hipt_learns_a_region_signal_classification(tmp_path: Path) -> None:
-    metrics = _train(tmp_path, "classification", "hipt", epochs=10)
+    metrics = _train(tmp_path, "classification", "hipt", epochs=8, extra=FROZEN)
     assert metrics["auc"]["mean"] > 0.8, metrics["auc"]
 
 
 def test_hipt_learns_a_region_signal_survival(tmp_path: Path) -> None:
-    metrics = _train(tmp_path, "survival", "hipt", epochs=10)
-    assert metrics["c_index"]["mean"] > 0.8, metrics["c_index"]
+    metrics = _train(tmp_path, "survival", "hipt", epochs=10, extra=FROZEN, n=36)
+    # ties inside a risk level cap the expected c-index of a perfect ranking of levels near 0.83
+    assert metrics["c_index"]["mean"] > 0.7, metrics["c_index"]

@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if info.is_main:
         extra = "".join(f" (built with {k}={v})" for k, v in args.vit4k_arg)
         print(f"ViT_4096 DINO checkpoint: {ckpt}{extra}")
-        print(f"region tokens with it:    gigaslide embed TILING_DIR --regions --vit4k-weights {ckpt} --out FEATURES")
+        print(
+            f"region tokens with it:    gigaslide embed TILING_DIR --regions --vit4k-weights {ckpt} --out FEATURES"
+        )
     sys.stdout.flush()
     return 0

@@ -175,7 +175,9 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
     n_max = max(b.features.shape[0] for b in bags)
     item = tuple(bags[0].features.shape[1:])
     if any(tuple(b.features.shape[1:]) != item for b in bags):
-        raise ValueError(f"bags disagree on the item shape: {sorted({tuple(b.features.shape[1:]) for b in bags})}")
+        raise ValueError(
+            f"bags disagree on the item shape: {sorted({tuple(b.features.shape[1:]) for b in bags})}"
+        )
     x = torch.zeros(len(bags), n_max, *item, dtype=torch.float32)
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
     regions = any(b.item_mask is not None for b in bags)

@@ -42,7 +42,9 @@ class RegionCropConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.local_size <= self.global_size:
-            raise ValueError(f"need 1 <= local_size <= global_size, got {self.local_size}, {self.global_size}")
+            raise ValueError(
+                f"need 1 <= local_size <= global_size, got {self.local_size}, {self.global_size}"
+            )
         if self.n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {self.n_local}")
         if not 0.0 <= self.dropout < 1.0:
@@ -123,7 +125,9 @@ class RegionGrids(Dataset):
                 if k * k != t:
                     raise ValueError(f"{t} tokens per region do not make a square grid")
                 if shape is not None and (t, d) != shape:
-                    raise ValueError(f"regions of {t} x {d} tokens, the first file has {shape[0]} x {shape[1]}")
+                    raise ValueError(
+                        f"regions of {t} x {d} tokens, the first file has {shape[0]} x {shape[1]}"
+                    )
             except (ValueError, OSError, KeyError) as e:  # one bad file never stops the run
                 self.skipped[f.name] = str(e)
                 log.warning("stage-2 data: %s skipped (%s)", f, e)
