@@ -41,7 +41,7 @@ class FeatureBag:
 
     @property
     def dim(self) -> int:
-        return int(self.features.shape[1])
+        return int(self.features.shape[-1])  # (N, D) or region grids (M, T, D)
 
 
 def write_features(
