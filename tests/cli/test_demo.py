@@ -47,6 +47,14 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     assert set(gs["representation"]) == {"giga-ssl", "untrained aggregator", "mean pooling"}
     assert list(gs["budget"].unique()) == ["100%", "25%"] and gs["auc_mean"].between(0, 1).all()
     assert "Giga-SSL linear probe (AUC)" in printed
+    # the HIPT step: region grids -> stage-2 DINO -> hipt (ViT_4096 frozen) -> region heatmap
+    import torch
+
+    stage2 = torch.load(out / "hipt" / "stage2" / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert set(stage2) >= {"teacher", "student", "dino_loss"}
+    hipt = json.loads((out / "hipt" / "train" / "results.json").read_text())["metrics"]
+    assert 0.0 <= hipt["auc"]["mean"] <= 1.0 and "HIPT (stage-2 pretrained ViT_4096" in printed
+    assert np.asarray(Image.open(out / "hipt" / "heatmap.png")).std() > 0
 
     # a rerun resumes every stage: nothing is recomputed, same results
     mtime = (out / "features" / "h5_files" / f"{labels.slide_id[0]}.h5").stat().st_mtime_ns
