@@ -26,10 +26,11 @@ import torch
 from gigaslide.io import open_slide
 from gigaslide.models.encoders import create_encoder
 from gigaslide.pipeline.embed_job import run_embedding
-from gigaslide.pipeline.extract import encode_batch, prepare_encoder, resolve_device
+from gigaslide.pipeline.extract import encode_batch, prepare_encoder
 from gigaslide.preprocess.coords_io import write_coords
 from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.synth import write_synthetic_slide
+from gigaslide.utils.device import resolve_device
 from gigaslide.utils.manifest import Manifest
 from gigaslide.utils.seed import seed_everything
 

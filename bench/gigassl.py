@@ -42,9 +42,10 @@ from gigaslide.data.tile_loader import TileLoader
 from gigaslide.models.encoders import create_encoder
 from gigaslide.models.layers.sparse_conv import SparseConv2d, SparseMap
 from gigaslide.models.slide import create_slide_model
-from gigaslide.pipeline.extract import encode_batch, prepare_encoder, resolve_device
+from gigaslide.pipeline.extract import encode_batch, prepare_encoder
 from gigaslide.pipeline.gigassl_bank import build_gigassl_bank, draw_views, slide_seed
 from gigaslide.preprocess.coords_io import read_coords
+from gigaslide.utils.device import resolve_device
 from gigaslide.utils.seed import seed_everything
 
 

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from gigaslide.models.encoders import create_encoder, create_hipt_vit4k
 from gigaslide.models.encoders.hipt_region import HIPTRegionEncoder
-from gigaslide.pipeline.extract import autocast_context, resolve_device
+from gigaslide.pipeline.extract import autocast_context
+from gigaslide.utils.device import resolve_device
 
 
 def machine() -> str:

@@ -216,18 +216,18 @@ def test_heatmap_bad_model_file_is_one_line(tmp_path: Path, capsys) -> None:
 
 def test_weights_only_checkpoint_load(tmp_path: Path) -> None:
     """Training checkpoints load with weights_only=True: a pickled object inside is refused, not run."""
-    from gigaslide.train.mil import load_checkpoint, save_checkpoint
+    from gigaslide.train.mil import load_slide_model, save_checkpoint
 
     state = torch.nn.Linear(2, 2).state_dict()
     meta = {"model": "abmil", "model_kwargs": {}, "in_dim": 8, "n_outputs": 2, "class_names": ["a", "b"]}
     from gigaslide.models.slide import create_slide_model
 
     good = save_checkpoint(tmp_path / "ok.pt", create_slide_model("abmil", 8, 2).state_dict(), meta)
-    _, loaded = load_checkpoint(good)
+    _, loaded = load_slide_model(good)
     assert loaded["class_names"] == ["a", "b"]
     torch.save({"state_dict": state, **meta, "evil": _Pickled()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match=r"not a readable gigaslide training checkpoint.*Unpickl"):
-        load_checkpoint(tmp_path / "evil.pt")
+        load_slide_model(tmp_path / "evil.pt")
 
 
 class _Pickled:

@@ -1,4 +1,5 @@
-"""The demo runs the whole pipeline on a generated cohort, and attention MIL learns the synthetic signal."""
+"""The demo runs the whole pipeline (DINO-pretrained tile encoder included) on a generated cohort, and
+attention MIL learns the synthetic signal."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from gigaslide.cli.main import main
@@ -20,13 +22,16 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "gigaslide demo results" in printed and "auc=" in printed
+    assert "tile encoder: vit_tiny_d4 pretrained with DINO on the demo tiles" in printed
 
     labels = pd.read_csv(out / "cohort" / "labels.csv")
     assert len(labels) == 16 and set(labels["label"]) == {0, 1}
     manifest = pd.read_csv(out / "features" / "manifest.csv")
     assert (manifest["status"] == "done").all()
     with h5py.File(out / "features" / "h5_files" / f"{labels.slide_id[0]}.h5") as f:
-        assert f["features"].shape[1] == 256 and bool(f["features"].attrs["random_init"])
+        # the tiles are embedded with the DINO-pretrained teacher, not random weights
+        assert f["features"].shape[1] == 192 and not bool(f["features"].attrs["random_init"])
+        assert f["features"].attrs["encoder"] == "vit_tiny_d4"
         assert f["coords"].attrs["target_mpp"] == 1.0
 
     cls = json.loads((out / "train_cls" / "results.json").read_text())["metrics"]
@@ -55,6 +60,9 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     hipt = json.loads((out / "hipt" / "train" / "results.json").read_text())["metrics"]
     assert 0.0 <= hipt["auc"]["mean"] <= 1.0 and "HIPT (stage-2 pretrained ViT_4096" in printed
     assert np.asarray(Image.open(out / "hipt" / "heatmap.png")).std() > 0
+
+    ckpt = torch.load(out / "pretrain" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and {"teacher", "student", "dino_loss"} <= set(ckpt)
 
     # a rerun resumes every stage: nothing is recomputed, same results
     mtime = (out / "features" / "h5_files" / f"{labels.slide_id[0]}.h5").stat().st_mtime_ns

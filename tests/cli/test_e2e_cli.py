@@ -14,7 +14,7 @@ from gigaslide.cli.main import main
 from gigaslide.data.slide_tiles import SlideTileEpochs, SlideTiles, TileAugment
 from gigaslide.models.encoders import create_encoder
 from gigaslide.synth.cohort import make_cohort
-from gigaslide.train.mil import load_checkpoint
+from gigaslide.train.mil import load_slide_model
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_naive_and_cached_runs_agree_and_outputs_load(cohort: Path, tmp_path: Pa
             assert torch.equal(a[k], b[k]), k
     enc = create_encoder("resnet18_trunc", weights=tmp_path / "cached" / "encoder.pth")
     assert enc.weights_info["random_init"] is False
-    _model, meta = load_checkpoint(tmp_path / "cached" / "aggregator.pt")
+    _model, meta = load_slide_model(tmp_path / "cached" / "aggregator.pt")
     assert meta["model"] == "gated_abmil" and meta["in_dim"] == enc.meta.embed_dim
     # a rerun resumes the finished run: nothing is retrained
     before = (tmp_path / "naive" / "encoder.pth").read_bytes()
@@ -121,8 +121,8 @@ def test_torchrun_distributed_mode_agrees_with_naive(cohort: Path, tmp_path: Pat
         for k in a:
             if a[k].is_floating_point():
                 assert float((a[k] - b[k]).norm()) <= 1e-5 * float(a[k].norm()) + 1e-7, k
-    a = load_checkpoint(tmp_path / "naive" / "aggregator.pt")[0].state_dict()
-    b = load_checkpoint(tmp_path / "dist" / "aggregator.pt")[0].state_dict()
+    a = load_slide_model(tmp_path / "naive" / "aggregator.pt")[0].state_dict()
+    b = load_slide_model(tmp_path / "dist" / "aggregator.pt")[0].state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
 

@@ -15,6 +15,7 @@ def test_models_json_lists_registry(capsys) -> None:
     for r in rows:
         info = get_slide_model_info(r["name"])
         assert r["attention"] == info.produces_attention and r["paper"] == info.paper
+        assert r["input"] == info.input_kind
     assert {"abmil", "clam_sb", "transmil", "dsmil", "mean", "feature_max", "topk_mil"} <= {
         r["name"] for r in rows
     }
@@ -23,5 +24,6 @@ def test_models_json_lists_registry(capsys) -> None:
 def test_models_table(capsys) -> None:
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["name", "attention", "coords"]
+    assert lines[0].split()[:4] == ["name", "attention", "input", "coords"]
+    assert lines[1].split()[:4] == ["abmil", "yes", "features", "no"]
     assert len(lines) == 1 + len(list_slide_models())

@@ -143,7 +143,8 @@ def test_embedding_file_formats_and_label_errors(tmp_path: Path) -> None:
     import h5py
     import torch
 
-    from gigaslide.cli.probe import load_slide_embeddings, read_labels_csv
+    from gigaslide.cli.probe import read_labels_csv
+    from gigaslide.data.embeddings import load_slide_embeddings
 
     X = np.arange(12, dtype=np.float32).reshape(3, 4)
     ids = ["a", "b", "c"]
@@ -155,12 +156,12 @@ def test_embedding_file_formats_and_label_errors(tmp_path: Path) -> None:
     for name in ("e.h5", "e.pt"):
         emb = load_slide_embeddings(tmp_path / name)
         assert emb.ids == ids
-        np.testing.assert_array_equal(emb.X, X)
+        np.testing.assert_array_equal(emb.vectors, X)
     with pytest.raises(ValueError, match="needs 'embeddings'"):
         load_slide_embeddings(tmp_path / "bad.npz")
     bag = tmp_path / "feat_dir"
     write_features(bag / "s1.h5", np.ones((3, 2)) * [[1.0], [2.0], [3.0]], np.zeros((3, 2)))
-    np.testing.assert_allclose(load_slide_embeddings(bag).X, [[2.0, 2.0]])  # mean over tiles
+    np.testing.assert_allclose(load_slide_embeddings(bag).vectors, [[2.0, 2.0]])  # mean over tiles
     csv = tmp_path / "labels.csv"
     pd.DataFrame({"slide_id": ["a", "b"], "case_id": ["1", "2"], "label": [0, None]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"missing 'label' for slide_id \[1\] b"):

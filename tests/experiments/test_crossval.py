@@ -12,13 +12,10 @@ import pytest
 import torch
 
 from gigaslide.data.cohort import Cohort
-from gigaslide.data.features_io import write_features
 from gigaslide.data.splits import load_split_csvs
 from gigaslide.experiments.crossval import run_crossval
-from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.train.config import TrainConfig
 
-DIM = 8
 KW = {"hidden_dims": [16, 8], "dropout": 0.0}
 
 
@@ -30,31 +27,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _cohort(root: Path, task: str = "classification") -> Cohort:
-    """18 cases; every third case has two slides. Positive cases carry shifted tiles."""
-    rng = np.random.default_rng(1)
-    spec = TileSpec.create(
-        tile_size=256, target_mpp=0.5, slide_mpp=0.25, level_downsamples=[1.0], level0_dims=(8192, 8192)
-    )
-    rows = []
-    for c in range(18):
-        label = c % 2
-        group = c % 3
-        for j in range(2 if c % 3 == 0 else 1):
-            n = int(rng.integers(8, 16))
-            f = rng.normal(size=(n, DIM)).astype(np.float32)
-            f[:3] += 3.0 * (label if task == "classification" else group)
-            coords = np.stack([np.arange(n) * 512, np.full(n, j * 512)], axis=1)
-            sid = f"c{c:02d}_s{j}"
-            write_features(root / "h5_files" / f"{sid}.h5", f, coords, coords_attrs=spec.to_attrs())
-            row = {"slide_id": sid, "case_id": f"c{c:02d}"}
-            if task == "classification":
-                row["label"] = ["benign", "tumor"][label]
-            else:
-                row.update(time=float(np.exp(-group + 0.3 * rng.normal())), event=int(c % 4 != 0))
-            rows.append(row)
-    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    return Cohort(root / "labels.csv", root, task=task)
+def _cohort(build, root: Path, task: str = "classification") -> Cohort:
+    """18 cases; every third case has two slides. Positive cases carry shifted tiles (tests/conftest.py)."""
+    return Cohort(build(root, task=task), root, task=task)
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -62,8 +37,8 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_outputs_splits_and_resume(tmp_path: Path) -> None:
-    cohort = _cohort(tmp_path / "data")
+def test_outputs_splits_and_resume(tmp_path: Path, feature_cohort) -> None:
+    cohort = _cohort(feature_cohort, tmp_path / "data")
     out = tmp_path / "run"
     res = run_crossval(cohort, "abmil", "classification", _cfg(), out)
     for name in (
@@ -111,8 +86,8 @@ def test_outputs_splits_and_resume(tmp_path: Path) -> None:
         run_crossval(cohort, "abmil", "classification", _cfg(lr=1e-3), out)
 
 
-def test_case_level_and_budget(tmp_path: Path) -> None:
-    cohort = _cohort(tmp_path / "data")
+def test_case_level_and_budget(tmp_path: Path, feature_cohort) -> None:
+    cohort = _cohort(feature_cohort, tmp_path / "data")
     out = tmp_path / "run"
     res = run_crossval(cohort, "abmil", "classification", _cfg(case_level=True, train_fraction=0.5), out)
     assert len(res.predictions) == 18  # one row per case
@@ -125,8 +100,8 @@ def test_case_level_and_budget(tmp_path: Path) -> None:
     assert all(2 <= r["n_train"] <= 4 for r in few.per_fold)  # slide-level bags: <= 2 per class
 
 
-def test_survival_crossval(tmp_path: Path) -> None:
-    cohort = _cohort(tmp_path / "data", task="survival")
+def test_survival_crossval(tmp_path: Path, feature_cohort) -> None:
+    cohort = _cohort(feature_cohort, tmp_path / "data", task="survival")
     res = run_crossval(cohort, "abmil", "survival", _cfg(task="survival", n_bins=2), tmp_path / "run")
     assert set(res.summary) == {"c_index"}
     assert {"time", "event", "risk", "fold"} <= set(res.predictions.columns)
@@ -138,9 +113,9 @@ def test_survival_crossval(tmp_path: Path) -> None:
 
 
 def test_unusable_validation_sets_warned_and_recorded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, feature_cohort
 ) -> None:
-    cohort = _cohort(tmp_path / "data")
+    cohort = _cohort(feature_cohort, tmp_path / "data")
     with caplog.at_level("WARNING", logger="gigaslide.experiments.crossval"):
         res = run_crossval(
             cohort, "abmil", "classification", _cfg(val_fraction=0.0, epochs=2), tmp_path / "a"

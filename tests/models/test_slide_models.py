@@ -275,3 +275,30 @@ def test_transmil_squares_sequence() -> None:
         with torch.no_grad():
             model(torch.randn(1, n, D))
     assert seen == [math.ceil(math.sqrt(n)) for n in (1, 2, 5, 9, 10)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_n_classes_zero_gives_an_embedding_only_model(name: str) -> None:
+    """As timm's num_classes=0: logits (B, 0), the same trunk as the classifier model, no head weights."""
+    torch.manual_seed(0)
+    model = create_slide_model(name, in_dim=D, n_classes=0, **SMALL.get(name, {})).eval()
+    x, coords = bag(3, 12, seed=9)
+    with torch.no_grad():
+        out = model(x, coords=coords)
+    assert out.logits.shape == (3, 0) and out.embedding.shape == (3, model.embed_dim)
+    assert torch.isfinite(out.embedding).all() and model.n_classes == 0
+    full = build(name).eval()
+    sd0, sd = model.state_dict(), full.state_dict()
+    if all(k in sd and sd[k].shape == v.shape for k, v in sd0.items()):
+        assert not any(k.startswith("classifier.") for k in sd0)  # the head is dropped
+        model.load_state_dict({k: sd[k] for k in sd0})  # the classifier model's trunk, strictly
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, coords=coords).embedding, full(x, coords=coords).embedding)
+    else:  # instance-level models keep one tile-scoring stream to select tiles (documented per model)
+        assert name in ("dsmil", "topk_mil")
+    model.train()
+    model(x, coords=coords).embedding.pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="n_classes must be >= 0"):
+        create_slide_model(name, in_dim=D, n_classes=-1)

@@ -123,6 +123,25 @@ def test_cli_records_bad_file_and_exits_1(tmp_path, capsys):
     assert (tmp_path / "clam" / "pt_files" / "slide1.pt").exists()
 
 
+def test_nd_files_copy_to_gigaslide_and_are_refused_for_clam_trident(tmp_path):
+    rng = np.random.default_rng(3)
+    feats = rng.standard_normal((3, 4, 6)).astype(np.float32)  # (M, T, D) region grids
+    mask = rng.random((3, 4)) > 0.5
+    coords = rng.integers(0, 4000, size=(3, 2))
+    write_features(tmp_path / "ours" / "h5_files" / "r.h5", feats, coords, {"encoder": "toy"}, mask=mask)
+    _make_ours(tmp_path / "ours", n_slides=1)  # plus an ordinary (N, D) file
+    copy = convert_features(tmp_path / "ours", tmp_path / "copy", "gigaslide")
+    assert not copy.failed
+    bag = read_features(tmp_path / "copy" / "h5_files" / "r.h5")
+    np.testing.assert_array_equal(bag.features, feats)
+    np.testing.assert_array_equal(bag.mask, mask)
+    assert list(bag.attrs["item_shape"]) == [4, 6]
+    for to in ("clam", "trident"):
+        s = convert_features(tmp_path / "ours", tmp_path / to, to)
+        assert sorted(s.written) == ["slide0"] and sorted(s.failed) == ["r"]
+        assert "features of shape (3, 4, 6)" in s.failed["r"] and "--to gigaslide" in s.failed["r"]
+
+
 def test_foreign_files_get_the_other_tools_attributes(tmp_path):
     """TRIDENT features -> CLAM: patch_level/patch_size CLAM reads; CLAM features -> TRIDENT: patch_size_level0."""
     tri = tmp_path / "job" / "features_uni_v1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import os
 import signal
@@ -15,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from embed_synthetic import TARGET_MPP, TILE, make_tiling_dir, tiny_encoder
 
 from gigaslide.cli.main import main
 from gigaslide.data.feature_writer import ChunkedFeatureWriter, partial_path_for
@@ -25,54 +25,10 @@ from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.utils.manifest import Manifest
 from gigaslide.utils.seed import seed_everything
 
-TILE, TARGET_MPP = 32, 2.0  # 32 px tiles at 2 um/px: 128 level-0 px on a 0.5 um/px slide
-
-
-def _grid(spec: TileSpec) -> np.ndarray:
-    nx, ny = spec.grid_shape()
-    return np.array(
-        [
-            (round(i * spec.level0_stride), round(j * spec.level0_stride))
-            for j in range(ny)
-            for i in range(nx)
-        ],
-        dtype=np.int64,
-    )
-
-
-def make_tiling_dir(root: Path, sizes: dict[str, tuple[int, int]], tile=TILE, seed=0) -> Path:
-    """A `gigaslide tile`-style output: manifest.csv + patches/<id>.h5 over synthetic slides (full grid)."""
-    from gigaslide.io import open_slide
-    from gigaslide.synth import write_synthetic_slide
-
-    manifest = Manifest(root / "manifest.csv")
-    for i, (sid, (w, h)) in enumerate(sizes.items()):
-        path = write_synthetic_slide(root / "slides" / f"{sid}.tiff", width=w, height=h, seed=seed + i)
-        with open_slide(path) as s:
-            spec = TileSpec.create(
-                tile_size=tile, target_mpp=TARGET_MPP, slide_mpp=s.require_mpp(),
-                level_downsamples=s.level_downsamples, level0_dims=s.dimensions, min_tissue=0.0,
-            )  # fmt: skip
-        coords = _grid(spec)
-        write_coords(root / "patches" / f"{sid}.h5", coords, spec)
-        manifest.update(sid, {"path": str(path), "mpp": 0.5, "status": "done", "n_tiles": len(coords),
-                              "coords_file": f"patches/{sid}.h5"})  # fmt: skip
-    return root
-
 
 @pytest.fixture(scope="module")
 def tiling(tmp_path_factory) -> Path:
     return make_tiling_dir(tmp_path_factory.mktemp("tiling"), {"a": (1024, 768), "b": (512, 512)})
-
-
-def tiny_encoder(seed: int = 0) -> torch.nn.Module:
-    """resnet18_trunc (random, seeded) told to take 32 px input: fully convolutional, so valid and fast."""
-    from gigaslide.models.encoders import create_encoder
-
-    seed_everything(seed)
-    enc = create_encoder("resnet18_trunc", weights="random")
-    enc.meta = dataclasses.replace(enc.meta, input_size=TILE)
-    return enc
 
 
 def count_rows(encoder: torch.nn.Module) -> list[int]:

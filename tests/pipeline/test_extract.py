@@ -11,10 +11,10 @@ from gigaslide.data.transforms import TileTransform
 from gigaslide.pipeline.extract import (
     extract_features,
     is_conv_net,
-    resolve_device,
     warn_half_precision_on_cpu,
 )
 from gigaslide.preprocess.tiling_spec import TileSpec
+from gigaslide.utils.device import resolve_device
 from gigaslide.utils.seed import seed_everything
 
 

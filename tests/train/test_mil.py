@@ -16,7 +16,7 @@ from gigaslide.eval.metrics import classification_metrics, concordance_index
 from gigaslide.eval.validation import validation_metric
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig
-from gigaslide.train.mil import load_checkpoint, n_outputs, predict, save_checkpoint, train_model
+from gigaslide.train.mil import load_slide_model, n_outputs, predict, save_checkpoint, train_model
 
 DIM = 16
 SMALL = {"hidden_dims": [32, 16], "dropout": 0.0}
@@ -162,7 +162,7 @@ def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     model, result, test = _fit(cohort, cfg, 8, 2)
     meta = {"model": "abmil", "model_kwargs": SMALL, "in_dim": DIM, "n_outputs": 2}
     path = save_checkpoint(tmp_path / "ck" / "fold0.pt", result.best_state, meta)
-    loaded, got = load_checkpoint(path)
+    loaded, got = load_slide_model(path)
     assert got["in_dim"] == DIM
     np.testing.assert_allclose(
         predict(loaded, test, "cpu").probs, predict(model, test, "cpu").probs, rtol=1e-6

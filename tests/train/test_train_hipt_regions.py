@@ -61,8 +61,8 @@ def test_region_bags_collate_with_region_and_patch_masks(tmp_path: Path) -> None
     batch = collate_bags(bags)
     assert tuple(batch.x.shape) == (2, 3, SIDE * SIDE, D)
     assert batch.mask.tolist() == [[True, True, False], [True, True, True]]
-    mm = batch.model_mask  # (B, M, T)
-    assert tuple(mm.shape) == (2, 3, SIDE * SIDE)
+    mm = batch.item_mask  # (B, M, T) patch mask, False on padded regions
+    assert mm is not None and tuple(mm.shape) == (2, 3, SIDE * SIDE)
     assert not mm[0, 2].any() and mm[1, 1].all() and int(mm[1, 2].sum()) == SIDE * (SIDE - 1)
 
 

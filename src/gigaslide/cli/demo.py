@@ -25,9 +25,11 @@ log = logging.getLogger("gigaslide.demo")
 # resnet18_trunc (the Giga-SSL tile embedder) was trained on 10x tiles: 256 px at 1.0 um/px
 TILE_MPP = "1.0"
 PRETRAIN_ENCODER = "vit_tiny_d4"
-# DINO at CPU size: 96/48 px crops (the tiles are 256 px at 1 um/px), 2 local crops, a 1024-prototype head
-PRETRAIN_ARGS = ["--global-size", "96", "--local-size", "48", "--local-crops", "2", "--out-dim", "1024",
-                 "--head-hidden-dim", "512", "--head-bottleneck-dim", "128", "--warmup-epochs", "1",
+# DINO at CPU size: 256 random tiles, 64/32 px crops (of 256 px tiles at 1 um/px), 2 local crops,
+# a 1024-prototype head
+PRETRAIN_ARGS = ["--max-tiles", "256", "--global-size", "64", "--local-size", "32", "--local-crops", "2",
+                 "--out-dim", "1024",
+                 "--head-hidden-dim", "512", "--head-bottleneck-dim", "128", "--warmup-epochs", "1", "--freeze-last-layer", "0",
                  "--warmup-teacher-temp-epochs", "0", "--drop-path", "0", "--batch-size", "32",
                  "--lr", "0.002", "--momentum-teacher", "0.99", "--no-progress"]  # fmt: skip
 
@@ -52,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrain-epochs",
         type=int,
-        default=2,
+        default=1,
         help="DINO epochs for the demo's tile encoder (0: no pretraining, random-init resnet18_trunc)",
     )
     p.add_argument("--gigassl-epochs", type=int, default=10, help="Giga-SSL SimCLR epochs (0 skips the step)")

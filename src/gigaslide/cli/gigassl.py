@@ -134,7 +134,10 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from gigaslide.cli.probe import load_slide_embeddings, read_labels_csv
+    import numpy as np
+
+    from gigaslide.cli.probe import read_labels_csv
+    from gigaslide.data.embeddings import load_slide_embeddings
     from gigaslide.experiments.gigassl_eval import Representation, evaluate_representations, parse_budget
 
     budgets = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
@@ -147,7 +150,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         for name, path, norm in [("giga-ssl", args.embeddings, "l2"), *[(n, Path(p), "l2") for n, p in extra],
                                  ("mean pooling", args.features, "standard")]:  # fmt: skip
             emb = load_slide_embeddings(path)
-            reps[name] = Representation(emb.X, emb.ids, norm)
+            reps[name] = Representation(np.asarray(emb.vectors, dtype=np.float64), emb.ids, norm)
         evaluate_representations(reps, df, args.out, budgets=budgets, folds=args.folds, seed=args.seed,
                                  label_col=args.label_col)  # fmt: skip
     print((args.out / "report.md").read_text())

@@ -45,6 +45,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "gigassl": "gigassl",
     "pretrain": "pretrain",
+    "slide-images": "slide_images",
 }
 
 

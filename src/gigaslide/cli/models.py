@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "name": name,
                 "attention": info.produces_attention,
+                "input": info.input_kind,
                 "coords": "needs" if info.needs_coords else ("accepts" if info.accepts_coords else "no"),
                 "paper": info.paper,
                 "description": info.description,
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     width = max(len(r["name"]) for r in rows)
-    print(f"{'name':<{width}}  attention  coords   paper")
+    print(f"{'name':<{width}}  attention  input            coords   paper")
     for r in rows:
-        print(f"{r['name']:<{width}}  {'yes' if r['attention'] else 'no':<9}  {r['coords']:<7}  {r['paper']}")
+        att = "yes" if r["attention"] else "no"
+        print(f"{r['name']:<{width}}  {att:<9}  {r['input']:<15}  {r['coords']:<7}  {r['paper']}")
     return 0

@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="extra encoder constructor argument (repeatable), e.g. depth=2")  # fmt: skip
     p.add_argument("--slides", default=None, help="slide folder or CSV (when the tiling's slides moved)")
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")
+    p.add_argument(
+        "--max-tiles", type=int, default=None, help="pretrain on a seeded random subset of N tiles"
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes building crops")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="AMP on CUDA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt = pretrain_dino(
             args.tiling_dir, args.encoder, args.out, epochs=args.epochs, batch_size=args.batch_size, cfg=cfg,
             weights=args.weights, encoder_kwargs=dict(args.encoder_arg), slides=args.slides,
-            slide_mpp=args.slide_mpp, num_workers=args.workers, device=args.device, precision=args.precision,
+            slide_mpp=args.slide_mpp, max_tiles=args.max_tiles, num_workers=args.workers, device=args.device, precision=args.precision,
             seed=args.seed, progress=not args.no_progress,
         )  # fmt: skip
     finally:

@@ -7,8 +7,10 @@ Examples::
     gigaslide probe --embeddings slides.h5 --labels labels.csv --method linear --splits clam_splits/ --out r/
     gigaslide probe --embeddings feats/ --labels labels.csv --monte-carlo 20 --test-fraction 0.2 --out r/
 
-Input readers (:func:`load_slide_embeddings`, :func:`read_labels_csv`) live here; the evaluation itself
-is :func:`gigaslide.eval.probes.run_probe` and :func:`gigaslide.eval.reports.write_report`.
+Embeddings are read by :func:`gigaslide.data.embeddings.load_slide_embeddings` (the files written by
+``gigaslide train --save-embeddings``, ``.npz``/``.pt``/``.h5`` with ``embeddings`` + ``slide_ids``, or a
+feature folder mean-pooled per slide); labels by :func:`read_labels_csv`; the evaluation itself is
+:func:`gigaslide.eval.probes.run_probe` and :func:`gigaslide.eval.reports.write_report`.
 """
 
 from __future__ import annotations
@@ -17,17 +19,14 @@ import argparse
 import json
 import logging
 import os
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from gigaslide.cli.common import SPLIT_DEFAULTS, add_split_arguments, add_wait_argument, output_folder
-from gigaslide.data.features_io import read_features
+from gigaslide.data.embeddings import load_slide_embeddings
 from gigaslide.data.labels import format_ids, read_labels
-from gigaslide.data.provenance import FeatureProvenance, check_provenance
 from gigaslide.data.split_plan import build_splits
 from gigaslide.data.splits import save_splits
 from gigaslide.eval.probes import DEFAULT_KNN_K, run_probe
@@ -35,81 +34,6 @@ from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table, write_re
 from gigaslide.utils.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SlideEmbeddings:
-    """(N, E) slide embeddings, their slide ids, and feature files that could not be read."""
-
-    X: np.ndarray
-    ids: list[str]
-    failed: dict[str, str] = field(default_factory=dict)
-    provenance: FeatureProvenance | None = None  # feature-file folders only
-
-
-def load_slide_embeddings(path: str | os.PathLike[str], allow_mixed: bool = False) -> SlideEmbeddings:
-    """Read slide embeddings from ``.npz`` / ``.h5`` / ``.pt`` (``embeddings`` (N, E) + ``slide_ids``)
-    or from a directory of per-slide tile-feature files (``*.h5``/``*.pt``, also under ``h5_files/``),
-    each mean-pooled into one slide embedding (HIPT's mean-embedding protocol). Unreadable feature
-    files are skipped, warned about and listed in ``failed``."""
-    p = Path(path)
-    if p.is_dir():
-        d = p / "h5_files" if (p / "h5_files").is_dir() else p
-        files = sorted(d.glob("*.h5")) or sorted(
-            (p / "pt_files").glob("*.pt") if (p / "pt_files").is_dir() else d.glob("*.pt")
-        )
-        if not files:
-            raise FileNotFoundError(f"{p}: no .h5/.pt feature files found (expected <slide_id>.h5 per slide)")
-        rows, ids, failed = [], [], {}
-        for f in files:
-            try:
-                feats = read_features(f).features
-                if feats.shape[0] == 0:
-                    raise ValueError("no tiles")
-                rows.append(feats.astype(np.float64).mean(axis=0))  # (E,)
-                ids.append(f.stem)
-            except (ValueError, OSError, RuntimeError) as e:
-                failed[f.stem] = str(e) if str(f) in str(e) else f"{f}: {e}"
-        if failed:
-            warnings.warn(
-                f"{len(failed)} feature file(s) unreadable, skipped: {sorted(failed)[:20]}", stacklevel=2
-            )
-        if not rows:
-            raise ValueError(f"{p}: none of the {len(files)} feature files could be read")
-        dims = {r.shape[0] for r in rows}
-        if len(dims) > 1:
-            raise ValueError(f"{p}: feature files disagree on the embedding dimension: {sorted(dims)}")
-        read_ok = {f.stem: f for f in files if f.stem not in failed}
-        provenance = check_provenance(read_ok, allow_mixed=allow_mixed, source=str(p))
-        return SlideEmbeddings(np.stack(rows), ids, failed, provenance)
-    if not p.is_file():
-        raise FileNotFoundError(f"embeddings {p} not found")
-    if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            obj = {k: z[k] for k in z.files}
-    elif p.suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(p, "r") as f:
-            obj = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset)}
-    elif p.suffix == ".pt":
-        import torch
-
-        loaded = torch.load(p, map_location="cpu", weights_only=True)
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"{p}: expected a dict with 'embeddings' and 'slide_ids', got {type(loaded).__name__}"
-            )
-        obj = {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in loaded.items()}
-    else:
-        raise ValueError(f"{p}: unsupported embeddings file (use .npz, .h5, .pt or a feature directory)")
-    if "embeddings" not in obj or "slide_ids" not in obj:
-        raise ValueError(f"{p}: needs 'embeddings' (N, E) and 'slide_ids' (N,); found keys {sorted(obj)}")
-    X = np.asarray(obj["embeddings"], dtype=np.float64)
-    ids = [s.decode() if isinstance(s, bytes) else str(s) for s in np.asarray(obj["slide_ids"]).tolist()]
-    if X.ndim != 2 or X.shape[0] != len(ids):
-        raise ValueError(f"{p}: embeddings shape {X.shape} does not match {len(ids)} slide ids")
-    return SlideEmbeddings(X, ids)
 
 
 def read_labels_csv(
@@ -189,7 +113,8 @@ def probe_report(args: argparse.Namespace) -> str:
         if args.method == "knn"
         else {"normalize": args.normalize}
     )
-    result = run_probe(emb.X, emb.ids, df, splits, method=args.method, task=args.task, **kw)
+    X = np.asarray(emb.vectors, dtype=np.float64)  # (S, E)
+    result = run_probe(X, emb.ids, df, splits, method=args.method, task=args.task, **kw)
     source = "monte_carlo_splits" if args.monte_carlo is not None else "kfold_splits"
     config = {
         **result.config,
@@ -204,6 +129,7 @@ def probe_report(args: argparse.Namespace) -> str:
         "few_shot": args.few_shot,
         "seed": args.seed,
         "unreadable_features": emb.failed,
+        "embeddings_provenance": emb.attrs,
     }
     protocol = f"{len(splits)} Monte Carlo splits" if args.monte_carlo is not None else f"{len(splits)} folds"
     title = f"{args.method} probe ({args.task}, {protocol})"

@@ -71,6 +71,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"feature loading: all in memory, read per bag, or memory-mapped (default: {d.cache})",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--save-embeddings",
+        action="store_true",
+        help="also write each fold's test slide embeddings to OUT/embeddings/ (readable by `gigaslide probe`)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar over folds")
     p.add_argument(
         "--allow-mixed-features",
@@ -119,20 +124,11 @@ def build_config(args: argparse.Namespace):  # -> TrainConfig
     return apply_overrides(cfg, args.overrides)
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     from gigaslide.data.cohort import Cohort
     from gigaslide.eval.reports import FOLD_CI_METHOD, format_metric_table
     from gigaslide.experiments.crossval import run_crossval, split_description
+    from gigaslide.utils.device import resolve_device
 
     cfg = build_config(args)
     device = resolve_device(args.device)
@@ -144,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s; model %s on %s", cohort, cfg.model, device)
         result = run_crossval(
             cohort, cfg.model, cfg.task, cfg, args.out, device=device, splits_dir=args.splits,
+            save_embeddings=args.save_embeddings,
             progress=not args.no_progress,
         )  # fmt: skip
     if result.skipped_folds:
@@ -159,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         f"  pooled columns: metric on all {n_pred} pooled out-of-fold test predictions, "
         + next((p["ci_method"] for p in doc["pooled"].values()), "bootstrap CI undefined"),
     ]
+    if result.embeddings:
+        lines.append(f"  slide embeddings: {', '.join(str(p) for p in result.embeddings)}")
     if warned:
         lines.append(
             f"  warning: folds {warned} had an unusable validation set (see val_warning in per_fold.csv)"

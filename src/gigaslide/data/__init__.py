@@ -11,6 +11,10 @@ from gigaslide._lazy import lazy_getattr
 _LAZY = {
     "TileDataset": "gigaslide.data.tile_dataset",
     "TileLoader": "gigaslide.data.tile_loader",
+    "SlideEmbeddings": "gigaslide.data.embeddings",
+    "load_slide_embeddings": "gigaslide.data.embeddings",
+    "read_embeddings": "gigaslide.data.embeddings",
+    "write_embeddings": "gigaslide.data.embeddings",
     "read_features": "gigaslide.data.features_io",
     "write_features": "gigaslide.data.features_io",
 }

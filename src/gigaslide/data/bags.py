@@ -27,35 +27,30 @@ class Bag:
     """One bag as tensors."""
 
     sample: Sample
-    features: Tensor  # (N, D) float32
+    features: Tensor  # (N, D) float32, or (N, ...) for N-D items (e.g. region grids (M, T, D))
     coords: Tensor | None  # (N, 2) int64 level-0 corners (None when a feature file has no coords)
     slide_index: Tensor  # (N,) int64 index into sample.slide_ids
     tile_index: Tensor  # (N,) int64 row of each tile in its slide's feature file
-    item_mask: Tensor | None = None  # (N, T) bool real patches of each region (HIPT region bags), else None
+    item_mask: Tensor | None = None  # (N, ...) bool per-item mask of the feature files, if any
 
 
 @dataclass
 class BagBatch:
     """Padded batch of bags."""
 
-    x: Tensor  # (B, N, D)
+    x: Tensor  # (B, N, D), or (B, N, ...) for N-D items (region grids (B, M, T, D))
     coords: Tensor | None  # (B, N, 2) or None if any bag lacks coords
     mask: Tensor  # (B, N) bool, True = real tile
     samples: list[Sample]
     bags: list[Bag]
-    item_mask: Tensor | None = None  # (B, N, T) bool for region bags (x is then (B, N, T, D)), else None
+    item_mask: Tensor | None = (
+        None  # (B, N, ...) bool per-item mask (False on padding), if the files have one
+    )
 
     def to(self, device: torch.device | str) -> BagBatch:
         coords = self.coords.to(device) if self.coords is not None else None
-        im = self.item_mask.to(device) if self.item_mask is not None else None
-        return BagBatch(self.x.to(device), coords, self.mask.to(device), self.samples, self.bags, im)
-
-    @property
-    def model_mask(self) -> Tensor:
-        """The mask a slide model takes: (B, N), or (B, N, T) patch mask for region bags."""
-        if self.item_mask is None:
-            return self.mask
-        return self.item_mask & self.mask.unsqueeze(-1)
+        item_mask = self.item_mask.to(device) if self.item_mask is not None else None
+        return BagBatch(self.x.to(device), coords, self.mask.to(device), self.samples, self.bags, item_mask)
 
 
 class BagDataset(Dataset):
@@ -115,13 +110,12 @@ class BagDataset(Dataset):
 
     def __getitem__(self, i: int) -> Bag:
         sample = self.samples[i]
-        feats, coords, slide_idx, tile_idx, item_masks = [], [], [], [], []
+        feats, coords, masks, slide_idx, tile_idx = [], [], [], [], []
         has_coords = True
         for k, sid in enumerate(sample.slide_ids):
             fb = self.cohort.load(sid)
             feats.append(fb.features)
-            if fb.item_mask is not None:
-                item_masks.append(fb.item_mask)
+            masks.append(fb.mask)
             if fb.coords is None:
                 has_coords = False
             else:
@@ -135,11 +129,15 @@ class BagDataset(Dataset):
         if self.train and self.max_tiles is not None and n > self.max_tiles:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             keep = np.sort(rng.choice(n, size=self.max_tiles, replace=False))
-        x = _gather(feats, keep)  # (N', D) or region grids (N', T, D)
-        if item_masks and len(item_masks) != len(feats):
-            raise ValueError(f"sample {sample.sample_id}: mixes region files and tile feature files")
-        im = _gather(item_masks, keep) if item_masks else None  # (N', T)
+        x = _gather(feats, keep)  # (N', D) or (N', ...)
         c = _gather(coords, keep) if has_coords else None
+        m = None
+        if any(mk is not None for mk in masks):  # slides without a mask: every entry is real
+            shape = next(mk.shape[1:] for mk in masks if mk is not None)
+            full = [
+                mk if mk is not None else np.ones((f.shape[0], *shape), bool) for mk, f in zip(masks, feats)
+            ]
+            m = _gather(full, keep)  # (N', ...)
         if keep is not None:
             s_idx, t_idx = s_idx[keep], t_idx[keep]
         return Bag(
@@ -148,7 +146,7 @@ class BagDataset(Dataset):
             coords=torch.from_numpy(np.asarray(c, dtype=np.int64)) if c is not None else None,
             slide_index=torch.from_numpy(s_idx),
             tile_index=torch.from_numpy(t_idx),
-            item_mask=torch.from_numpy(np.ascontiguousarray(im, dtype=bool)) if im is not None else None,
+            item_mask=torch.from_numpy(np.asarray(m, dtype=bool)) if m is not None else None,
         )
 
 
@@ -166,9 +164,10 @@ def _gather(parts: list[np.ndarray], keep: np.ndarray | None) -> np.ndarray:
 
 
 def collate_bags(bags: Sequence[Bag]) -> BagBatch:
-    """Pad bags to the longest one: x (B, N, D) zeros on padding, mask (B, N) True on real tiles.
+    """Pad bags to the longest one: x (B, N, ...) zeros on padding, mask (B, N) True on real tiles.
 
-    Region bags (items (T, D) token grids) give x (B, N, T, D) and ``item_mask`` (B, N, T).
+    Per-item masks (N, ...) become ``item_mask`` (B, N, ...), False on padding and True for bags
+    whose files have none.
     """
     if not bags:
         raise ValueError("cannot collate an empty list of bags")
@@ -176,21 +175,25 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
     item = tuple(bags[0].features.shape[1:])
     if any(tuple(b.features.shape[1:]) != item for b in bags):
         raise ValueError(
-            f"bags disagree on the item shape: {sorted({tuple(b.features.shape[1:]) for b in bags})}"
+            f"cannot collate bags of different item shapes: {[tuple(b.features.shape[1:]) for b in bags]}"
         )
     x = torch.zeros(len(bags), n_max, *item, dtype=torch.float32)
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
-    regions = any(b.item_mask is not None for b in bags)
-    item_mask = torch.zeros(len(bags), n_max, *item[:-1], dtype=torch.bool) if regions else None
     with_coords = all(b.coords is not None for b in bags)
-    coords = torch.zeros(len(bags), n_max, 2, dtype=torch.int64) if with_coords else None
+    coords = None
+    if with_coords:
+        coords = torch.zeros(len(bags), n_max, *bags[0].coords.shape[1:], dtype=torch.int64)  # type: ignore[union-attr]
+    item_mask = None
+    mask_shape = next((tuple(b.item_mask.shape[1:]) for b in bags if b.item_mask is not None), None)
+    if mask_shape is not None:
+        item_mask = torch.zeros(len(bags), n_max, *mask_shape, dtype=torch.bool)
     for j, b in enumerate(bags):
         n = b.features.shape[0]
         x[j, :n] = b.features
         mask[j, :n] = True
-        if item_mask is not None:
-            item_mask[j, :n] = b.item_mask if b.item_mask is not None else True
         if coords is not None and b.coords is not None:
             coords[j, :n] = b.coords
+        if item_mask is not None:
+            item_mask[j, :n] = b.item_mask if b.item_mask is not None else True
     return BagBatch(x=x, coords=coords, mask=mask, samples=[b.sample for b in bags], bags=list(bags),
                     item_mask=item_mask)  # fmt: skip

@@ -5,6 +5,9 @@ Label CSV columns (read by :func:`gigaslide.data.labels.read_labels`, the reader
 ``event`` 1 = death/progression observed, 0 = censored).
 Features: ``DIR/h5_files/<slide_id>.h5`` as written by ``gigaslide embed`` (CLAM layout), or
 ``DIR/<slide_id>.h5`` / ``DIR/<slide_id>.pt`` / ``DIR/pt_files/<slide_id>.pt`` directly.
+Files hold (N, D) tile features or N items of another shape (HIPT region grids (M, 256, 384));
+every file of a cohort has the same per-item shape, :attr:`Cohort.item_shape`, and
+:attr:`Cohort.dim` is its last axis (the feature size a slide model is built for).
 
 Every problem found (missing columns, duplicate ids, slides without features, unknown labels,
 NaN/inf features, empty bags, conflicting labels within a case) raises :class:`CohortError`
@@ -23,10 +26,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from gigaslide.data.features_io import FeatureBag, read_features
+from gigaslide.data.features_io import ITEM_SHAPE_ATTR, FeatureBag, read_features
 from gigaslide.data.labels import format_ids, read_labels
 from gigaslide.data.provenance import check_provenance
-from gigaslide.data.region_features import REGION_KIND, is_region_file, read_region_bag
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,7 @@ class Cohort:
             try:
                 if self.cache == "memory" or check_values:
                     bag = self._read(sid, path)
-                    n, d = bag.features.shape[0], bag.features.shape[-1]  # (N, D) or regions (M, T, D)
+                    n, d = bag.n_tiles, bag.item_shape
                     if check_values and n and not _all_finite(bag.features):
                         nonfinite.append(sid)
                     if self.cache == "memory":
@@ -211,13 +213,12 @@ class Cohort:
                 "re-run `gigaslide embed` for them (check the encoder precision)."
             )
         if len(dims) > 1:
-            detail = "; ".join(f"dim {d}: {format_ids(ids, 5)}" for d, ids in dims.items())
+            detail = "; ".join(f"dim {_shape_text(d)}: {format_ids(ids, 5)}" for d, ids in dims.items())
             raise CohortError(f"{self.features_dir}: feature files disagree on the dimension: {detail}")
-        return int(next(iter(dims)))
+        self.item_shape: tuple[int, ...] = tuple(next(iter(dims)))
+        return int(self.item_shape[-1])
 
     def _read(self, slide_id: str, path: Path) -> FeatureBag:
-        if is_region_file(path):  # HIPT region bags: (M, T, D) token grids + (M, T) patch mask
-            return read_region_bag(path)
         if self.cache == "mmap" and path.suffix == ".h5":
             mapped = _mmap_h5(path)
             if mapped is not None:
@@ -233,7 +234,7 @@ class Cohort:
         return len(self.table)
 
     def load(self, slide_id: str) -> FeatureBag:
-        """Features (N, D) and coords (N, 2) of one slide (from the cache when in memory)."""
+        """Features (N, D) or (N, ...) and coords of one slide (from the cache when in memory)."""
         if slide_id in self._cache:
             return self._cache[slide_id]
         if slide_id not in self._index:
@@ -293,22 +294,25 @@ def _all_finite(x: np.ndarray, chunk: int = 65536) -> bool:
     return all(bool(np.isfinite(x[i : i + chunk]).all()) for i in range(0, x.shape[0], chunk))
 
 
-def _peek_shape(path: Path) -> tuple[int, int]:
-    """(N, D) of a feature file without reading the data (h5 only; .pt files are read)."""
+def _shape_text(item_shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, item_shape))
+
+
+def _peek_shape(path: Path) -> tuple[int, tuple[int, ...]]:
+    """(N, item shape) of a feature file without reading the data (h5 only; .pt files are read)."""
     if path.suffix == ".h5":
         with h5py.File(path, "r") as f:
             if "features" not in f:
                 raise ValueError(f"{path}: no 'features' dataset")
             shape = f["features"].shape
-            if len(shape) == 3 and f["features"].attrs.get("kind", "") == REGION_KIND:
-                return int(shape[0]), int(shape[2])  # HIPT regions (M, T, D): M bag items of width D
-        if len(shape) == 3 and shape[0] == 1:
+            nd_file = ITEM_SHAPE_ATTR in f["features"].attrs
+        if len(shape) == 3 and shape[0] == 1 and not nd_file:
             shape = shape[1:]
-        if len(shape) != 2:
-            raise ValueError(f"{path}: features must be (N, D), got {shape}")
-        return int(shape[0]), int(shape[1])
-    n, d = read_features(path).features.shape
-    return int(n), int(d)
+        if len(shape) < 2:
+            raise ValueError(f"{path}: features must be (N, D) or (N, ...), got {tuple(shape)}")
+        return int(shape[0]), tuple(int(s) for s in shape[1:])
+    bag = read_features(path)
+    return bag.n_tiles, bag.item_shape
 
 
 def _mmap_h5(path: Path) -> FeatureBag | None:

@@ -24,7 +24,6 @@ from typing import Any
 import h5py
 import numpy as np
 
-from gigaslide.data.features_io import FeatureBag
 from gigaslide.preprocess.coords_io import _plain
 from gigaslide.preprocess.tiling import subtile_coords
 from gigaslide.preprocess.tiling_spec import TileSpec
@@ -117,22 +116,3 @@ def read_region_features(path: str | os.PathLike[str], slide_mpp: float | None =
     except (ValueError, KeyError, TypeError):
         spec = None
     return RegionFeatures(feats, mask, coords, region, attrs, spec)
-
-
-def is_region_file(path: str | os.PathLike[str]) -> bool:
-    """True for an ``.h5`` file written by :func:`write_region_features` (``features.attrs["kind"]``)."""
-    p = Path(path)
-    if p.suffix != ".h5":
-        return False
-    try:
-        with h5py.File(p, "r") as f:
-            return "features" in f and _plain(f["features"].attrs.get("kind", "")) == REGION_KIND
-    except OSError:
-        return False
-
-
-def read_region_bag(path: str | os.PathLike[str]) -> FeatureBag:
-    """A region file as a training bag: features (M, T, D), ``item_mask`` (M, T), region corners (M, 2)."""
-    rf = read_region_features(path)
-    return FeatureBag(features=rf.features, coords=rf.coords, attrs=rf.attrs, spec=rf.spec,
-                      item_mask=rf.patch_mask)  # fmt: skip

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from gigaslide.eval.metrics import UndefinedMetricError
+
 
 class BootstrapCI(tuple):
     """``(low, high, point)`` that also carries ``n_boot`` (valid resamples) and ``n_invalid``
@@ -61,8 +63,6 @@ def bootstrap_ci(
     Returns:
         :class:`BootstrapCI` unpacking as ``(low, high, point)``.
     """
-    from gigaslide.eval.metrics import UndefinedMetricError  # lazy: metrics re-exports this module
-
     if not arrays:
         raise ValueError("bootstrap_ci needs at least one array")
     if not 0.0 < alpha < 1.0:

@@ -254,38 +254,34 @@ def attention_from_checkpoint(
     device: str = "cpu",
     slide_mpp: float | None = None,
 ) -> TileScores:
-    """Attention of a trained slide model (checkpoint from ``gigaslide train``) over one feature file.
-
-    A HIPT region file (``gigaslide embed --regions``) gives one score per region (its level-0 square).
-    """
+    """Attention of a trained slide model (checkpoint from ``gigaslide train``) over one feature file."""
     import torch
 
+    from gigaslide.data.bags import BagBatch
     from gigaslide.data.features_io import read_features
-    from gigaslide.data.region_features import is_region_file, read_region_bag
-    from gigaslide.train.mil import load_checkpoint
+    from gigaslide.models.slide import slide_inputs
+    from gigaslide.train.mil import load_slide_model
 
-    bag = (
-        read_region_bag(features_path)
-        if is_region_file(features_path)
-        else read_features(features_path, slide_mpp=slide_mpp)
-    )
+    bag = read_features(features_path, slide_mpp=slide_mpp)
     if bag.coords is None:
         raise ValueError(f"{features_path}: the feature file has no tile coordinates; cannot place tiles")
-    model, meta = load_checkpoint(checkpoint, device=device)
-    if bag.dim != meta["in_dim"]:
+    model, meta = load_slide_model(checkpoint, device=device)
+    if bag.item_shape[-1] != meta["in_dim"]:
         raise ValueError(
-            f"{features_path}: features have dimension {bag.dim} but {checkpoint} was trained on {meta['in_dim']}"
+            f"{features_path}: features have dimension {bag.item_shape[-1]} but {checkpoint} was trained on "
+            f"{meta['in_dim']}"
         )
-    x = (
-        torch.from_numpy(np.asarray(bag.features, dtype=np.float32)).unsqueeze(0).to(device)
-    )  # (1, N, D) / (1, M, T, D)
-    mask = torch.from_numpy(bag.item_mask).unsqueeze(0).to(device) if bag.item_mask is not None else None
+    x = torch.from_numpy(np.asarray(bag.features, dtype=np.float32)).unsqueeze(0)  # (1, N, ...)
+    batch = BagBatch(
+        x=x,
+        coords=torch.from_numpy(bag.coords).unsqueeze(0),
+        mask=torch.ones(x.shape[:2], dtype=torch.bool),
+        samples=[],
+        bags=[],
+        item_mask=None if bag.mask is None else torch.from_numpy(bag.mask).unsqueeze(0),
+    ).to(device)
     with torch.no_grad():
-        info = getattr(model, "slide_model_info", None)
-        coords = (
-            torch.from_numpy(bag.coords).unsqueeze(0).to(device) if info and info.accepts_coords else None
-        )
-        out = model(x, coords=coords) if mask is None else model(x, coords=coords, mask=mask)
+        out = model(**slide_inputs(model, batch))
     if out.attention is None:
         raise ValueError(f"{checkpoint}: model {meta['model']!r} produces no attention map to draw")
     with h5py.File(features_path, "r") as f:

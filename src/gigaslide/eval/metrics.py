@@ -276,15 +276,10 @@ def summarize_folds(
     return out
 
 
-# re-exported so that `from gigaslide.eval.metrics import bootstrap_ci` works (implementation in bootstrap.py)
-from gigaslide.eval.bootstrap import BootstrapCI, bootstrap_ci  # noqa: E402
-
 __all__ = [
-    "BootstrapCI",
     "UndefinedMetricError",
     "accuracy",
     "balanced_accuracy",
-    "bootstrap_ci",
     "classification_metrics",
     "concordance_counts",
     "concordance_index",

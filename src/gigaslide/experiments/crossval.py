@@ -8,6 +8,8 @@ Output folder::
     checkpoints/fold<k>.pt  best weights of fold k (selected on its validation set)
     folds/fold<k>.json      metrics, history and test predictions of fold k (written last)
     attention/<id>.h5       per-tile attention of every test slide (coords + scores), for heatmaps
+    embeddings/fold<k>.h5   with save_embeddings: slide embeddings of fold k's test bags (data.embeddings)
+    embeddings/out_of_fold.h5   every bag's test-fold embedding, when each bag is tested once (k-fold)
     results.json, per_fold.csv, predictions.csv, summary.md, roc.png | km.png   (eval.reports)
     pooled.json             metrics of the pooled test predictions with bootstrap 95% CIs (also in
                             results.json["pooled"], next to the fold mean/std in results.json["metrics"])
@@ -39,6 +41,7 @@ from tqdm import tqdm
 from gigaslide import __version__
 from gigaslide.data.bags import BagDataset
 from gigaslide.data.cohort import Cohort, Sample
+from gigaslide.data.embeddings import read_embeddings, write_embeddings
 from gigaslide.data.split_plan import build_splits, validation_problem
 from gigaslide.data.splits import Split, save_splits
 from gigaslide.eval.heatmap import write_attention
@@ -52,7 +55,14 @@ from gigaslide.eval.validation import (
 )
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig, replace, save_config
-from gigaslide.train.mil import n_outputs, predict, save_checkpoint, train_model
+from gigaslide.train.mil import (
+    Predictions,
+    load_slide_model,
+    n_outputs,
+    predict,
+    save_checkpoint,
+    train_model,
+)
 from gigaslide.utils.atomic import atomic_write_text
 from gigaslide.utils.seed import seed_everything
 
@@ -71,6 +81,7 @@ class CVResult:
     out_dir: Path
     report: dict[str, Path] = field(default_factory=dict)
     skipped_folds: list[int] = field(default_factory=list)
+    embeddings: list[Path] = field(default_factory=list)  # embedding files written (save_embeddings)
 
 
 def make_splits(
@@ -180,6 +191,7 @@ def _run_fold(
     out: Path,
     device: torch.device,
     progress: bool = False,
+    save_embeddings: bool = False,
 ) -> dict[str, Any]:
     k = split.fold
     train_s, val_s, test_s = (_select(samples, getattr(split, n)) for n in ("train", "val", "test"))
@@ -238,9 +250,57 @@ def _run_fold(
             "gigaslide_version": __version__,
         },
     )
+    if save_embeddings:
+        _write_fold_embeddings(cohort, cfg, k, pred, out)
     doc = {"row": row, "history": result.history, "predictions": frame.to_dict(orient="list")}
     atomic_write_text(out / "folds" / f"fold{k}.json", json.dumps(doc, default=_jsonable))
     return doc
+
+
+def _feature_provenance(cohort: Cohort) -> dict[str, Any]:
+    """Tile encoder, its weights' sha256 and random-init flag, from the first feature file's attributes."""
+    attrs = cohort.load(cohort.slide_ids[0]).attrs
+    return {
+        "feature_encoder": str(attrs.get("encoder", "")) or None,
+        "feature_weights_sha256": str(attrs.get("weights_sha256", "")) or None,
+        "random_init": bool(attrs.get("random_init", False)),
+    }
+
+
+def _write_fold_embeddings(cohort: Cohort, cfg: TrainConfig, k: int, pred: Predictions, out: Path) -> Path:
+    """``embeddings/fold<k>.h5``: the test bags' slide embeddings with the fold checkpoint's provenance."""
+    assert pred.embeddings is not None
+    return write_embeddings(
+        out / "embeddings" / f"fold{k}.h5",
+        [s.sample_id for s in pred.samples],
+        pred.embeddings,
+        model=cfg.model,
+        checkpoint=out / "checkpoints" / f"fold{k}.pt",
+        **_feature_provenance(cohort),
+        extra={"fold": k, "split": "test", "task": cfg.task, "unit": "case" if cfg.case_level else "slide",
+               "features_dir": str(cohort.features_dir)},
+    )  # fmt: skip
+
+
+def _out_of_fold_embeddings(cohort: Cohort, cfg: TrainConfig, folds: list[Path], out: Path) -> Path | None:
+    """``embeddings/out_of_fold.h5``: each bag's embedding from the fold that tested it (None when a bag
+    was tested in several splits, as in Monte Carlo CV)."""
+    parts = [read_embeddings(p) for p in folds]
+    ids = [i for e in parts for i in e.ids]
+    if len(set(ids)) != len(ids):
+        log.info("bags are tested in several splits: no out-of-fold embedding file (per-fold files only)")
+        return None
+    return write_embeddings(
+        out / "embeddings" / "out_of_fold.h5",
+        ids,
+        np.concatenate([e.vectors for e in parts]),
+        model=cfg.model,
+        checkpoint=out / "checkpoints",
+        **_feature_provenance(cohort),
+        extra={"folds": [int(e.attrs["fold"]) for e in parts], "split": "test (out of fold)", "task": cfg.task,
+               "unit": "case" if cfg.case_level else "slide", "features_dir": str(cohort.features_dir),
+               "checkpoints_sha256": [str(e.attrs["checkpoint_sha256"]) for e in parts]},
+    )  # fmt: skip
 
 
 def fold_progress(doc: dict[str, Any]) -> str:
@@ -272,12 +332,15 @@ def run_crossval(
     device: torch.device | str = "cpu",
     splits_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    save_embeddings: bool = False,
 ) -> CVResult:
     """Cross-validate ``model_name`` on ``cohort``: train every fold (skipping finished ones), test,
     and write the report into ``out_dir`` (see the module docstring for the files).
 
     ``progress`` shows a bar over the folds on stderr with the last fold's epochs, training loss,
-    validation metric and test metrics."""
+    validation metric and test metrics. ``save_embeddings`` also writes the slide embeddings of each
+    fold's test bags (and their out-of-fold union), readable by ``gigaslide probe --embeddings``.
+    """
     if task != cohort.task:
         raise ValueError(f"task {task!r} differs from the cohort's task {cohort.task!r}")
     cfg = replace(cfg, model=model_name, task=task)
@@ -319,14 +382,23 @@ def run_crossval(
             log.info("fold %d already done (%s), skipping", k, fold_json)
             docs.append(json.loads(fold_json.read_text()))
             skipped.append(k)
+            if save_embeddings and not (out / "embeddings" / f"fold{k}.h5").exists():
+                model, _ = load_slide_model(ckpt, device)  # a finished fold: embed its test bags again
+                test_bags = BagDataset(cohort, _select(samples, split.test))
+                _write_fold_embeddings(cohort, cfg, k, predict(model, test_bags, device), out)
             bar.update(1)
             continue
         log.info("fold %d: training %s", k, cfg.model)
-        docs.append(_run_fold(cohort, cfg, split, samples, out, device, progress))
+        docs.append(_run_fold(cohort, cfg, split, samples, out, device, progress, save_embeddings))
         log.info("fold %d: %s", k, {m: v for m, v in docs[-1]["row"].items() if isinstance(v, float)})
         bar.set_postfix_str(fold_progress(docs[-1]), refresh=False)
         bar.update(1)
     bar.close()
+    embeddings: list[Path] = []
+    if save_embeddings:
+        embeddings = [out / "embeddings" / f"fold{s.fold}.h5" for s in splits]
+        oof = _out_of_fold_embeddings(cohort, cfg, embeddings, out)
+        embeddings += [oof] if oof is not None else []
     per_fold = [d["row"] for d in docs]
     predictions = pd.concat([pd.DataFrame(d["predictions"]) for d in docs], ignore_index=True)
     metric_names = CLASSIFICATION_METRICS if task == "classification" else SURVIVAL_METRICS
@@ -349,4 +421,4 @@ def run_crossval(
         unit=unit,
         features=provenance.to_dict() if provenance is not None else None,
     )
-    return CVResult(summary, per_fold, predictions, pooled, splits, out, report, skipped)
+    return CVResult(summary, per_fold, predictions, pooled, splits, out, report, skipped, embeddings)

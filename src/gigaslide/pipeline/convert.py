@@ -7,6 +7,8 @@ Layouts::
     trident    OUT/features_<encoder>/<slide>.h5 (features, coords; coords attrs patch_size,
                patch_size_level0, target_magnification, level0_magnification, overlap ...)
 
+N-D feature files (``features`` (N, ...), optional ``mask``) convert only into the gigaslide
+layout; CLAM and TRIDENT hold (N, D) tile features, and such a file is refused with the reason.
 Features (values and dtype) and coordinates are copied exactly; attributes are kept, and the
 tile-spec attributes are rewritten in the target's conventions (TRIDENT's ``patch_size`` is
 the tile size at the target magnification, CLAM's the size read at ``patch_level``).
@@ -27,7 +29,12 @@ import h5py
 import numpy as np
 import torch
 
-from gigaslide.data.features_io import write_features
+from gigaslide.data.features_io import (
+    ITEM_SHAPE_ATTR,
+    check_feature_layout,
+    normalize_coords,
+    write_features,
+)
 from gigaslide.preprocess.coords_io import (
     _plain,
     _with_inferred_stride,
@@ -97,8 +104,8 @@ def find_feature_files(src: str | os.PathLike[str], encoder: str | None = None) 
     )
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any]]:
-    """(features (N, D), coords (N, 2) int64, features attrs, coords attrs) of one file."""
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any], np.ndarray | None]:
+    """(features (N, D) or (N, ...), coords int64, features attrs, coords attrs, mask or None) of one file."""
     try:
         with h5py.File(path, "r") as f:
             if "features" not in f or "coords" not in f:
@@ -107,18 +114,18 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str,
             coords = np.asarray(f["coords"][:])
             fattrs = {k: _plain(v) for k, v in f["features"].attrs.items()}
             cattrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+            mask = np.asarray(f["mask"][:]) if "mask" in f else None
     except OSError as e:
         raise ValueError(f"{path}: not a readable HDF5 feature file ({e})") from e
-    if feats.ndim == 3 and feats.shape[0] == 1:  # CLAM (1, N, D)
+    if ITEM_SHAPE_ATTR not in fattrs and feats.ndim == 3 and feats.shape[0] == 1:  # CLAM (1, N, D)
         feats = feats[0]
-    if feats.ndim != 2:
-        raise ValueError(f"{path}: features must be (N, D), got shape {feats.shape}")
-    if coords.ndim == 3 and coords.shape[0] == 1:
-        coords = coords[0]
-    coords = coords.astype(np.int64, copy=False).reshape(-1, 2)
+        if coords.ndim == 3 and coords.shape[0] == 1:
+            coords = coords[0]
+    coords = normalize_coords(coords, feats.ndim)
     if coords.shape[0] != feats.shape[0]:
         raise ValueError(f"{path}: {coords.shape[0]} coords but {feats.shape[0]} feature rows")
-    return feats, coords, fattrs, cattrs
+    check_feature_layout(feats, coords, mask, where=str(path))
+    return feats, coords, fattrs, cattrs, mask
 
 
 def _spec_of(cattrs: dict[str, Any], coords: np.ndarray | None = None, slide_mpp: float | None = None):
@@ -199,11 +206,17 @@ def convert_features(
     rows: list[dict[str, Any]] = []
     for sid, path in files.items():
         try:
-            feats, coords, fattrs, cattrs = _read(path)
+            feats, coords, fattrs, cattrs, mask = _read(path)
+            if to != "gigaslide" and (feats.ndim != 2 or mask is not None):
+                what = f"features of shape {feats.shape}" if feats.ndim != 2 else "a mask dataset"
+                raise ValueError(
+                    f"{path}: {what}; the {to.upper()} layout holds (N, D) tile features only, so this file "
+                    "cannot be converted to it (keep it in the gigaslide layout: --to gigaslide)"
+                )
             enc = encoder or fattrs.get("encoder") or source.encoder
             if enc and "encoder" not in fattrs:
                 fattrs["encoder"] = enc
-            cattrs = coords_attrs_for(cattrs, to, name=sid, coords=coords)
+            cattrs = coords_attrs_for(cattrs, to, name=sid, coords=coords.reshape(-1, 2))
             if to == "trident":
                 if not enc:
                     raise ValueError(f"{path}: the encoder name is unknown; pass --encoder")
@@ -211,13 +224,15 @@ def convert_features(
                 fattrs = {**fattrs, "name": sid, "savetodir": str(target.parent), "encoder": enc}
             else:
                 target = out / "h5_files" / f"{sid}.h5"
-            write_features(target, feats, coords, _clean(fattrs), _clean(cattrs))
+            fattrs.pop(ITEM_SHAPE_ATTR, None)  # rewritten by write_features for N-D files
+            write_features(target, feats, coords, _clean(fattrs), _clean(cattrs), mask=mask)
             if to == "clam":
                 pt = out / "pt_files" / f"{sid}.pt"
                 with atomic_path(pt) as tmp:
                     torch.save(torch.from_numpy(np.ascontiguousarray(feats)), tmp)
             summary.written[sid] = target
-            rows.append({"slide_id": sid, "status": "done", "n_tiles": len(feats), "dim": feats.shape[1],
+            dim = "x".join(map(str, feats.shape[1:]))  # D, or e.g. 256x384 for N-D items
+            rows.append({"slide_id": sid, "status": "done", "n_tiles": len(feats), "dim": dim,
                          "error": "", "features_file": str(target)})  # fmt: skip
         except Exception as e:
             log.error("%s: %s", sid, e)

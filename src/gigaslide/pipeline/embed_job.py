@@ -1,7 +1,8 @@
 """Batch feature extraction over a tiling output (or a CLAM/TRIDENT patches folder).
 
 For every slide: ``OUT/h5_files/<slide_id>.h5`` (``features`` (N, D) + ``coords`` (N, 2) with
-the tile spec), optionally ``OUT/pt_files/<slide_id>.pt``, and a row in ``OUT/manifest.csv``.
+the tile spec; (N, ...) for encoders whose ``meta.output_shape`` is N-D, e.g. HIPT region grids),
+optionally ``OUT/pt_files/<slide_id>.pt`` (2-D only), and a row in ``OUT/manifest.csv``.
 Rows stream through :class:`~gigaslide.data.feature_writer.ChunkedFeatureWriter`, so memory
 does not grow with slide size and an interrupted slide resumes from its last chunk. A slide
 whose file exists with the same fingerprint is skipped; a failing slide is recorded and the
@@ -43,13 +44,13 @@ from gigaslide.pipeline.extract import (
     iter_features,
     make_batches,
     prepare_encoder,
-    resolve_device,
     warn_half_precision_on_cpu,
     weights_identity,
 )
 from gigaslide.preprocess.coords_io import CoordsFile, read_coords
 from gigaslide.utils import dist as gdist
 from gigaslide.utils.atomic import atomic_path, atomic_write_text
+from gigaslide.utils.device import resolve_device
 from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class SlideResult:
     slide_id: str
     status: str
     n_tiles: int = 0
-    dim: int = 0
+    dim: int | str = 0  # D, or e.g. "256x384" for N-D items
     seconds: float = 0.0
     tiles_per_s: float = 0.0
     error: str = ""
@@ -140,7 +141,7 @@ class EmbedSummary:
         return "\n".join(lines)
 
 
-def feature_file_damage(path: Path, n_rows: int, dim: int, fingerprint: str) -> str | None:
+def feature_file_damage(path: Path, n_rows: int, item_shape: tuple[int, ...], fingerprint: str) -> str | None:
     """Why a finished feature file is unusable (unreadable, truncated, wrong shape for its own
     fingerprint), or None when it reads back or belongs to another run (another fingerprint: the
     caller refuses it). Reads the structure and the last row only."""
@@ -153,8 +154,8 @@ def feature_file_damage(path: Path, n_rows: int, dim: int, fingerprint: str) -> 
             stored = stored.decode() if isinstance(stored, bytes) else stored
             if stored is not None and str(stored) != fingerprint:
                 return None
-            if ds.ndim != 2 or ds.shape[0] != n_rows or ds.shape[1] != dim:
-                return f"features shape {ds.shape}, expected ({n_rows}, {dim})"
+            if tuple(ds.shape) != (n_rows, *item_shape):
+                return f"features shape {ds.shape}, expected {(n_rows, *item_shape)}"
             if n_rows:
                 ds[n_rows - 1]  # a truncated file fails here
     except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -179,6 +180,15 @@ class _Embedder:
         self.dtype = np.dtype(STORE_DTYPES[opts["store_dtype"]])
         self.h5_dir = out_dir / "h5_files"
         self.pt_dir = out_dir / "pt_files"
+        #: shape of one tile's output: (D,) or, for N-D encoders, ``meta.output_shape``
+        self.item_shape: tuple[int, ...] = tuple(
+            getattr(self.meta, "item_shape", None) or (int(self.meta.embed_dim),)
+        )
+        if opts["save_pt"] and len(self.item_shape) != 1:
+            raise ValueError(
+                f"save_pt writes CLAM's (N, D) pt_files, but encoder {self.meta.name} returns "
+                f"{self.item_shape} per tile; embed without --save-pt (the h5 files hold the N-D features)"
+            )
 
     def fingerprint(self, coords: np.ndarray, coords_attrs: dict[str, Any]) -> str:
         return make_fingerprint(
@@ -280,8 +290,9 @@ class _Embedder:
         self.check_resolution(job.slide_id, cf.spec.target_mpp)
         fp = self.fingerprint(coords, cf.attrs)
         final = self.h5_dir / f"{job.slide_id}.h5"
-        dim = int(self.meta.embed_dim)
-        damage = feature_file_damage(final, n, dim, fp) if final.exists() else None
+        item_shape = self.item_shape
+        dim: int | str = item_shape[0] if len(item_shape) == 1 else "x".join(map(str, item_shape))
+        damage = feature_file_damage(final, n, item_shape, fp) if final.exists() else None
         if damage is not None:  # a corrupt file is recomputed, not mistaken for another encoder's
             log.warning("%s is damaged (%s); computing it again", final, damage)
             final.unlink()
@@ -302,7 +313,7 @@ class _Embedder:
         writer = ChunkedFeatureWriter(
             final,
             coords,
-            dim,
+            item_shape,
             fp,
             chunk_size=self.opts["chunk_size"],
             dtype=self.dtype,
@@ -328,8 +339,11 @@ class _Embedder:
                 self.encoder, batches, self.device, self.opts["precision"], self.channels_last, preprocess
             ):
                 row = writer.rows_written
-                if feats.shape[1] != dim:
-                    raise ValueError(f"the encoder returned {feats.shape[1]} features, its meta says {dim}")
+                if tuple(feats.shape[1:]) != item_shape:
+                    raise ValueError(
+                        f"the encoder returned {tuple(feats.shape[1:])} per tile, its meta says {item_shape} "
+                        "(embed_dim, or output_shape for N-D outputs)"
+                    )
                 if not np.array_equal(got, coords[row : row + len(got)]):
                     raise RuntimeError(f"{job.slide_id}: tiles arrived out of order at row {row}")
                 writer.write(feats)

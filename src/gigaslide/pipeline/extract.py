@@ -33,6 +33,7 @@ from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.tile_loader import TileLoader
 from gigaslide.data.transforms import BatchNormalizer, TileTransform
 from gigaslide.preprocess.tiling_spec import TileSpec
+from gigaslide.utils.device import resolve_device
 
 if TYPE_CHECKING:
     from gigaslide.io.base import Slide
@@ -43,28 +44,6 @@ RANDOM_INIT = "RANDOM-INIT"  # `weights` attribute of features made with random 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOADERS = ("threads", "processes")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images (B, 3, H, W), coords (B, 2))
-
-
-def resolve_device(device: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU; validates CUDA requests."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank or 0)
-        return torch.device("cpu")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank or 0)
-        if dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {dev} requested but only {torch.cuda.device_count()} GPU(s) are visible"
-            )
-    return dev
 
 
 def check_precision(precision: str) -> torch.dtype:
@@ -120,7 +99,7 @@ def encode_batch(
     channels_last: bool,
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B, 3, H, W) images -> (B, D) float32 features on the CPU.
+    """(B, 3, H, W) images -> (B, D) (or (B, ...) for encoders with N-D outputs) float32 features on the CPU.
 
     ``images`` are normalised floats, or uint8 tiles when ``preprocess`` (e.g. a
     :class:`BatchNormalizer`) turns them into the encoder input on ``device``.
@@ -132,8 +111,12 @@ def encode_batch(
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_context(device, precision):
         out = encoder(x)
-    if out.ndim != 2:
-        raise ValueError(f"the encoder returned shape {tuple(out.shape)}; a tile encoder must return (B, D)")
+    if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the encoder returned {shape} for {x.shape[0]} tiles; a tile encoder must return a (B, D) or "
+            "(B, ...) tensor with one row per tile"
+        )
     return out.float().cpu()
 
 
@@ -213,7 +196,7 @@ def iter_features(
     channels_last: bool | None = None,
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(features (B, D) float32, coords (B, 2) int64)`` batch by batch, in loader order.
+    """Yield ``(features (B, D) or (B, ...) float32, coords (B, 2) int64)`` batch by batch, in loader order.
 
     ``loader`` yields ``(images, coords)``; ``preprocess`` runs on each image batch once it is on
     ``device`` (see :func:`make_batches`).
@@ -279,7 +262,7 @@ def extract_features(
             override and backend are reused by each worker).
         coords: (N, 2) level-0 top-left corners.
         spec: the tile geometry the coordinates were made with.
-        encoder: a tile encoder, (B, 3, H, W) -> (B, D).
+        encoder: a tile encoder, (B, 3, H, W) -> (B, D) or (B, ...).
         batch_size: tiles per encoder call.
         num_workers: reader threads (``loader="threads"``) or DataLoader worker processes
             (``loader="processes"``); 0 reads in the calling thread.
@@ -290,7 +273,7 @@ def extract_features(
         loader: ``threads`` (default) or ``processes`` (see the module docstring).
 
     Returns:
-        (N, D) float32 features in the order of ``coords``.
+        (N, D) (or (N, ...) for N-D encoder outputs) float32 features in the order of ``coords``.
     """
     dev = resolve_device(device)
     check_loader(loader)
@@ -320,6 +303,7 @@ def extract_features(
         out.append(feats)
         n += len(feats)
     if not out:
-        dim = int(getattr(getattr(encoder, "meta", None), "embed_dim", 0))
-        return np.zeros((0, dim), dtype=np.float32)
+        meta = getattr(encoder, "meta", None)
+        item = tuple(getattr(meta, "item_shape", None) or (int(getattr(meta, "embed_dim", 0)),))
+        return np.zeros((0, *item), dtype=np.float32)
     return np.concatenate(out, axis=0)

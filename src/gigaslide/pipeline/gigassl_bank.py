@@ -40,13 +40,9 @@ from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.tile_loader import TileLoader
 from gigaslide.pipeline.embed_inputs import EmbedInputError, SlideJob, discover_jobs
 from gigaslide.pipeline.embed_job import STORE_DTYPES, _Embedder, _read_rows, merge_manifests
-from gigaslide.pipeline.extract import (
-    check_precision,
-    encode_batch,
-    resolve_device,
-    warn_half_precision_on_cpu,
-)
+from gigaslide.pipeline.extract import check_precision, encode_batch, warn_half_precision_on_cpu
 from gigaslide.utils import dist as gdist
+from gigaslide.utils.device import resolve_device
 from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,8 @@ def _hue_in(h: np.ndarray, lo_deg: float, hi_deg: float) -> np.ndarray:
     return (h >= lo) | (h <= hi)
 
 
-def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+def drop_small_components(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """(H, W) bool ``mask`` without its 8-connected components smaller than ``min_px`` pixels."""
     if min_px <= 1 or not mask.any():
         return mask
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
@@ -93,14 +94,14 @@ def pen_mask(hsv: np.ndarray, rules: PenRules, mpp: float) -> np.ndarray:
         | (_hue_in(h, *rules.blue_hue) & (s >= rules.blue_min_sat))
         | (_hue_in(h, *rules.red_hue) & (s >= rules.red_min_sat))
     ) & bright
-    ink = _drop_small(ink, rules.min_area_um2 / (mpp * mpp))
+    ink = drop_small_components(ink, rules.min_area_um2 / (mpp * mpp))
     dark_ink = (
         _hue_in(h, *rules.dark_ink_hue)
         & (s >= rules.dark_ink_min_sat)
         & (v <= rules.dark_ink_max_value)
         & bright
     )
-    ink |= _drop_small(dark_ink, rules.dark_ink_min_area_um2 / (mpp * mpp))
+    ink |= drop_small_components(dark_ink, rules.dark_ink_min_area_um2 / (mpp * mpp))
     if ink.any() and rules.dilate_um > 0:
         ink = cv2.dilate(ink.astype(np.uint8), disk(rules.dilate_um / mpp)).astype(bool)
     return ink

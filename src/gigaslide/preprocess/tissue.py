@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from gigaslide.preprocess.pen import PenRules, dark_mask, disk, pen_mask
+from gigaslide.preprocess.pen import PenRules, dark_mask, disk, drop_small_components, pen_mask
 
 if TYPE_CHECKING:  # shapely is imported only when outlines are built
     from shapely.geometry import Polygon
@@ -95,15 +95,6 @@ def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     fill = inner & (stats[:, cv2.CC_STAT_AREA] <= max_px)
     fill[0] = False  # label 0 is the tissue itself
     return mask | fill[labels]
-
-
-def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
-    if min_px <= 1 or not mask.any():
-        return mask
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
-    keep[0] = False
-    return keep[labels]
 
 
 def saturation_threshold(sat: np.ndarray, valid: np.ndarray, params: TissueParams) -> float:
@@ -205,7 +196,7 @@ def detect_tissue_report(
         ).astype(bool)
     tissue = _fill_small_holes(tissue, params.max_hole_area_um2 / px_area)
     tissue &= ~excluded
-    kept = _drop_small(tissue, params.min_tissue_area_um2 / px_area)
+    kept = drop_small_components(tissue, params.min_tissue_area_um2 / px_area)
     report = TissueReport(
         stained_um2=float(stained.sum()) * px_area,
         ink_um2=float((stained & ink).sum()) * px_area,

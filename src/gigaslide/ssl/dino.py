@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from gigaslide.ssl.crop_data import MultiCropData, describe_tiles, tiles_from_tiling
 from gigaslide.ssl.dino_head import DINOHead
@@ -240,7 +240,7 @@ def run_dino(
     Reruns resume from ``out_dir/checkpoint.pth`` (the engine's exact resume).
     """
     from gigaslide.models.encoders import get_encoder_meta
-    from gigaslide.pipeline.extract import resolve_device
+    from gigaslide.utils.device import resolve_device
     from gigaslide.utils.dist import dist_env
     from gigaslide.utils.seed import seed_everything
 
@@ -280,6 +280,7 @@ def pretrain_dino(
     encoder_kwargs: dict[str, Any] | None = None,
     slides: str | os.PathLike[str] | None = None,
     slide_mpp: float | None = None,
+    max_tiles: int | None = None,
     num_workers: int = 2,
     device: str | torch.device = "auto",
     precision: str = "fp32",
@@ -290,9 +291,16 @@ def pretrain_dino(
 
     Tiles are read from the slides at the tiling's exact resolution; slides that cannot be read
     are skipped and listed in the log. ``weights`` initialises the student backbone (default: random).
+    ``max_tiles`` pretrains on a fixed random subset (drawn with ``seed``) of that many tiles.
     """
     tiles = tiles_from_tiling(tiling_dir, slides=slides, slide_mpp=slide_mpp)
     log.info("DINO pretraining of %s on %s", encoder, describe_tiles(tiles, tiling_dir))
-    return run_dino(tiles.dataset, encoder, out_dir, epochs=epochs, batch_size=batch_size, cfg=cfg,
+    dataset: Dataset = tiles.dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_tiles is not None and 0 < max_tiles < n:
+        keep = np.sort(np.random.default_rng([int(seed), n]).choice(n, size=int(max_tiles), replace=False))
+        dataset = Subset(dataset, keep.tolist())
+        log.info("using a random subset of %d of the %d tiles (max_tiles)", max_tiles, n)
+    return run_dino(dataset, encoder, out_dir, epochs=epochs, batch_size=batch_size, cfg=cfg,
                     weights=weights, encoder_kwargs=encoder_kwargs, num_workers=num_workers, device=device,
                     precision=precision, seed=seed, progress=progress)  # fmt: skip

@@ -190,7 +190,7 @@ def encode_gigassl(
         n_tiles: T tiles per view (default: the training T).
         use_augmented: with a bank lacking an identity augmentation, draw views from its augmentations.
     """
-    from gigaslide.pipeline.extract import resolve_device
+    from gigaslide.utils.device import resolve_device
 
     if n_views < 1:
         raise ValueError(f"n_views must be >= 1, got {n_views}")

@@ -185,7 +185,7 @@ def pretrain_gigassl(
     global minibatch and NT-Xent sees the 2 x B x world projections as candidates. Reruns resume
     exactly from ``out_dir/checkpoint.pth``.
     """
-    from gigaslide.pipeline.extract import resolve_device
+    from gigaslide.utils.device import resolve_device
     from gigaslide.utils.dist import dist_env
     from gigaslide.utils.seed import seed_everything
 

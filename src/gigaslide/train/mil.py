@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from gigaslide.data.bags import Bag, BagBatch, BagDataset, collate_bags
 from gigaslide.data.cohort import Sample
-from gigaslide.models.slide import SlideOutput, create_slide_model
+from gigaslide.models.slide import SlideOutput, create_slide_model, slide_inputs
 from gigaslide.train.config import TrainConfig
 from gigaslide.train.engine import Engine, EngineConfig, OptimConfig, StepContext, StepOutput
 from gigaslide.train.engine import Objective as EngineObjective
@@ -64,10 +64,11 @@ class TrainResult:
 
 @dataclass
 class Predictions:
-    """Per-bag predictions and per-slide attention of :func:`predict`."""
+    """Per-bag predictions, slide embeddings and per-slide attention of :func:`predict`."""
 
     samples: list[Sample]
-    logits: np.ndarray  # (n, C)
+    logits: np.ndarray  # (n, C); (n, 0) for embedding-only models
+    embeddings: np.ndarray | None = None  # (n, E) SlideOutput.embedding of every bag
     probs: np.ndarray | None = None  # (n, C) classification
     risk: np.ndarray | None = None  # (n,) survival, higher = earlier event
     # slide_id -> {"coords": (N, 2) | None, "scores": (N,), "tile_index": (N,)}
@@ -202,12 +203,8 @@ def init_survival_baseline(model: nn.Module, train_bags: BagDataset, time_bins: 
 
 
 def _forward(model: nn.Module, batch: BagBatch, labels: Tensor | None = None) -> SlideOutput:
-    info = getattr(model, "slide_model_info", None)
-    wants_coords = bool(getattr(model, "needs_coords", False)) or bool(
-        info is not None and info.accepts_coords
-    )
-    coords = batch.coords if wants_coords else None
-    return model(batch.x, coords=coords, mask=batch.model_mask, labels=labels)
+    """The model on ``batch``, served by its input kind (:func:`~gigaslide.models.slide.slide_inputs`)."""
+    return model(**slide_inputs(model, batch, labels))
 
 
 @torch.no_grad()
@@ -395,15 +392,17 @@ def train_model(
 
 @torch.no_grad()
 def predict(model: nn.Module, bags: BagDataset, device: torch.device | str) -> Predictions:
-    """Predictions (probabilities or risks) for every bag and attention scores split per slide."""
+    """Predictions (probabilities or risks), slide embeddings (n, E) for every bag, and attention
+    scores split per slide. An embedding-only model (``n_classes=0``) gets embeddings only."""
     device = torch.device(device)
     model.to(device)
     model.eval()
-    logits, attention = [], {}
+    logits, embeddings, attention = [], [], {}
     for i in range(len(bags)):
         bag = bags[i]
         out = _forward(model, collate_bags([bag]).to(device))
         logits.append(out.logits.float().cpu())
+        embeddings.append(out.embedding.float().cpu())
         if out.attention is None:
             continue
         att = out.attention[0, : bag.features.shape[0]].float().cpu().numpy()  # (N,)
@@ -416,7 +415,10 @@ def predict(model: nn.Module, bags: BagDataset, device: torch.device | str) -> P
                 "tile_index": bag.tile_index.numpy()[sel],
             }
     all_logits = torch.cat(logits) if logits else torch.zeros(0, 1)
-    pred = Predictions(samples=list(bags.samples), logits=all_logits.numpy(), attention=attention)
+    all_emb = torch.cat(embeddings).numpy() if embeddings else None
+    pred = Predictions(list(bags.samples), all_logits.numpy(), embeddings=all_emb, attention=attention)
+    if all_logits.shape[1] == 0:  # embedding-only model: nothing to turn into probabilities or risks
+        return pred
     if bags.task == "classification":
         pred.probs = torch.softmax(all_logits, dim=1).numpy()
     else:
@@ -425,7 +427,7 @@ def predict(model: nn.Module, bags: BagDataset, device: torch.device | str) -> P
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    """Atomically save weights plus what :func:`load_checkpoint` needs to rebuild the model.
+    """Atomically save weights plus what :func:`load_slide_model` needs to rebuild the model.
 
     ``meta`` must hold ``model`` (registry name), ``model_kwargs``, ``in_dim`` and ``n_outputs``.
     """
@@ -437,10 +439,14 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Tensor], meta
     return Path(path)
 
 
-def load_checkpoint(
+def load_slide_model(
     path: str | os.PathLike[str], device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint written by :func:`save_checkpoint`; returns (model, meta)."""
+    """Rebuild the slide model of a checkpoint written by :func:`save_checkpoint`; returns (model, meta).
+
+    (Not to be confused with :func:`gigaslide.models.weights.load_checkpoint`, which reads foreign
+    weight files into a state dict.)
+    """
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code

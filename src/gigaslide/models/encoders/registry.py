@@ -1,6 +1,7 @@
 """Tile-encoder registry: names -> factories + metadata, and :func:`create_encoder`.
 
-Every encoder takes a normalised float batch (B, 3, H, W) and returns embeddings (B, D). The module
+Every encoder takes a normalised float batch (B, 3, H, W) and returns embeddings (B, D) (or
+(B, ...) when its ``meta.output_shape`` says so). The module
 returned by :func:`create_encoder` carries ``.meta`` (:class:`EncoderMeta`) and ``.weights_info``
 (``{"path", "file", "sha256", ...}`` or ``{"random_init": True}``) so callers can record both in
 their output files. Names of the form ``timm:<architecture>`` build any timm model.
@@ -8,7 +9,6 @@ their output files. Names of the form ``timm:<architecture>`` build any timm mod
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -18,41 +18,18 @@ from typing import Any
 
 from torch import nn
 
+from gigaslide.models.encoders.meta import TIMM_PREFIX, EncoderMeta
+from gigaslide.models.encoders.timm_entry import build_timm_encoder, timm_meta
 from gigaslide.models.weights import load_weights
 from gigaslide.models.weights_registry import lookup_weights, registry_path
 
 logger = logging.getLogger(__name__)
 
-TIMM_PREFIX = "timm:"
 #: ``weights=`` values with a special meaning
 WEIGHTS_FROM_REGISTRY = "registry"
 WEIGHTS_RANDOM = "random"
 
 WeightsArg = str | os.PathLike[str] | None
-
-
-@dataclass(frozen=True)
-class EncoderMeta:
-    """What a tile encoder expects and produces.
-
-    ``input_size`` is the tile side in pixels the encoder was trained on, read at ``mpp`` micrometres
-    per pixel; ``mean``/``std`` are the per-channel normalisation applied to [0, 1] RGB input.
-    """
-
-    name: str
-    embed_dim: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    mpp: float
-    paper: str
-    description: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON/HDF5-attribute friendly copy (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
 
 
 EncoderFactory = Callable[..., nn.Module]
@@ -96,8 +73,6 @@ def _unknown(name: str) -> ValueError:
 def get_encoder_meta(name: str) -> EncoderMeta:
     """Metadata of an encoder without loading weights (timm models are built on the meta device)."""
     if name.startswith(TIMM_PREFIX):
-        from gigaslide.models.encoders.timm_entry import timm_meta
-
         return timm_meta(name[len(TIMM_PREFIX) :])
     if name not in _REGISTRY:
         raise _unknown(name)
@@ -147,8 +122,6 @@ def create_encoder(
         raise _unknown(name)
     path = resolve_weights(name, weights)
     if name.startswith(TIMM_PREFIX):
-        from gigaslide.models.encoders.timm_entry import build_timm_encoder
-
         model, meta = build_timm_encoder(name[len(TIMM_PREFIX) :], weights_path=path, **kw)
     else:
         entry = _REGISTRY[name]

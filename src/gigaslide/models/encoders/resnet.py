@@ -13,10 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gigaslide.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gigaslide.models.encoders.registry import EncoderMeta, register_encoder
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RESNET50_TRUNC_META = EncoderMeta(
     name="resnet50_trunc",

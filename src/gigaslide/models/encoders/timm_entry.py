@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gigaslide.models.encoders.registry import TIMM_PREFIX, EncoderMeta
+from gigaslide.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from gigaslide.models.encoders.meta import TIMM_PREFIX, EncoderMeta
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def _meta_from_model(
     pcfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", {}) or {})
     if cfg is not None:
         pcfg.update({k: v for k, v in cfg["pretrained_cfg"].items() if v is not None})
-    mean = tuple(float(v) for v in pcfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(float(v) for v in pcfg.get("std", (0.229, 0.224, 0.225)))
+    mean = tuple(float(v) for v in pcfg.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in pcfg.get("std", IMAGENET_STD))
     side = _side(img_size) if img_size is not None else _side(pcfg.get("input_size", (3, 224, 224)))
     source = f" (config from {cfg['source']})" if cfg and "source" in cfg else ""
     return EncoderMeta(

@@ -3,6 +3,7 @@
 from gigaslide.models.slide import create_slide_model, list_slide_models
 model = create_slide_model("gated_abmil", in_dim=1024, n_classes=2)
 out = model(x, coords=None, mask=mask)  # SlideOutput(logits, embedding, attention, aux_loss)
+out = model(**slide_inputs(model, batch))  # what harnesses do: the batch served by the model's input kind
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from gigaslide.models.slide import (  # noqa: F401  (registration)
     clam,
     dsmil,
     hipt,
+    longvit,
     pooling,
     sparseconvmil,
     topk_mil,
@@ -28,13 +30,17 @@ from gigaslide.models.slide.base import (
 from gigaslide.models.slide.clam import CLAMSB
 from gigaslide.models.slide.dsmil import DSMIL
 from gigaslide.models.slide.hipt import HIPT, HIPTAttentionPooling
+from gigaslide.models.slide.inputs import slide_inputs
+from gigaslide.models.slide.longvit import LongViT
 from gigaslide.models.slide.pooling import MaxPoolMIL, MeanPoolMIL
 from gigaslide.models.slide.registry import (
+    INPUT_KINDS,
     SlideModelInfo,
     create_slide_model,
     get_slide_model_info,
     list_slide_models,
     register_slide_model,
+    slide_model_info,
 )
 from gigaslide.models.slide.sparseconvmil import SparseConvMIL
 from gigaslide.models.slide.topk_mil import TopKMIL
@@ -45,7 +51,9 @@ __all__ = [
     "CLAMSB",
     "DSMIL",
     "HIPT",
+    "INPUT_KINDS",
     "HIPTAttentionPooling",
+    "LongViT",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "SlideModel",
@@ -61,4 +69,6 @@ __all__ = [
     "masked_mean",
     "masked_softmax",
     "register_slide_model",
+    "slide_inputs",
+    "slide_model_info",
 ]

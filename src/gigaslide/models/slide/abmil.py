@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from gigaslide.models.slide.base import SlideModel, SlideOutput, masked_softmax, mlp_block
+from gigaslide.models.slide.base import SlideModel, SlideOutput, classifier_head, masked_softmax, mlp_block
 from gigaslide.models.slide.registry import register_slide_model
 
 
@@ -48,7 +48,7 @@ class ABMIL(SlideModel):
 
     Args:
         in_dim: tile feature dimension D.
-        n_classes: number of outputs C (classes, or time bins for survival).
+        n_classes: number of outputs C (classes, or time bins for survival); 0 = embedding only.
         hidden_dims: (L, A) = (projection width, attention width); default (512, 256).
         dropout: dropout after the projection and inside the attention branches (default 0.25).
         gated: use the gated attention scorer.
@@ -67,7 +67,7 @@ class ABMIL(SlideModel):
         self.project = mlp_block(in_dim, proj_dim, dropout)
         scorer = GatedAttentionScorer if gated else AttentionScorer
         self.attention = scorer(proj_dim, attn_dim, dropout)
-        self.classifier = nn.Linear(proj_dim, n_classes)
+        self.classifier = classifier_head(proj_dim, n_classes)
         self.embed_dim = proj_dim
 
     def _forward(self, x: Tensor, coords: Tensor | None, mask: Tensor, labels: Tensor | None) -> SlideOutput:

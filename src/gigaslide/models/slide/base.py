@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from gigaslide.models.slide.registry import slide_model_info
+
 
 @dataclass
 class SlideOutput:
@@ -28,6 +30,7 @@ class SlideOutput:
     Attributes:
         logits: (B, C) class logits. For discrete-time survival C is the number of time bins and the
             logits are per-bin hazard logits (``sigmoid`` gives hazards; see ``gigaslide.train.losses``).
+            An empty (B, 0) tensor for embedding-only models (``n_classes=0``).
         embedding: (B, E) slide embedding taken just before the final classifier; ``E == model.embed_dim``.
         attention: (B, N) attention over tiles, or None for models without a single attention map.
             Normalised over the valid tiles of each bag: sums to 1 over ``mask`` and is exactly 0 on padding.
@@ -100,14 +103,15 @@ def check_inputs(
 
 
 class SlideModel(nn.Module, abc.ABC):
-    """Base class of slide-level aggregators.
+    """Base class of slide-level aggregators over tile features (input kinds ``features``/``features_coords``).
 
     Subclasses set ``in_dim``, ``n_classes`` and ``embed_dim`` and implement :meth:`_forward`, which
-    receives a validated boolean mask and features whose padded rows are already zeroed.
+    receives a validated boolean mask and features whose padded rows are already zeroed. They build
+    their classifier with :func:`classifier_head`, so that ``n_classes=0`` gives an embedding-only
+    model. Whether coordinates are required is registry metadata (``input_kind``), read through
+    :func:`~gigaslide.models.slide.registry.slide_model_info`.
     """
 
-    #: models that cannot run without tile coordinates set this to True
-    needs_coords: bool = False
     #: classification loss of the model's official recipe: "cross_entropy" (softmax over classes) or
     #: "bce" (one sigmoid per class against one-hot targets, e.g. DS-MIL)
     classification_loss: str = "cross_entropy"
@@ -133,7 +137,7 @@ class SlideModel(nn.Module, abc.ABC):
         """Aggregate a padded batch of bags; see the module docstring for shapes."""
         name = type(self).__name__
         mask = check_inputs(x, coords, mask, self.in_dim, name)
-        if self.needs_coords and coords is None:
+        if slide_model_info(self).needs_coords and coords is None:
             raise ValueError(f"{name} needs tile coordinates: pass coords (B, N, 2)")
         if labels is not None:
             labels = labels.to(device=x.device, dtype=torch.long).reshape(-1)
@@ -178,6 +182,18 @@ class SlideModel(nn.Module, abc.ABC):
                     f"{type(self).__name__}: output layer {layer} has no ({self.n_classes},) bias"
                 )
             layer.bias.copy_(bias.to(layer.bias))
+
+
+class NoHead(nn.Module):
+    """The classifier of an embedding-only model (``n_classes=0``): (B, E) -> empty logits (B, 0)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., :0]
+
+
+def classifier_head(in_dim: int, n_classes: int) -> nn.Module:
+    """``nn.Linear(in_dim, n_classes)``, or :class:`NoHead` (no parameters) for ``n_classes == 0``."""
+    return nn.Linear(in_dim, n_classes) if n_classes > 0 else NoHead()
 
 
 def mlp_block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:

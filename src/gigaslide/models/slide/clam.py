@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gigaslide.models.slide.abmil import GatedAttentionScorer
-from gigaslide.models.slide.base import SlideModel, SlideOutput, masked_softmax, mlp_block
+from gigaslide.models.slide.base import SlideModel, SlideOutput, classifier_head, masked_softmax, mlp_block
 from gigaslide.models.slide.registry import register_slide_model
 
 
@@ -36,7 +36,7 @@ class CLAMSB(SlideModel):
 
     Args:
         in_dim: tile feature dimension D.
-        n_classes: number of classes C.
+        n_classes: number of classes C; 0 = embedding only (no instance classifiers, labels refused).
         hidden_dims: (projection width, attention width); CLAM "small" = (512, 256), "big" = (512, 384).
         dropout: dropout after the projection and in the attention branches (CLAM default 0.25).
         k_sample: number of top / bottom attended tiles used as instance pseudo-labels (default 8).
@@ -62,7 +62,7 @@ class CLAMSB(SlideModel):
         proj_dim, attn_dim = hidden_dims
         self.project = mlp_block(in_dim, proj_dim, dropout)
         self.attention = GatedAttentionScorer(proj_dim, attn_dim, dropout)
-        self.classifier = nn.Linear(proj_dim, n_classes)
+        self.classifier = classifier_head(proj_dim, n_classes)
         self.instance_classifiers = nn.ModuleList(nn.Linear(proj_dim, 2) for _ in range(n_classes))
         self.k_sample = int(k_sample)
         self.bag_weight = float(bag_weight)
@@ -76,6 +76,10 @@ class CLAMSB(SlideModel):
         embedding = (attn.unsqueeze(-1) * h).sum(dim=1)  # (B, L)
         out = SlideOutput(logits=self.classifier(embedding), embedding=embedding, attention=attn)
         if labels is not None:
+            if self.n_classes == 0:
+                raise ValueError(
+                    "CLAMSB with n_classes=0 is embedding-only and has no instance classifiers; pass labels=None"
+                )
             inst_loss = self.instance_loss(h, scores, mask, labels)
             out.extras["instance_loss"] = inst_loss
             out.aux_loss = (1.0 - self.bag_weight) / self.bag_weight * inst_loss

@@ -38,7 +38,8 @@ class DSMIL(SlideModel):
 
     Args:
         in_dim: tile feature dimension D.
-        n_classes: number of outputs C.
+        n_classes: number of outputs C. With 0 (embedding only) one critical-instance stream still
+            selects the attention, the embedding is its (B, D) bag representation and logits are (B, 0).
         q_dim: query dimension (default 128, as in the reference).
         nonlinear_q: query net Linear-ReLU-Linear-Tanh (default, as in the reference) instead of Linear.
         passing_v: transform values with Dropout-Linear-ReLU instead of passing features through.
@@ -59,7 +60,8 @@ class DSMIL(SlideModel):
         average_streams: bool = False,
     ) -> None:
         super().__init__(in_dim, n_classes)
-        self.instance_classifier = nn.Linear(in_dim, n_classes)
+        streams = max(n_classes, 1)  # an embedding-only model keeps one stream to find its critical tile
+        self.instance_classifier = nn.Linear(in_dim, streams)
         if nonlinear_q:
             self.q: nn.Module = nn.Sequential(
                 nn.Linear(in_dim, q_dim), nn.ReLU(), nn.Linear(q_dim, q_dim), nn.Tanh()
@@ -70,10 +72,10 @@ class DSMIL(SlideModel):
             self.v: nn.Module = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, in_dim), nn.ReLU())
         else:
             self.v = nn.Identity()
-        self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
+        self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim) if n_classes else None
         self.q_dim = q_dim
         self.average_streams = bool(average_streams)
-        self.embed_dim = n_classes * in_dim
+        self.embed_dim = streams * in_dim
 
     def _forward(self, x: Tensor, coords: Tensor | None, mask: Tensor, labels: Tensor | None) -> SlideOutput:
         d = x.shape[-1]
@@ -86,6 +88,10 @@ class DSMIL(SlideModel):
         scores = queries @ q_crit.transpose(1, 2) / math.sqrt(self.q_dim)  # (B, N, C)
         attn = masked_softmax(scores, mask.unsqueeze(-1).expand_as(scores), dim=1)  # (B, N, C)
         bag = attn.transpose(1, 2) @ self.v(x)  # (B, C, D)
+        if self.bag_classifier is None:  # embedding only
+            return SlideOutput(
+                logits=bag.new_zeros(bag.shape[0], 0), embedding=bag.flatten(1), attention=attn[..., 0]
+            )
         bag_logits = self.bag_classifier(bag).squeeze(-1)  # (B, C)
         return SlideOutput(
             logits=0.5 * (max_logits + bag_logits) if self.average_streams else bag_logits,

@@ -15,7 +15,14 @@ import abc
 
 from torch import Tensor, nn
 
-from gigaslide.models.slide.base import SlideModel, SlideOutput, masked_max, masked_mean, mlp_block
+from gigaslide.models.slide.base import (
+    SlideModel,
+    SlideOutput,
+    classifier_head,
+    masked_max,
+    masked_mean,
+    mlp_block,
+)
 from gigaslide.models.slide.registry import register_slide_model
 
 
@@ -32,7 +39,7 @@ class _PoolingMIL(SlideModel):
         else:
             self.project = mlp_block(in_dim, hidden_dim, dropout)
             self.embed_dim = hidden_dim
-        self.classifier = nn.Linear(self.embed_dim, n_classes)
+        self.classifier = classifier_head(self.embed_dim, n_classes)
 
     @abc.abstractmethod
     def _pool(self, h: Tensor, mask: Tensor) -> Tensor:

@@ -106,8 +106,6 @@ class SparseConvMIL(SlideModel):
             (loaded strictly; needs in_dim=256 and width=512).
     """
 
-    needs_coords = True
-
     def __init__(
         self,
         in_dim: int,
@@ -144,7 +142,8 @@ class SparseConvMIL(SlideModel):
         return bags_to_sparse_map(x, coords, mask, self.grid_unit)
 
     def _forward(self, x: Tensor, coords: Tensor | None, mask: Tensor, labels: Tensor | None) -> SlideOutput:
-        assert coords is not None  # enforced by SlideModel.forward (needs_coords)
+        if coords is None:  # input_kind "features_coords": the harness always passes them
+            raise ValueError("SparseConvMIL needs tile coordinates: pass coords (B, N, 2)")
         out = self.layer4(self.sparse_map(x, coords, mask))
         embedding = sparse_global_avg_pool(out)  # (B, width)
         if self.classifier is None:
@@ -164,8 +163,6 @@ class SparseConvMIL(SlideModel):
         "Lerousseau et al., SparseConvMIL, MICCAI workshop 2021; Lazard et al., Giga-SSL, CVPR Workshops 2023"
     ),
     produces_attention=False,
-    accepts_coords=True,
-    needs_coords=True,
     input_kind="features_coords",
 )
 def sparseconvmil(

@@ -36,7 +36,9 @@ class TopKMIL(SlideModel):
 
     Args:
         in_dim: tile feature dimension D.
-        n_classes: number of outputs C (>= 2 for the ranking to be meaningful).
+        n_classes: number of outputs C (>= 2 for the ranking to be meaningful). With 0 (embedding only)
+            one sigmoid tile score still ranks the tiles; the embedding is the mean of the top-k
+            projected tiles and logits are (B, 0).
         k: tiles per slide used for the prediction and the loss (default 1, as in the paper).
         hidden_dim: width of a hidden layer in the tile classifier (None = linear classifier).
         dropout: dropout after the hidden layer.
@@ -53,7 +55,7 @@ class TopKMIL(SlideModel):
             nn.Identity() if hidden_dim is None else mlp_block(in_dim, hidden_dim, dropout)
         )
         width = in_dim if hidden_dim is None else hidden_dim
-        self.classifier = nn.Linear(width, n_classes)
+        self.classifier = nn.Linear(width, max(n_classes, 1))  # one ranking score when embedding-only
         self.embed_dim = width
 
     def tile_scores(self, tile_logits: Tensor) -> Tensor:
@@ -75,6 +77,8 @@ class TopKMIL(SlideModel):
         w = valid.to(picked.dtype).unsqueeze(-1)  # (B, k, 1)
         logits = (picked * w).sum(dim=1) / w.sum(dim=1)  # (B, C)
         embedding = (h.gather(1, top.unsqueeze(-1).expand(-1, -1, h.shape[-1])) * w).sum(dim=1) / w.sum(dim=1)
+        if self.n_classes == 0:
+            logits = logits[:, :0]  # (B, 0): the tile scorer only ranks
         raw = self.tile_scores(tile_logits).masked_fill(~mask, 0.0)  # (B, N)
         attention = raw / raw.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return SlideOutput(

@@ -44,7 +44,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gigaslide.models.slide.base import SlideModel, SlideOutput
+from gigaslide.models.slide.base import SlideModel, SlideOutput, classifier_head
 from gigaslide.models.slide.registry import register_slide_model
 
 
@@ -191,7 +191,7 @@ class TransMIL(SlideModel):
 
     Args:
         in_dim: tile feature dimension D.
-        n_classes: number of outputs C.
+        n_classes: number of outputs C; 0 = embedding only.
         dim: transformer width (default 512, as in the paper).
         heads: attention heads (default 8).
         num_landmarks: Nystrom landmarks (default dim // 2 = 256, as in the reference).
@@ -232,7 +232,7 @@ class TransMIL(SlideModel):
         self.ppeg = PPEG(dim)
         self.layer2 = TransLayer(dim, make_attention())
         self.norm = nn.LayerNorm(dim)
-        self.classifier = nn.Linear(dim, n_classes)
+        self.classifier = classifier_head(dim, n_classes)
         self.embed_dim = dim
 
     def load_official_state_dict(self, state_dict: dict[str, Tensor]) -> None:
