@@ -53,8 +53,6 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     assert list(gs["budget"].unique()) == ["100%", "25%"] and gs["auc_mean"].between(0, 1).all()
     assert "Giga-SSL linear probe (AUC)" in printed
     # the HIPT step: region grids -> stage-2 DINO -> hipt (ViT_4096 frozen) -> region heatmap
-    import torch
-
     stage2 = torch.load(out / "hipt" / "stage2" / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert set(stage2) >= {"teacher", "student", "dino_loss"}
     hipt = json.loads((out / "hipt" / "train" / "results.json").read_text())["metrics"]
