@@ -100,3 +100,17 @@ def test_hipt_learns_a_region_signal_survival(tmp_path: Path) -> None:
     metrics = _train(tmp_path, "survival", "hipt", epochs=10, extra=FROZEN, n=36)
     # ties inside a risk level cap the expected c-index of a perfect ranking of levels near 0.83
     assert metrics["c_index"]["mean"] > 0.7, metrics["c_index"]
+
+
+def test_a_slide_with_one_region_stays_a_region_bag(tmp_path: Path) -> None:
+    feats, labels = region_cohort(tmp_path, n=4)
+    one = np.random.default_rng(1).normal(size=(1, SIDE * SIDE, D)).astype(np.float32)
+    write_region_features(
+        feats / "h5_files" / "s0.h5", one, np.ones((1, SIDE * SIDE), bool), np.zeros((1, 2))
+    )
+    cohort = Cohort(labels, feats)
+    bag = BagDataset(cohort, cohort.samples())[0]
+    assert tuple(bag.features.shape) == (1, SIDE * SIDE, D)  # not squeezed like a CLAM (1, N, D) file
+    from gigaslide.data.features_io import read_features
+
+    assert read_features(feats / "h5_files" / "s0.h5").features.shape == (1, SIDE * SIDE, D)

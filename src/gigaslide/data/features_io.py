@@ -180,8 +180,8 @@ def read_features(path: str | os.PathLike[str], slide_mpp: float | None = None) 
                 raise ValueError(f"{path}: no 'features' dataset (keys: {list(f.keys())})")
             attrs = {k: _plain(v) for k, v in f["features"].attrs.items()}
             feats = np.asarray(f["features"][:])
-            if ITEM_SHAPE_ATTR not in attrs:
-                feats = _squeeze_clam(feats, path)
+            if ITEM_SHAPE_ATTR not in attrs and attrs.get("kind") != "hipt_region_tokens":
+                feats = _squeeze_clam(feats, path)  # a HIPT region file with one region stays (1, T, D)
             coords = None
             spec = None
             if "coords" in f:
