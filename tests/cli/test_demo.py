@@ -52,6 +52,12 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     assert set(gs["representation"]) == {"giga-ssl", "untrained aggregator", "mean pooling"}
     assert list(gs["budget"].unique()) == ["100%", "25%"] and gs["auc_mean"].between(0, 1).all()
     assert "Giga-SSL linear probe (AUC)" in printed
+    # the HIPT step: region grids -> stage-2 DINO -> hipt (ViT_4096 frozen) -> region heatmap
+    stage2 = torch.load(out / "hipt" / "stage2" / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert set(stage2) >= {"teacher", "student", "dino_loss"}
+    hipt = json.loads((out / "hipt" / "train" / "results.json").read_text())["metrics"]
+    assert 0.0 <= hipt["auc"]["mean"] <= 1.0 and "HIPT (stage-2 pretrained ViT_4096" in printed
+    assert np.asarray(Image.open(out / "hipt" / "heatmap.png")).std() > 0
 
     ckpt = torch.load(out / "pretrain" / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and {"teacher", "student", "dino_loss"} <= set(ckpt)

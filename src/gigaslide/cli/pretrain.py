@@ -14,6 +14,7 @@ RECIPES: dict[str, str] = {
     "dino": "pretrain_dino",
     "gigassl": "pretrain_gigassl",
     "longvit": "pretrain_longvit",
+    "hipt-region": "pretrain_hipt_region",
 }
 
 

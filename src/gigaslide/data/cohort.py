@@ -29,6 +29,7 @@ import pandas as pd
 from gigaslide.data.features_io import ITEM_SHAPE_ATTR, FeatureBag, read_features
 from gigaslide.data.labels import format_ids, read_labels
 from gigaslide.data.provenance import check_provenance
+from gigaslide.preprocess.coords_io import _plain
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,8 @@ def _peek_shape(path: Path) -> tuple[int, tuple[int, ...]]:
             if "features" not in f:
                 raise ValueError(f"{path}: no 'features' dataset")
             shape = f["features"].shape
-            nd_file = ITEM_SHAPE_ATTR in f["features"].attrs
+            fattrs = f["features"].attrs
+            nd_file = ITEM_SHAPE_ATTR in fattrs or _plain(fattrs.get("kind", "")) == "hipt_region_tokens"
         if len(shape) == 3 and shape[0] == 1 and not nd_file:
             shape = shape[1:]
         if len(shape) < 2:

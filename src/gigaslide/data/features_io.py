@@ -180,8 +180,8 @@ def read_features(path: str | os.PathLike[str], slide_mpp: float | None = None) 
                 raise ValueError(f"{path}: no 'features' dataset (keys: {list(f.keys())})")
             attrs = {k: _plain(v) for k, v in f["features"].attrs.items()}
             feats = np.asarray(f["features"][:])
-            if ITEM_SHAPE_ATTR not in attrs:
-                feats = _squeeze_clam(feats, path)
+            if ITEM_SHAPE_ATTR not in attrs and attrs.get("kind") != "hipt_region_tokens":
+                feats = _squeeze_clam(feats, path)  # a HIPT region file with one region stays (1, T, D)
             coords = None
             spec = None
             if "coords" in f:
@@ -191,7 +191,9 @@ def read_features(path: str | os.PathLike[str], slide_mpp: float | None = None) 
                     spec = TileSpec.from_attrs(cattrs, slide_mpp=slide_mpp) if cattrs else None
                 except (ValueError, KeyError, TypeError):
                     spec = None
-            mask = np.asarray(f["mask"][:]) if "mask" in f else None
+            # `gigaslide embed --regions` files name their (M, 256) mask `patch_mask` (data.region_features)
+            mask_key = "mask" if "mask" in f else ("patch_mask" if "patch_mask" in f else None)
+            mask = np.asarray(f[mask_key][:]) if mask_key else None
     except OSError as e:
         raise ValueError(f"{path}: not a readable HDF5 feature file ({e})") from e
     if coords is not None and coords.shape[0] != feats.shape[0]:

@@ -80,7 +80,8 @@ def write_region_features(
         raise ValueError(f"{np.asarray(region_features).shape[0]} region tokens for {m} regions")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         fd = f.create_dataset("features", data=features)
-        for k, v in {"kind": REGION_KIND, **(attrs or {})}.items():
+        # item_shape marks an N-D feature file (gigaslide.data.features_io): never squeezed, even with M = 1
+        for k, v in {"kind": REGION_KIND, "item_shape": list(features.shape[1:]), **(attrs or {})}.items():
             fd.attrs[k] = v
         f.create_dataset("patch_mask", data=patch_mask)
         cd = f.create_dataset("coords", data=coords)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from gigaslide.models.encoders.hipt_vit4k import HIPTViT4K
-from gigaslide.models.slide.base import SlideOutput, masked_softmax
+from gigaslide.models.slide.base import SlideModel, SlideOutput, masked_softmax
 from gigaslide.models.slide.registry import register_slide_model
 
 HIPT_PAPER = (
@@ -97,6 +97,10 @@ def _embedding_only(n_classes: int, dim: int) -> nn.Linear | None:
 
 class HIPT(nn.Module):
     """ViT_WSI-4096 over ViT_4096 region tokens (official ``HIPT_LGP_FC``, "small" size)."""
+
+    # survival training sets the classifier bias to the baseline hazards (the harness's NLL init)
+    output_layers = SlideModel.output_layers
+    init_output_bias = SlideModel.init_output_bias
 
     def __init__(
         self,
@@ -186,6 +190,10 @@ class HIPT(nn.Module):
 
 class HIPTAttentionPooling(nn.Module):
     """Attention pooling only, at patch and region level (official ``HIPT_None_FC``, "small" size)."""
+
+    # survival training sets the classifier bias to the baseline hazards (the harness's NLL init)
+    output_layers = SlideModel.output_layers
+    init_output_bias = SlideModel.init_output_bias
 
     def __init__(
         self, in_dim: int = 384, n_classes: int = 2, dropout: float = 0.25, hidden_dim: int = 256

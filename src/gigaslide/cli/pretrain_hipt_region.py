@@ -1,0 +1,91 @@
+"""`gigaslide pretrain hipt-region`: HIPT stage 2, DINO of ViT_4096 on stored region token grids."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gigaslide.cli.pretrain_dino import _key_value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "hipt-region",
+        help="HIPT stage 2: DINO of ViT_4096 on region token grids",
+        description=(
+            "HIPT stage-2 pretraining: DINO self-distillation of the region transformer ViT_4096-256 on the "
+            "16x16 grids of frozen ViT_256 tokens stored by `gigaslide embed --regions` (REGION_FEATURES: its "
+            "output folder, a folder of region .h5 files or one file). Views: 2 global 14x14 and N local 6x6 "
+            "token crops, left-right flips, dropout on every view. Defaults: HIPT's main_dino4k.py. Writes "
+            "OUT/checkpoint.pth in the vit4k_xs_dino.pth layout: use it with `gigaslide embed --regions "
+            "--vit4k-weights OUT/checkpoint.pth` or `gigaslide train --model hipt`. Reruns resume."
+        ),
+    )
+    p.add_argument("region_features", metavar="REGION_FEATURES", type=Path,
+                   help="region feature folder or file (gigaslide embed --regions)")  # fmt: skip
+    p.add_argument("--out", required=True, type=Path, help="output folder (checkpoint.pth, logs)")
+    p.add_argument("--weights", default=None, help="initial student ViT_4096 weights (default: random init)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64, help="regions per GPU/process and step")
+    p.add_argument("--global-size", type=int, default=14, help="global crop side (tokens)")
+    p.add_argument("--local-size", type=int, default=6, help="local crop side (tokens)")
+    p.add_argument("--local-crops", type=int, default=8, help="number of local crops")
+    p.add_argument("--view-dropout", type=float, default=0.1, help="dropout on every view (paper: 0.1)")
+    p.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes K")
+    p.add_argument("--head-hidden-dim", type=int, default=2048)
+    p.add_argument("--head-bottleneck-dim", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate per 256 regions of global batch")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (capped at --epochs)")
+    p.add_argument("--weight-decay", type=float, default=0.04)
+    p.add_argument("--weight-decay-end", type=float, default=0.4)
+    p.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum (cosine to 1)")
+    p.add_argument("--teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=0, help="stage 2 uses none")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without head last-layer updates")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0 = off)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate")
+    p.add_argument("--vit4k-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra ViT_4096 constructor argument (repeatable), e.g. depth=2")  # fmt: skip
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes building views")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="AMP on CUDA")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from gigaslide.ssl.hipt_region import pretrain_hipt_region, stage2_dino_config
+    from gigaslide.ssl.region_crops import RegionCropConfig
+    from gigaslide.utils.dist import cleanup, init_distributed
+
+    cfg = stage2_dino_config(
+        out_dim=args.out_dim, head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
+        momentum_teacher=args.momentum_teacher, teacher_temp=args.teacher_temp,
+        warmup_teacher_temp=args.warmup_teacher_temp, warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+        freeze_last_layer=args.freeze_last_layer, clip_grad=args.clip_grad, drop_path_rate=args.drop_path,
+        lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end,
+    )  # fmt: skip
+    crops = RegionCropConfig(global_size=args.global_size, local_size=args.local_size, n_local=args.local_crops,
+                             dropout=args.view_dropout)  # fmt: skip
+    info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    try:
+        ckpt = pretrain_hipt_region(
+            args.region_features, args.out, epochs=args.epochs, batch_size=args.batch_size, cfg=cfg, crops=crops,
+            weights=args.weights, vit4k_kwargs=dict(args.vit4k_arg), num_workers=args.workers,
+            device=args.device, precision=args.precision, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+    finally:
+        cleanup()
+    if info.is_main:
+        extra = "".join(f" (built with {k}={v})" for k, v in args.vit4k_arg)
+        print(f"ViT_4096 DINO checkpoint: {ckpt}{extra}")
+        print(
+            f"region tokens with it:    gigaslide embed TILING_DIR --regions --vit4k-weights {ckpt} --out FEATURES"
+        )
+    sys.stdout.flush()
+    return 0
