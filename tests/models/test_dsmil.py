@@ -73,3 +73,18 @@ def test_training_loss_is_half_bce_bag_plus_half_bce_max() -> None:
     plain = Objective(TrainConfig(), None).bag_loss(out, [Sample("s", "c", ("s",), label=1)])
     z = bag_logits
     assert abs(float(plain) - (np.log(np.exp(z).sum()) - z[1])) < 1e-6
+
+
+def test_predict_gives_per_class_sigmoids_like_the_reference(tmp_path, feature_cohort) -> None:
+    from gigaslide.data.bags import BagDataset
+    from gigaslide.data.cohort import Cohort
+    from gigaslide.train.mil import predict
+
+    labels = feature_cohort(tmp_path, n_cases=4)
+    cohort = Cohort(labels, tmp_path, "classification")
+    torch.manual_seed(0)
+    model = create_slide_model("dsmil", cohort.dim, 2)
+    pred = predict(model, BagDataset(cohort, cohort.samples()), "cpu")
+    # the reference predicts sigmoid(bag logits) per class (BCE training), not a softmax over classes
+    np.testing.assert_allclose(pred.probs, 1 / (1 + np.exp(-pred.logits)), rtol=1e-6)
+    assert not np.allclose(pred.probs.sum(axis=1), 1.0)

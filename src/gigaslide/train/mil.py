@@ -421,7 +421,9 @@ def predict(model: nn.Module, bags: BagDataset, device: torch.device | str) -> P
     if all_logits.shape[1] == 0:  # embedding-only model: nothing to turn into probabilities or risks
         return pred
     if bags.task == "classification":
-        pred.probs = torch.softmax(all_logits, dim=1).numpy()
+        # models trained with per-class BCE (DS-MIL) predict per-class sigmoids, as their official code does
+        bce = getattr(model, "classification_loss", "ce") == "bce"
+        pred.probs = (torch.sigmoid(all_logits) if bce else torch.softmax(all_logits, dim=1)).numpy()
     else:
         pred.risk = survival_risk(all_logits).numpy()
     return pred
