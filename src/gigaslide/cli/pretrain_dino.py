@@ -5,16 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
-
-def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    import yaml
-
-    return key.strip(), yaml.safe_load(value)
+from gigaslide.cli.pretrain_args import add_dino_arguments
+from gigaslide.cli.pretrain_args import key_value as _key_value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,21 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--global-size", type=int, default=224, help="global crop side (px)")
     p.add_argument("--local-size", type=int, default=96, help="local crop side (px)")
     p.add_argument("--local-crops", type=int, default=8, help="number of local crops")
-    p.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes K")
-    p.add_argument("--head-hidden-dim", type=int, default=2048)
-    p.add_argument("--head-bottleneck-dim", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4, help="learning rate per 256 tiles of global batch")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (capped at --epochs)")
-    p.add_argument("--weight-decay", type=float, default=0.04)
-    p.add_argument("--weight-decay-end", type=float, default=0.4)
-    p.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum (cosine to 1)")
-    p.add_argument("--teacher-temp", type=float, default=0.04)
-    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
-    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="capped at --epochs")
-    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without head last-layer updates")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0 = off)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate")
+    add_dino_arguments(p, "tiles")
     p.add_argument("--encoder-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra encoder constructor argument (repeatable), e.g. depth=2")  # fmt: skip
     p.add_argument("--slides", default=None, help="slide folder or CSV (when the tiling's slides moved)")

@@ -5,18 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from gigaslide.cli.common import add_wait_argument, output_folder
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    import yaml
-
-    return key.strip(), yaml.safe_load(value)
+from gigaslide.cli.pretrain_args import key_value as _key_value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

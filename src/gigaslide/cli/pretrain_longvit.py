@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gigaslide.cli.pretrain_dino import _key_value
+from gigaslide.cli.pretrain_args import add_dino_arguments
+from gigaslide.cli.pretrain_args import key_value as _key_value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,21 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--global-size", type=int, default=1024, help="global crop side (px)")
     p.add_argument("--local-size", type=int, default=512, help="local crop side (px)")
     p.add_argument("--local-crops", type=int, default=8, help="number of local crops")
-    p.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes K")
-    p.add_argument("--head-hidden-dim", type=int, default=2048)
-    p.add_argument("--head-bottleneck-dim", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4, help="learning rate per 256 regions of global batch")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (capped at --epochs)")
-    p.add_argument("--weight-decay", type=float, default=0.04)
-    p.add_argument("--weight-decay-end", type=float, default=0.4)
-    p.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum (cosine to 1)")
-    p.add_argument("--teacher-temp", type=float, default=0.04)
-    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
-    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="capped at --epochs")
-    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without head last-layer updates")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0 = off)")
-    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate")
+    add_dino_arguments(p, "regions")
     p.add_argument("--model-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra LongViT argument (repeatable), e.g. depth=2, embed_dim=64")  # fmt: skip
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 mpp for slides lacking metadata")

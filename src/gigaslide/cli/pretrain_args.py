@@ -1,0 +1,37 @@
+"""Arguments shared by the DINO pretraining commands (`pretrain dino`, `pretrain hipt-region`,
+`pretrain longvit`): the head, the optimisation schedule and the teacher, with DINO's defaults."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value parsed as YAML (``depth=2``, ``drop=0.1``, ``name=vit``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)
+
+
+def add_dino_arguments(p: argparse.ArgumentParser, unit: str, warmup_teacher_temp_epochs: int = 30) -> None:
+    """DINO's head, schedules and teacher options (``unit``: what one batch item is, for the lr help)."""
+    p.add_argument("--out-dim", type=int, default=65536, help="DINO head prototypes K")
+    p.add_argument("--head-hidden-dim", type=int, default=2048)
+    p.add_argument("--head-bottleneck-dim", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-4, help=f"learning rate per 256 {unit} of global batch")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (capped at --epochs)")
+    p.add_argument("--weight-decay", type=float, default=0.04)
+    p.add_argument("--weight-decay-end", type=float, default=0.4)
+    p.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum (cosine to 1)")
+    p.add_argument("--teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=warmup_teacher_temp_epochs,
+                   help="teacher temperature warm-up (capped at --epochs)")  # fmt: skip
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without head last-layer updates")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0 = off)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate")
