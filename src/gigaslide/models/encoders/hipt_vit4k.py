@@ -33,6 +33,7 @@ from torch import nn
 
 from gigaslide.models.layers.block import Block
 from gigaslide.models.layers.pos_embed import resize_pos_embed
+from gigaslide.models.layers.vit import init_vit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,7 @@ class HIPTViT4K(nn.Module):
 
     def reset_parameters(self) -> None:
         """Truncated-normal (std 0.02) tokens and linear weights, zero biases, unit LayerNorms."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_vit_weights(self)
 
     def interpolate_pos_encoding(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position embeddings (1, 1 + rows*cols, D) for a token grid, resized from the 14x14 table."""

@@ -16,6 +16,21 @@ from gigaslide.models.layers.patch_embed import PatchEmbed
 from gigaslide.models.layers.pos_embed import resize_pos_embed
 
 
+def init_vit_weights(vit: nn.Module) -> None:
+    """The DINO/timm ViT init: truncated-normal (std 0.02) ``pos_embed``, ``cls_token`` and linear weights,
+    zero biases, unit LayerNorms."""
+    nn.init.trunc_normal_(vit.pos_embed, std=0.02)
+    nn.init.trunc_normal_(vit.cls_token, std=0.02)
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder returning the final-normalised CLS token (B, D).
 
@@ -74,16 +89,7 @@ class VisionTransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Truncated-normal (std 0.02) init for tokens and linear weights, unit LayerNorms."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_vit_weights(self)
 
     def interpolate_pos_encoding(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position embeddings (1, 1 + rows*cols, D) for a token grid, resized from the learned grid."""
