@@ -15,6 +15,13 @@ augmentations, ``item_shape`` is ``[n_tiles, D]``). :class:`BankWriter` writes o
 time into a hidden partial file ``.<slide_id>.partial.h5`` whose ``gigaslide_rows_done`` attribute
 advances after each flushed augmentation, so an interrupted slide
 resumes at its next augmentation; :meth:`BankWriter.finalize` renames it to the final name.
+
+The identity (non-augmented) view of a slide, when the bank was built with ``--identity-view``, is
+``BANK/identity/h5_files/<slide_id>.h5``: a ``gigaslide embed`` feature file (features (N, D), coords
+(N, 2)) of *all* the slide's tissue tiles, so that ``BANK/identity`` is an embedding folder in its own
+right. It is not a row of ``features``: the paper (and the official code) encode a slide from views
+drawn among all its non-augmented tiles, not among one view's ``n_tiles``.
+:meth:`GigaSSLBank.identity_file` finds it and checks that it comes from the bank's encoder.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from gigaslide.preprocess.tiling_spec import TileSpec
 #: augmentations committed to a partial file (they are the rows of the (n_aug, n_tiles, D) features)
 AUGS_DONE_ATTR = ROWS_DONE_ATTR
 BANK_SUBDIR = "h5_files"
+#: ``BANK/identity``: the identity views, a ``gigaslide embed`` output folder
+IDENTITY_SUBDIR = "identity"
 
 
 class BankWriter(ChunkedFeatureWriter):
@@ -155,6 +164,7 @@ class GigaSSLBank:
                 f"{folder}: no finished bank file (*.h5); build one with `gigaslide gigassl bank`"
             )
         self.slides = [read_bank_slide(p) for p in files]
+        self.identity_dir = folder.parent / IDENTITY_SUBDIR / BANK_SUBDIR
         dims = {s.dim for s in self.slides}
         if len(dims) > 1:
             raise ValueError(f"{folder}: bank files have different feature dimensions {sorted(dims)}")
@@ -183,6 +193,37 @@ class GigaSSLBank:
             raise ValueError("rows must be strictly increasing")
         feats = np.asarray(f["features"][aug, sel], dtype=np.float32)
         return feats, np.asarray(f["coords"][aug, sel], dtype=np.int64)
+
+    def identity_file(self, i: int) -> Path | None:
+        """Slide ``i``'s identity view (a feature file of all its tiles, module docstring), None without one.
+
+        Raises ValueError naming both files when it was made with another encoder or weights.
+        """
+        meta = self.slides[i]
+        path = self.identity_dir / f"{meta.slide_id}.h5"
+        if not path.is_file():
+            return None
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = {k: _plain(v) for k, v in f["features"].attrs.items()}
+                shape = tuple(f["features"].shape)
+        except (OSError, KeyError) as e:
+            raise ValueError(
+                f"{path}: unreadable identity view ({e}); delete it and rerun `gigaslide gigassl bank "
+                "--identity-view` with the same --out"
+            ) from e
+        for key in ("encoder", "weights_sha256"):
+            if key in meta.attrs and attrs.get(key) != meta.attrs[key]:
+                raise ValueError(
+                    f"{path}: identity view made with {key} {attrs.get(key)!r}, but the bank file {meta.path} "
+                    f"with {meta.attrs[key]!r}; delete {path.parent} and rerun `gigaslide gigassl bank "
+                    "--identity-view` with the bank's encoder and weights"
+                )
+        if len(shape) != 2 or shape[1] != meta.dim:
+            raise ValueError(
+                f"{path}: identity view of shape {shape}, expected (N, {meta.dim}) as the bank {meta.path}"
+            )
+        return path
 
     def close(self) -> None:
         for h in self._handles.values():
