@@ -124,7 +124,7 @@ class BankSummary:
         rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
         lines = [
             f"banked {done} slide(s), skipped {skipped} already done, {len(self.failed)} failed; "
-            f"{self.tiles} augmented tiles in {self.seconds:.1f} s ({rate:.1f} tiles/s) -> {self.out_dir}"
+            f"{self.tiles} tiles embedded in {self.seconds:.1f} s ({rate:.1f} tiles/s) -> {self.out_dir}"
         ]
         lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
         return "\n".join(lines)
