@@ -99,3 +99,34 @@ def test_cli_bank_identity_view(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert f["features"].shape == (8, 256)  # 4 x 2 tiles, all of them
     with h5py.File(tmp_path / "bank" / "h5_files" / "c.h5") as f:
         assert f["features"].shape == (1, 3, 256)
+
+
+def test_a_crash_in_the_identity_view_fails_one_slide_and_the_rerun_completes(
+    tiling: Path, encoder: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gigaslide.data.feature_writer import ChunkedFeatureWriter
+
+    out = tmp_path / "bank"
+    original = ChunkedFeatureWriter.write
+    calls = {"n": 0}
+
+    def flaky(self: ChunkedFeatureWriter, features: np.ndarray, mask: np.ndarray | None = None) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # slide a's identity view, second batch of 16 tiles
+            raise RuntimeError("simulated crash")
+        original(self, features, mask)
+
+    monkeypatch.setattr(ChunkedFeatureWriter, "write", flaky)
+    first = build_gigassl_bank(tiling, encoder, out, identity_view=True, **KW)
+    assert set(first.failed) == {"a"} and "simulated crash" in first.failed["a"]
+    assert not (out / "h5_files" / "a.h5").exists() and (out / "identity" / "h5_files" / "b.h5").exists()
+    monkeypatch.setattr(ChunkedFeatureWriter, "write", original)
+    second = build_gigassl_bank(tiling, encoder, out, identity_view=True, **KW)
+    assert not second.failed and second.tiles == N_TILES["a"] + 2 * 8  # only slide a, both parts
+    ref = build_gigassl_bank(tiling, encoder, tmp_path / "ref", identity_view=True, **KW)
+    assert not ref.failed
+    for part in ("h5_files", "identity/h5_files"):
+        for s in N_TILES:
+            with h5py.File(out / part / f"{s}.h5") as f, h5py.File(tmp_path / "ref" / part / f"{s}.h5") as g:
+                np.testing.assert_allclose(f["features"][:], g["features"][:], rtol=1e-5, atol=1e-6)
+                np.testing.assert_array_equal(f["coords"][:], g["coords"][:])
