@@ -99,6 +99,15 @@ def test_cli_bank_identity_view(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert f["features"].shape == (8, 256)  # 4 x 2 tiles, all of them
     with h5py.File(tmp_path / "bank" / "h5_files" / "c.h5") as f:
         assert f["features"].shape == (1, 3, 256)
+    ckpt = save_untrained_checkpoint(256, tmp_path / "u.pth", TINY)
+    args = ["--checkpoint", str(ckpt), "--views", "2", "--device", "cpu", "--no-progress", "--out"]
+    assert main(["gigassl", "encode", str(tmp_path / "bank"), *args, str(tmp_path / "e.npz")]) == 0
+    with np.load(tmp_path / "e.npz") as z:
+        assert z["embeddings"].shape == (1, 16) and list(z["slide_ids"]) == ["c"]
+    (tmp_path / "bank" / "identity" / "h5_files" / "c.h5").unlink()
+    assert main(["gigassl", "encode", str(tmp_path / "bank"), *args, str(tmp_path / "f.npz")]) != 0
+    err = capsys.readouterr().err
+    assert "c.h5: the bank has no non-augmented (identity) view" in err and "--identity-view" in err
 
 
 def test_a_crash_in_the_identity_view_fails_one_slide_and_the_rerun_completes(
