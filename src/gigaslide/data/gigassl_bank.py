@@ -11,10 +11,11 @@ Layout of ``BANK/h5_files/<slide_id>.h5``::
 
 Row ``features[a, t]`` is tile ``coords[a, t]`` seen through augmentation ``a``. The attribute
 conventions are those of :mod:`gigaslide.data.features_io` and of its N-D feature files (rows are
-augmentations, ``item_shape`` is ``[n_tiles, D]``). :class:`BankWriter` writes one augmentation at a
-time into a hidden partial file ``.<slide_id>.partial.h5`` whose ``gigaslide_rows_done`` attribute
-advances after each flushed augmentation, so an interrupted slide
-resumes at its next augmentation; :meth:`BankWriter.finalize` renames it to the final name.
+augmentations, ``item_shape`` is ``[n_tiles, D]``), and so is the writer: :class:`BankWriter` is the
+N-D :class:`~gigaslide.data.feature_writer.ChunkedFeatureWriter` committing one augmentation at a time
+to a hidden partial file ``.<slide_id>.partial.h5`` whose ``gigaslide_rows_done`` attribute advances
+after each flushed augmentation, so an interrupted slide resumes at its next augmentation;
+:meth:`BankWriter.finalize` renames it to the final name.
 
 The identity (non-augmented) view of a slide, when the bank was built with ``--identity-view``, is
 ``BANK/identity/h5_files/<slide_id>.h5``: a ``gigaslide embed`` feature file (features (N, D), coords
@@ -50,7 +51,7 @@ class BankWriter(ChunkedFeatureWriter):
     """Write one slide's bank (n_aug, n_tiles, D) augmentation by augmentation, resumably.
 
     A :class:`~gigaslide.data.feature_writer.ChunkedFeatureWriter` whose items are views: item shape
-    ``(n_tiles, D)``, one committed chunk per augmentation (the resume granularity).
+    ``(n_tiles, D)``, one commit per augmentation (the resume granularity).
 
     Args:
         final_path: ``BANK/h5_files/<slide_id>.h5``.
