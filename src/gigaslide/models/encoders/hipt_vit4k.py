@@ -126,8 +126,17 @@ class HIPTViT4K(nn.Module):
         return self.norm(t)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, in_dim, H, W) [+ (B, H, W) bool patch mask] -> (B, D) region CLS token."""
-        return self.forward_features(x, mask)[:, 0]
+        """(B, in_dim, H, W) [+ (B, H, W) bool patch mask] -> (B, D) region CLS token.
+
+        In eval mode the last block computes the CLS row only, as in ``VisionTransformer.forward``.
+        """
+        if self.training:
+            return self.forward_features(x, mask)[:, 0]
+        key_mask = self.key_mask(x, mask)
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t, key_mask=key_mask)
+        return self.norm(self.blocks[-1].forward_query(t, n_query=1, key_mask=key_mask))[:, 0]  # (B, D)
 
     def get_last_selfattention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, in_dim, H, W) -> (B, heads, 1 + H*W, 1 + H*W) softmax attention of the last block."""

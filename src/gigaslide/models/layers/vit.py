@@ -112,8 +112,18 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D) CLS embedding."""
-        return self.forward_features(x)[:, 0]
+        """(B, C, H, W) -> (B, D) CLS embedding.
+
+        In eval mode the last block computes the CLS row only (:meth:`Block.forward_query`): the
+        same embedding (to float rounding) for about 7% fewer multiply-adds in a 12-block ViT-S/16
+        at 256 px. Training mode runs every row, so dropout draws stay those of the full forward.
+        """
+        if self.training:
+            return self.forward_features(x)[:, 0]
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        return self.norm(self.blocks[-1].forward_query(t, n_query=1))[:, 0]  # (B, D)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, heads, 1 + N, 1 + N) softmax attention of the last block (CLS first)."""
