@@ -11,6 +11,15 @@ Both sides run the same weights on the same random regions in one process, one a
   (``softmax((q @ k^T) * scale)`` materialised per block, as the official ``Attention`` does,
   which also returns it), no inference mode, fp32. ``--per-patch`` also times it patch by patch.
 
+``--region-image SLIDE`` replaces the random region by a real one: level 0 of a slide or image
+(e.g. ``../shared/data/cmu-1-small-region.svs``, 2,220 x 2,967 px at 0.499 um/px) placed at the
+top-left of a white ``--size`` canvas, as ``gigaslide embed --regions`` reads a region that
+overhangs the slide. gigaslide then encodes the identical white patches once (``dedup``; exact);
+a variant without it is timed too.
+
+A third reference is the floor of fp32 work: ViT_256's matrix products alone (``gemm_floor``),
+which no fp32 implementation doing all of the official multiply-adds can beat on the machine.
+
 Every round times each variant once, one after the other (interleaved, so that a machine whose
 load changes affects all of them alike); the median per variant is reported with its speed-up
 over the official structure and the largest relative difference of its region tokens.
@@ -86,6 +95,47 @@ def official_structure(vit256: nn.Module, vit4k: nn.Module, region: Tensor, mini
     return explicit_vit(vit4k, grid)  # (1, 192)
 
 
+def real_region(path: str, size: int) -> Tensor:
+    """(1, 3, size, size) region: the slide's level 0 at the top-left on white, normalised (mean = std = 0.5)."""
+    from gigaslide.io import open_slide
+
+    slide = open_slide(path, default_mpp=0.5)
+    w, h = slide.dimensions
+    rgb = slide.read_region((0, 0), 0, (min(w, size), min(h, size)))  # (h, w, 3) uint8
+    canvas = torch.full((3, size, size), 255, dtype=torch.uint8)
+    canvas[:, : rgb.shape[0], : rgb.shape[1]] = torch.from_numpy(rgb[..., :3].copy()).permute(2, 0, 1)
+    return ((canvas.float() / 255.0 - 0.5) / 0.5).unsqueeze(0)
+
+
+def gemm_floor(vit256: nn.Module, n_patches: int, batch: int = 64) -> Tensor:
+    """Only the matrix products of ViT_256 over ``n_patches`` patches (fp32): a floor for any fp32 code.
+
+    The same shapes and multiply-adds as every block's qkv, q k^T, attention x v, proj, fc1 and fc2
+    (with the model's weights), on preallocated contiguous operands, without bias, LayerNorm,
+    softmax, GELU, residuals or layout copies. An implementation that performs all of ViT_256's
+    multiply-adds in fp32 cannot be faster than this on the machine; the ratio official / floor is
+    the largest fp32 speed-up left by kernel work alone.
+    """
+    blk0 = vit256.blocks[0]
+    d, heads = blk0.attn.qkv.in_features, blk0.attn.num_heads
+    n = 1 + (256 // vit256.patch_embed.patch_size) ** 2  # tokens per patch, CLS included
+    dev = blk0.attn.qkv.weight.device
+    out = torch.zeros(0)
+    for start in range(0, n_patches, batch):
+        b = min(batch, n_patches - start)
+        x = torch.zeros(b * n, d, device=dev)
+        q = torch.zeros(b * heads, n, d // heads, device=dev)
+        k_t = torch.zeros(b * heads, d // heads, n, device=dev)
+        for blk in vit256.blocks:
+            torch.mm(x, blk.attn.qkv.weight.t())  # (B*N, 3D)
+            s = torch.bmm(q, k_t)  # (B*heads, N, N)
+            torch.bmm(s, q)  # (B*heads, N, D/heads)
+            torch.mm(x, blk.attn.proj.weight.t())  # (B*N, D)
+            h = torch.mm(x, blk.mlp.fc1.weight.t())  # (B*N, 4D)
+            out = torch.mm(h, blk.mlp.fc2.weight.t())  # (B*N, D)
+    return out
+
+
 # -- timing --------------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -111,6 +161,8 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
                    help="ours, autocast (bf16: AMX on recent Xeons, tensor cores on GPUs)")  # fmt: skip
     p.add_argument("--device", default="auto")
+    p.add_argument("--region-image", default=None,
+                   help="slide/image whose level 0 fills the region's top-left (white padding)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument(
         "--per-patch", action="store_true", help="also time the official structure one patch at a time"
@@ -125,12 +177,15 @@ def main() -> None:
     for m in (vit256, vit4k):
         m.requires_grad_(False)  # as the official get_vit256 / get_vit4k do
     ours = HIPTRegionEncoder(vit256, vit4k, batch_size=args.batch_size).eval()
+    plain = HIPTRegionEncoder(vit256, vit4k, batch_size=args.batch_size, dedup=False).eval()
     region = torch.randn(1, 3, args.size, args.size, device=dev)
+    if args.region_image:
+        region = real_region(args.region_image, args.size).to(dev)
     small = torch.randn(1, 3, 512, 512, device=dev)
 
-    def run_ours(x: Tensor, precision: str) -> Tensor:
+    def run_ours(x: Tensor, precision: str, model: HIPTRegionEncoder = ours) -> Tensor:
         with torch.inference_mode(), autocast_context(dev, precision):
-            return ours(x).region.float()
+            return model(x).region.float()
 
     variants = {
         "official structure (minibatch 256, explicit attention, fp32)": lambda: official_structure(
@@ -144,6 +199,13 @@ def main() -> None:
     for prec in args.precision:
         variants[f"gigaslide (batch {args.batch_size}, SDPA, {prec})"] = lambda prec=prec: run_ours(
             region, prec
+        )
+    n_patches = (args.size // 256) ** 2
+    floor = f"fp32 matrix products alone, {n_patches} patches (floor; output not comparable)"
+    variants[floor] = lambda: gemm_floor(vit256, n_patches, args.batch_size)
+    if args.region_image:
+        variants[f"gigaslide (batch {args.batch_size}, SDPA, fp32, no dedup)"] = lambda: run_ours(
+            region, "fp32", plain
         )
     print(f"machine: {machine()}; device {dev}")
     print(f"region {args.size} px = {(args.size // 256) ** 2} patches; {args.repeats} interleaved round(s)")
@@ -161,7 +223,7 @@ def main() -> None:
     t_base = statistics.median(times[base])
     for name in variants:
         t = statistics.median(times[name])
-        rel = float((outputs[name] - ref).abs().max() / ref.abs().max())
+        rel = float("nan") if name == floor else float((outputs[name] - ref).abs().max() / ref.abs().max())
         runs = ", ".join(f"{x:.1f}" for x in times[name])
         print(f"{name:<62s} {t:8.2f} s/region (runs: {runs})  {1.0 / t:7.4f} regions/s  "
               f"x{t_base / t:5.2f}  max rel diff {rel:.1e}")  # fmt: skip
