@@ -31,11 +31,8 @@ over the official structure and the largest relative difference of its region to
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -44,21 +41,7 @@ from gigaslide.models.encoders import create_encoder, create_hipt_vit4k
 from gigaslide.models.encoders.hipt_region import HIPTRegionEncoder
 from gigaslide.pipeline.extract import autocast_context
 from gigaslide.utils.device import resolve_device
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        desc += f", GPU {torch.cuda.get_device_name(0)}"
-    return desc
+from gigaslide.utils.machine import describe_machine
 
 
 # -- the official forward structure, re-stated ------------------------------------------------------
@@ -207,7 +190,7 @@ def main() -> None:
         variants[f"gigaslide (batch {args.batch_size}, SDPA, fp32, no dedup)"] = lambda: run_ours(
             region, "fp32", plain
         )
-    print(f"machine: {machine()}; device {dev}")
+    print(f"machine: {describe_machine()}; device {dev}")
     print(f"region {args.size} px = {(args.size // 256) ** 2} patches; {args.repeats} interleaved round(s)")
     official_structure(vit256, vit4k, small)  # warm-up (kernels, allocator) on a 512 px region
     for prec in args.precision:
