@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gigaslide.models.layers.block import Block
+from gigaslide.models.layers.block import block_stack
 from gigaslide.models.layers.pos_embed import resize_pos_embed
 from gigaslide.models.layers.vit import init_vit_weights
 
@@ -66,19 +66,8 @@ class HIPTViT4K(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0.0, drop_path_rate, depth).tolist() if depth > 0 else []
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=True,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=rates[i],
-                norm_eps=norm_eps,
-            )
-            for i in range(depth)
+        self.blocks = block_stack(
+            depth, embed_dim, num_heads, mlp_ratio, True, drop_rate, attn_drop_rate, drop_path_rate, norm_eps
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.reset_parameters()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gigaslide.models.layers.block import Block
+from gigaslide.models.layers.block import block_stack
 from gigaslide.models.layers.patch_embed import PatchEmbed
 from gigaslide.models.layers.pos_embed import resize_pos_embed
 
@@ -70,19 +70,16 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0.0, drop_path_rate, depth).tolist() if depth > 0 else []
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=rates[i],
-                norm_eps=norm_eps,
-            )
-            for i in range(depth)
+        self.blocks = block_stack(
+            depth,
+            embed_dim,
+            num_heads,
+            mlp_ratio,
+            qkv_bias,
+            drop_rate,
+            attn_drop_rate,
+            drop_path_rate,
+            norm_eps,
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.reset_parameters()
