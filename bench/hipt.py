@@ -17,6 +17,12 @@ top-left of a white ``--size`` canvas, as ``gigaslide embed --regions`` reads a 
 overhangs the slide. gigaslide then encodes the identical white patches once (``dedup``; exact);
 a variant without it is timed too.
 
+``--official-repo DIR`` (a local clone of ``mahmoodlab/HIPT``; never needed by the tests) adds the
+official modules themselves: ``HIPT_4K/vision_transformer.py``'s ``vit_small`` and
+``vision_transformer4k.py``'s ``vit4k_xs`` are imported from the clone, given the same weights
+(``load_state_dict(strict=True)``: our key layout is theirs) and run through ``HIPT_4K.forward``'s
+steps (unfold, ViT_256 in minibatches of 256, ``reshape(w, h, 384)``, two transposes, ViT_4096).
+
 A third reference is the floor of fp32 work: ViT_256's matrix products alone (``gemm_floor``),
 which no fp32 implementation doing all of the official multiply-adds can beat on the machine.
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +126,33 @@ def gemm_floor(vit256: nn.Module, n_patches: int, batch: int = 64) -> Tensor:
     return out
 
 
+def official_modules(repo: str, vit256: nn.Module, vit4k: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The official ViT_256 / ViT_4096 classes from a local HIPT clone, loaded strictly with our weights."""
+    import sys
+
+    sys.path.insert(0, str(Path(repo) / "HIPT_4K"))
+    import vision_transformer as vits  # type: ignore[import-not-found]
+    import vision_transformer4k as vits4k  # type: ignore[import-not-found]
+
+    m256 = vits.vit_small(patch_size=16, num_classes=0)
+    m4k = vits4k.vit4k_xs()
+    m256.load_state_dict(vit256.state_dict(), strict=True)
+    m4k.load_state_dict(vit4k.state_dict(), strict=True)
+    for m in (m256, m4k):
+        m.requires_grad_(False)  # as get_vit256 / get_vit4k do
+    return m256.eval(), m4k.eval()
+
+
+def official_forward(m256: nn.Module, m4k: nn.Module, region: Tensor) -> Tensor:
+    """The steps of the official ``HIPT_4K.forward`` on a square (1, 3, S, S) region, official modules."""
+    w_256 = h_256 = region.shape[-1] // 256
+    batch = region.unfold(2, 256, 256).unfold(3, 256, 256)  # (1, 3, w, h, 256, 256)
+    batch = batch.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 256, 256)  # '(b p1 p2) c w h'
+    feats = [m256(batch[i : i + 256]).detach().cpu() for i in range(0, batch.shape[0], 256)]
+    grid = torch.vstack(feats).reshape(w_256, h_256, 384).transpose(0, 1).transpose(0, 2).unsqueeze(0)
+    return m4k(grid.to(region.device))  # (1, 192)
+
+
 # -- timing --------------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -146,6 +180,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--region-image", default=None,
                    help="slide/image whose level 0 fills the region's top-left (white padding)")  # fmt: skip
+    p.add_argument("--official-repo", default=None,
+                   help="local clone of mahmoodlab/HIPT: also time its own modules (same weights)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument(
         "--per-patch", action="store_true", help="also time the official structure one patch at a time"
@@ -175,6 +211,12 @@ def main() -> None:
             vit256, vit4k, region
         )
     }
+    if args.official_repo:
+        m256, m4k = official_modules(args.official_repo, vit256, vit4k)
+        m256, m4k = m256.to(dev), m4k.to(dev)
+        variants["official code (HIPT_4K modules from --official-repo, fp32)"] = lambda: official_forward(
+            m256, m4k, region
+        )
     if args.per_patch:
         variants["official structure, one patch at a time"] = lambda: official_structure(
             vit256, vit4k, region, 1
