@@ -275,3 +275,49 @@ def test_sync_batchnorm_on_cuda_only_and_checkpoint_layout_unchanged(
         assert len(norms) == 2 and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
     assert {name: set(m.state_dict()) for name, m in obj.modules().items()} == keys
     assert obj.modules()["student"] is obj.student and obj.modules()["teacher"] is obj.teacher
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_cli_equals_one_process_reports_once_and_resumes(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from gigaslide.cli.main import main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pretrain_dino import make_tiling
+
+    tiling = make_tiling(tmp_path / "tiling", {"a": (512, 512)})  # 16 tiles of 32 px
+    common = ["pretrain", "dino", str(tiling), "--encoder", "vit_tiny_d4", "--epochs", "2", "--global-size", "32",
+              "--local-size", "16", "--local-crops", "1", "--out-dim", "32", "--head-hidden-dim", "16",
+              "--head-bottleneck-dim", "8", "--warmup-epochs", "1", "--lr", "2.0", "--drop-path", "0",
+              "--encoder-arg", "depth=1", "--encoder-arg", "embed_dim=32", "--encoder-arg", "num_heads=2",
+              "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "one"), "--batch-size", "8"]) == 0
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gigaslide", *common, "--out",
+           str(tmp_path / "ddp"), "--batch-size", "4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # one report for the job, not one per process
+    assert done.stdout.count("DINO checkpoint:") == 1
+    assert done.stderr.count("DINO pretraining of vit_tiny_d4") == 1
+    assert (
+        done.stderr.count("WARNING gigaslide.models.encoders.registry: encoder vit_tiny_d4 uses RANDOM") == 1
+    )
+    ref = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=True)
+    got = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
+    assert got["engine"]["world_size"] == 2 and got["engine"]["step"] == ref["engine"]["step"] == 4
+    for name in ("student", "teacher", "dino_loss"):
+        _assert_close(ref[name], got[name], rel=1e-4)
+    np.testing.assert_allclose(_losses(tmp_path / "ddp"), _losses(tmp_path / "one"), rtol=1e-5)
+    # a finished run resumes at its end: nothing more is trained
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
+    assert after["engine"]["step"] == 4
+    _assert_equal(got["teacher"], after["teacher"])
