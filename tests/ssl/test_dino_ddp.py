@@ -321,3 +321,20 @@ def test_torchrun_cli_equals_one_process_reports_once_and_resumes(tmp_path: Path
     after = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     assert after["engine"]["step"] == 4
     _assert_equal(got["teacher"], after["teacher"])
+
+
+def test_rank_helpers_in_one_process_and_quiet_ranks() -> None:
+    from gigaslide.utils.dist import DistInfo, mean_over_ranks, quiet_other_ranks
+
+    assert mean_over_ranks({"loss": 1.5, "momentum": 0.9}) == {"loss": 1.5, "momentum": 0.9}  # no group
+    logger = logging.getLogger("gigaslide")
+    level = logger.level
+    try:
+        quiet_other_ranks(DistInfo(rank=0, world_size=2, is_distributed=True))
+        assert logger.level == level  # rank 0 reports for the job
+        quiet_other_ranks(DistInfo(rank=1, world_size=2, is_distributed=True), logging.WARNING)
+        assert logger.getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("gigaslide.ssl.dino").isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("gigaslide.ssl.dino").isEnabledFor(logging.INFO)
+    finally:
+        logger.setLevel(level)
