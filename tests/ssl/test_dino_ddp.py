@@ -86,8 +86,6 @@ RUNS: dict[str, Callable[[Path, Path, int, int], Path]] = {
 
 def _worker(rank: int, init: str, data: str, out: str) -> None:
     """Every run of the module in one pair of processes (starting processes is the slow part)."""
-    from gigaslide.ssl.dino import DINOObjective
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
