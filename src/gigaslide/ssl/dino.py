@@ -210,9 +210,16 @@ def build_dino(
 
     cfg = cfg or DINOConfig()
     kw = dict(encoder_kwargs or {})
-    # the random-weights warning once per job (rank 0), never for the teacher (it copies the student)
+    # the random-weights warning once per job (rank 0), and no notice for the teacher's initialisation:
+    # DINOObjective replaces it with the student's weights
     backbone = _build_backbone(encoder, weights, cfg.drop_path_rate, kw, warn_random=dist_env().is_main)
-    teacher_backbone = _build_backbone(encoder, "random", 0.0, kw, warn_random=False)
+    registry_log = logging.getLogger("gigaslide.models.encoders.registry")
+    level = registry_log.level
+    registry_log.setLevel(max(logging.WARNING, registry_log.getEffectiveLevel()))
+    try:
+        teacher_backbone = _build_backbone(encoder, "random", 0.0, kw, warn_random=False)
+    finally:
+        registry_log.setLevel(level)
     dim = embed_dim_of(backbone)
 
     def head() -> DINOHead:
