@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from gigaslide.ssl.dino import DINOConfig, DINOObjective, build_dino, run_dino
 from gigaslide.ssl.multicrop import MultiCropConfig
 from gigaslide.train.engine import Engine
+from gigaslide.utils.dist import from_main
 
 torch.set_num_threads(1)
 
@@ -38,6 +39,10 @@ VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 
 class _Crash(Exception):
     pass
+
+
+def _refuse(rank: int) -> None:
+    raise ValueError(f"refused on rank {rank}")
 
 
 def _tiles(n: int = 8) -> torch.Tensor:
@@ -104,6 +109,13 @@ def _worker(rank: int, init: str, data: str, out: str) -> None:
 
     Engine.fit = fit_and_keep  # type: ignore[method-assign]
     try:
+        seen = [from_main(lambda r: f"listed by rank {r}", rank)]  # rank 0's result on every rank
+        try:
+            from_main(_refuse, rank)
+        except ValueError as e:  # rank 0's error on every rank, none left waiting
+            seen.append(str(e))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"from_main{rank}.txt").write_text("\n".join(seen))
         for which, (epochs, interrupted) in PLAN.items():
             run = Path(out) / which
             if interrupted:  # stopped after epoch 1, then run again: resumes from the checkpoint
@@ -196,7 +208,7 @@ def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
            for which, (epochs, _) in PLAN.items()}  # fmt: skip
     init = f"file://{root / 'rendezvous'}"
     mp.spawn(_worker, args=(init, str(data), str(root / "ddp")), nprocs=WORLD, join=True)
-    return {which: (one[which], root / "ddp" / which) for which in PLAN}
+    return {which: (one[which], root / "ddp" / which) for which in PLAN} | {"root": (root, root / "ddp")}
 
 
 def _check_two_processes_equal_one(one: Path, ddp: Path) -> None:
@@ -229,6 +241,17 @@ def test_longvit_dino_two_processes_equal_one(runs: dict[str, tuple[Path, Path]]
 @pytest.mark.distributed
 def test_hipt_region_two_processes_equal_one(runs: dict[str, tuple[Path, Path]]) -> None:
     _check_two_processes_equal_one(*runs["hipt"])
+
+
+@pytest.mark.distributed
+def test_from_main_gives_every_rank_the_result_or_error_of_rank_0(runs: dict[str, tuple[Path, Path]]) -> None:
+    ddp = runs["root"][1]
+    for r in range(WORLD):
+        assert (ddp / f"from_main{r}.txt").read_text().splitlines() == [
+            "listed by rank 0",
+            "refused on rank 0",
+        ]
+    assert from_main(lambda: 3) == 3  # one process: a plain call
 
 
 @pytest.mark.distributed

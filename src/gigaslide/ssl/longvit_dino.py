@@ -193,7 +193,7 @@ def pretrain_longvit(
     ``image_size`` into ``out_dir/slide-images``. Slides that fail are skipped and logged. Reruns resume.
     """
     from gigaslide.pipeline.extract import resolve_device
-    from gigaslide.utils.dist import barrier, dist_env
+    from gigaslide.utils.dist import dist_env, from_main
     from gigaslide.utils.seed import seed_everything
 
     if epochs < 1:
@@ -201,14 +201,8 @@ def pretrain_longvit(
     cfg = cfg or longvit_dino_config()
     out = Path(out_dir)
     env = dist_env()
-    if env.is_main:  # under torchrun rank 0 renders the slides, the other ranks then read its cache
-        try:
-            images, failed = resolve_slide_images(source, out / "slide-images", image_size, slide_mpp)
-        finally:
-            barrier()  # also on failure: the other ranks then meet the same error
-    else:
-        barrier()
-        images, failed = resolve_slide_images(source, out / "slide-images", image_size, slide_mpp)
+    # under torchrun rank 0 renders the slides; every rank trains on the images it lists
+    images, failed = from_main(resolve_slide_images, source, out / "slide-images", image_size, slide_mpp)
     for sid, why in failed.items():
         log.warning("LongViT pretraining: slide %s skipped (%s)", sid, why)
     if not images:

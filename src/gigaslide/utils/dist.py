@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -123,6 +123,29 @@ def mean_over_ranks(values: dict[str, float], device: Any = "cpu") -> dict[str, 
     dist.all_reduce(t)
     mean = {k: v / world for k, v in zip(keys, t.tolist())}
     return {k: mean[k] for k in values}  # the caller's key order (log columns)
+
+
+def from_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` computed on rank 0 only; every rank gets its result (or raises its error).
+
+    For work that must happen once per job and whose outcome every rank needs identical (rendering a
+    cache, listing what could be read). In one process it is a plain call. The result must pickle.
+    """
+    if not _group_active():
+        return fn(*args, **kwargs)
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, fn(*args, **kwargs))]
+        except Exception as e:  # handed to every rank, so that no rank waits for a result that never comes
+            box = [(False, e)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def quiet_other_ranks(info: DistInfo, level: int = logging.ERROR) -> None:
