@@ -133,6 +133,9 @@ class DINOObjective(Objective):
     def modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher, "dino_loss": self.loss}
 
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
     def sync_batchnorm(self, device: torch.device | str, world_size: int) -> bool:
         """Under torchrun (``world_size > 1``) on CUDA, turn the batch norms of student and teacher into
         SyncBatchNorm, as DINO does, so that their statistics are those of the global batch (the
@@ -154,9 +157,6 @@ class DINOObjective(Objective):
         self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
         return True
-
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"student": self.student}
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         epochs = max(1, total_steps // max(1, steps_per_epoch))
