@@ -331,6 +331,35 @@ class _Embedder:
         )
 
 
+def prepare_job(
+    out_dir: str | os.PathLike[str],
+    encoder: str | nn.Module,
+    weights: str | os.PathLike[str] | None,
+    device: str | torch.device,
+    precision: str,
+    store_dtype: str,
+    dist_info: gdist.DistInfo | None,
+) -> tuple[Path, gdist.DistInfo, torch.device, nn.Module]:
+    """The setup every slide job shares: check ``precision`` and ``store_dtype``, make ``out_dir``,
+    resolve this rank's device and build ``encoder`` when it is a name (``weights`` only then)."""
+    check_precision(precision)
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    info = dist_info or gdist.DistInfo()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device, local_rank=info.local_rank)
+    if info.is_main:
+        warn_half_precision_on_cpu(dev, precision)
+    if isinstance(encoder, str):
+        from gigaslide.models.encoders import create_encoder
+
+        encoder = create_encoder(encoder, weights=weights)
+    elif weights is not None:
+        raise ValueError("weights= only applies when the encoder is given by name")
+    return out, info, dev, encoder
+
+
 def run_embedding(
     coords_dir: str | os.PathLike[str],
     encoder: str | nn.Module,
@@ -370,26 +399,14 @@ def run_embedding(
         progress: show a tqdm bar with tiles/s.
     """
     t0 = time.perf_counter()
-    check_precision(precision)
     check_loader(loader)
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if store_dtype not in STORE_DTYPES:
-        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    info = dist_info or gdist.DistInfo()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device, local_rank=info.local_rank)
-    if info.is_main:
-        warn_half_precision_on_cpu(dev, precision)
-    if isinstance(encoder, str):
-        from gigaslide.models.encoders import create_encoder
-
-        encoder = create_encoder(encoder, weights=weights)
-    elif weights is not None:
-        raise ValueError("weights= only applies when the encoder is given by name")
+    out, info, dev, encoder = prepare_job(
+        out_dir, encoder, weights, device, precision, store_dtype, dist_info
+    )
     jobs = discover_jobs(coords_dir, slides=slides, slide_mpp=slide_mpp)
     opts = {
         "device": dev,
@@ -413,8 +430,6 @@ def run_embedding(
         failed_slide,
         out=out,
         columns=MANIFEST_COLUMNS,
-        output_file=lambda sid: embedder.h5_dir / f"{sid}.h5",
-        work=lambda j: j.n_tiles,
         dist_info=info,
         unit="tile",
         desc="embed",

@@ -39,11 +39,10 @@ from gigaslide.data.tile_augment import TileAugment, params_row
 from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.tile_loader import TileLoader
 from gigaslide.pipeline.embed_inputs import EmbedInputError, SlideJob, discover_jobs
-from gigaslide.pipeline.embed_job import STORE_DTYPES, _Embedder
-from gigaslide.pipeline.extract import check_precision, encode_batch, warn_half_precision_on_cpu
+from gigaslide.pipeline.embed_job import STORE_DTYPES, _Embedder, prepare_job
+from gigaslide.pipeline.extract import encode_batch
 from gigaslide.pipeline.slide_jobs import MANIFEST, JobSummary, run_slide_jobs
 from gigaslide.utils import dist as gdist
-from gigaslide.utils.device import resolve_device
 from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED
 
 log = logging.getLogger(__name__)
@@ -265,25 +264,13 @@ def build_gigassl_bank(
             dist_info, progress: as for :func:`gigaslide.pipeline.embed_job.run_embedding`.
     """
     t0 = time.perf_counter()
-    check_precision(precision)
     if n_aug < 1 or n_tiles < 1 or batch_size < 1:
         raise ValueError(f"n_aug, n_tiles and batch_size must be >= 1, got {n_aug}, {n_tiles}, {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if store_dtype not in STORE_DTYPES:
-        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
-    info = dist_info or gdist.DistInfo()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device, local_rank=info.local_rank)
-    if info.is_main:
-        warn_half_precision_on_cpu(dev, precision)
-    if isinstance(encoder, str):
-        from gigaslide.models.encoders import create_encoder
-
-        encoder = create_encoder(encoder, weights=weights)
-    elif weights is not None:
-        raise ValueError("weights= only applies when the encoder is given by name")
+    out, info, dev, encoder = prepare_job(
+        out_dir, encoder, weights, device, precision, store_dtype, dist_info
+    )
     jobs = discover_jobs(coords_dir, slides=slides, slide_mpp=slide_mpp)
     opts = {
         "device": dev,

@@ -40,12 +40,15 @@ from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.transforms import TileTransform
 from gigaslide.models.encoders.hipt_region import HIPTRegionEncoder
 from gigaslide.pipeline.embed_inputs import EmbedInputError, SlideJob, discover_jobs
-from gigaslide.pipeline.embed_job import MANIFEST_COLUMNS, STORE_DTYPES, SlideResult, failed_slide
+from gigaslide.pipeline.embed_job import (
+    MANIFEST_COLUMNS,
+    STORE_DTYPES,
+    SlideResult,
+    failed_slide,
+    prepare_job,
+)
 from gigaslide.pipeline.extract import (
     autocast_context,
-    check_precision,
-    resolve_device,
-    warn_half_precision_on_cpu,
     weights_identity,
 )
 from gigaslide.pipeline.slide_jobs import MANIFEST, JobSummary, run_slide_jobs
@@ -262,21 +265,11 @@ def run_region_embedding(
         slides, slide_mpp, store_dtype, dist_info, progress: as for tile embedding.
     """
     t0 = time.perf_counter()
-    check_precision(precision)
-    if store_dtype not in STORE_DTYPES:
-        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     if chunk_regions < 1:
         raise ValueError(f"chunk_regions must be >= 1, got {chunk_regions}")
-    info = dist_info or gdist.DistInfo()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device, local_rank=info.local_rank)
-    if info.is_main:
-        warn_half_precision_on_cpu(dev, precision)
-    if isinstance(encoder, str):
-        from gigaslide.models.encoders import create_encoder
-
-        encoder = create_encoder(encoder, weights=weights)
+    out, info, dev, encoder = prepare_job(
+        out_dir, encoder, weights, device, precision, store_dtype, dist_info
+    )
     if isinstance(vit4k, (str, os.PathLike)):
         from gigaslide.models.encoders import create_hipt_vit4k
 
@@ -291,8 +284,6 @@ def run_region_embedding(
         failed_slide,
         out=out,
         columns=MANIFEST_COLUMNS,
-        output_file=lambda sid: out / "h5_files" / f"{sid}.h5",
-        work=lambda j: j.n_tiles,
         dist_info=info,
         unit="region",
         desc="regions",

@@ -128,12 +128,12 @@ def run_slide_jobs(
     *,
     out: Path,
     columns: Sequence[str],
-    output_file: Callable[[str], Path],
-    work: Callable[[SlideJob], int],
     dist_info: gdist.DistInfo,
     unit: str,
     desc: str,
     progress: bool,
+    output_file: Callable[[str], Path] | None = None,
+    work: Callable[[SlideJob], int] | None = None,
 ) -> list[R]:
     """Run this rank's share of ``jobs``; return its outcomes (one per slide, in job order).
 
@@ -144,12 +144,16 @@ def run_slide_jobs(
         failure: the outcome of a failed slide from (job, seconds spent, ``"Type: message"``).
         out: the output folder (``manifest.csv`` and the rank manifests live there).
         columns: manifest column order.
-        output_file: the finished file of a slide id. A slide whose file exists and whose
-            manifest row says done costs nothing in the sharding and keeps its row when skipped.
-        work: units of work of a slide (the progress bar's total; the sharding weight).
         dist_info: this process's rank; unit, desc, progress: the progress bar.
+        output_file: the finished file of a slide id (default ``out/h5_files/<slide_id>.h5``). A
+            slide whose file exists and whose manifest row says done costs nothing in the sharding
+            and keeps its row when skipped.
+        work: units of work of a slide (the progress bar's total and the sharding weight;
+            default its tile count ``job.n_tiles``).
     """
     info = dist_info
+    output_file = output_file or (lambda sid: out / "h5_files" / f"{sid}.h5")
+    work = work or (lambda job: job.n_tiles)
     main = out / MANIFEST
     if info.is_main:  # fold rank manifests left by an interrupted distributed run
         merge_manifests(main, sorted(out.glob(RANK_MANIFESTS)), columns)
