@@ -14,6 +14,11 @@ depend on the other slides, the rank or a resume. The machinery is ``gigaslide e
 manifest (``OUT/manifest.csv``, one row per slide), skipping finished slides with the same
 fingerprint, resuming an interrupted slide at its next augmentation, recording a failing slide and
 carrying on, sharding slides over ``torchrun`` ranks.
+
+With ``identity_view=True`` every slide also gets its identity (non-augmented) view, the input of
+``gigaslide gigassl encode``: all of its tissue tiles embedded without augmentation by ``gigaslide
+embed``'s own per-slide code (same transform, loader, file and resume), in
+``OUT/identity/h5_files/<slide_id>.h5``; see :mod:`gigaslide.data.gigassl_bank`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gigaslide.data.feature_writer import array_sha256, make_fingerprint, stored_fingerprint
-from gigaslide.data.gigassl_bank import BANK_SUBDIR, BankWriter
+from gigaslide.data.gigassl_bank import BANK_SUBDIR, IDENTITY_SUBDIR, BankWriter
 from gigaslide.data.tile_augment import TileAugment, params_row
 from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.tile_loader import TileLoader
@@ -124,6 +129,18 @@ class _Banker:
         self.mean = torch.tensor(self.embedder.transform.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.embedder.transform.std, device=self.device).view(1, 3, 1, 1)
         self.dim = int(encoder.meta.embed_dim)
+        self.identity = (
+            _Embedder(encoder, out / IDENTITY_SUBDIR, {**opts, "save_pt": False, "chunk_size": 4096})
+            if opts["identity_view"]
+            else None
+        )
+
+    def run_identity(self, job: SlideJob, n: int, pbar: tqdm) -> int:
+        """Write the slide's identity view when asked (skipped when complete); returns the tiles computed."""
+        if self.identity is None:
+            return 0
+        pbar.total = (pbar.total or 0) + n
+        return self.identity.run_slide(job, pbar).computed
 
     def fingerprint(self, coords: np.ndarray, coords_attrs: dict[str, Any]) -> str:
         o = self.opts
@@ -173,6 +190,7 @@ class _Banker:
         if cf.coords.shape[0] == 0:
             raise ValueError(f"{job.coords_path}: the slide has no tissue tile to sample; check its tiling")
         self.embedder.check_resolution(job.slide_id, cf.spec.target_mpp)
+        identity = self.run_identity(job, int(cf.coords.shape[0]), pbar)
         rng = np.random.default_rng(slide_seed(o["seed"], job.slide_id))
         rows, params = draw_views(cf.coords.shape[0], n_aug, n_tiles, self.augment, o["shared"], rng)
         coords = cf.coords[rows]  # (n_aug, n_tiles, 2)
@@ -188,8 +206,9 @@ class _Banker:
             pbar.total = max(0, (pbar.total or 0) - total)
             pbar.refresh()
             return BankSlideResult(
-                job.slide_id, STATUS_DONE, n_aug, n_tiles, self.dim, bank_file=str(final), skipped=True
-            )
+                job.slide_id, STATUS_DONE, n_aug, n_tiles, self.dim, time.perf_counter() - t0,
+                bank_file=str(final), computed=identity, skipped=identity == 0,
+            )  # fmt: skip
         attrs = {
             **self.embedder.features_attrs(job.slide_id, cf.spec, fp),
             "n_aug": n_aug,
@@ -223,7 +242,7 @@ class _Banker:
                 pbar.update(n_tiles)
             writer.finalize()
         secs = time.perf_counter() - t0
-        computed = (n_aug - start) * n_tiles
+        computed = (n_aug - start) * n_tiles + identity
         return BankSlideResult(
             job.slide_id, STATUS_DONE, n_aug, n_tiles, self.dim, secs, "", str(final), start, computed
         )
@@ -238,6 +257,7 @@ def build_gigassl_bank(
     n_aug: int = 50,
     n_tiles: int = 256,
     shared: bool = True,
+    identity_view: bool = False,
     augment: TileAugment | None = None,
     seed: int = 0,
     batch_size: int = 256,
@@ -257,6 +277,8 @@ def build_gigassl_bank(
         encoder: encoder name (with ``weights``) or a built encoder; frozen, in eval mode.
         n_aug: augmentations per slide; n_tiles: tiles per augmentation.
         shared: one augmentation shared by all tiles of a view (False = the paper's "NS" ablation).
+        identity_view: also embed all tissue tiles without augmentation (module docstring), the
+            views ``gigassl encode`` draws from; it can be added to a finished bank by a rerun.
         augment: the tile augmentation (default :class:`TileAugment` ()).
         seed: base seed of the tile and augmentation draws.
         batch_size: tiles per encoder call (a view of ``n_tiles`` tiles is encoded in such chunks).
@@ -282,6 +304,7 @@ def build_gigassl_bank(
         "n_aug": int(n_aug),
         "n_tiles": int(n_tiles),
         "shared": bool(shared),
+        "identity_view": bool(identity_view),
         "seed": int(seed),
         "augment": augment or TileAugment(),
     }
@@ -310,5 +333,5 @@ def build_gigassl_bank(
     )
     seconds = time.perf_counter() - t0
     return JobSummary(
-        out, out / MANIFEST, results, seconds, banker.embedder.random_init, "banked", "augmented tiles"
+        out, out / MANIFEST, results, seconds, banker.embedder.random_init, "banked", "tiles embedded"
     )
