@@ -18,7 +18,8 @@ A method is an :class:`Objective` (its modules and ``train_step(batch, ctx) -> S
 * exact resume: modules, optimizer, scaler, step/epoch/micro-batch position, RNG states and the
   objective's own state are checkpointed atomically, so a run killed and resumed ends with the same
   weights as an uninterrupted one (``EpochData.batches`` must be a pure function of (epoch, index));
-* per-step JSONL and per-epoch CSV logs (and TensorBoard when installed), a progress bar per epoch.
+* per-step JSONL and per-epoch CSV logs (and TensorBoard when installed), a progress bar per epoch;
+  under torchrun rank 0 writes them, with each step log averaged over the ranks.
 
 The objective side of the contract (:class:`Objective`, :class:`StepContext`, :class:`StepOutput`,
 :class:`EpochData`) lives in :mod:`gigaslide.train.objective` and is re-exported here.
@@ -52,6 +53,7 @@ from gigaslide.train.checkpoint import (
 from gigaslide.train.objective import NO_DDP, EpochData, Objective, StepContext, StepOutput
 from gigaslide.train.schedules import constant_schedule, cosine_schedule, lr_schedule
 from gigaslide.utils.atomic import atomic_write_text
+from gigaslide.utils.dist import mean_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -465,6 +467,8 @@ class Engine:
                 if not out.backward_done:
                     ctx.backward(loss)
             logs = {"loss": float(loss.detach()), **out.logs}
+            if not self.objective.rank_specific:  # the global batch's values, as one process logs them
+                logs = mean_over_ranks(logs, self.device)
             for k, v in logs.items():
                 s, n = sums.get(k, (0.0, 0))
                 sums[k] = (s + float(v), n + 1)
