@@ -289,4 +289,6 @@ def run_region_embedding(
         desc="regions",
         progress=progress,
     )
-    return JobSummary(out, out / MANIFEST, results, time.perf_counter() - t0, embedder.random_init)
+    return JobSummary(
+        out, out / MANIFEST, results, time.perf_counter() - t0, embedder.random_init, unit="regions"
+    )

@@ -84,7 +84,7 @@ class JobSummary:
         rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
         lines = [
             f"{self.verb} {self.n_done} slide(s), skipped {self.n_skipped} already done, {self.n_failed} failed; "
-            f"{self.tiles} {self.unit} in {self.seconds:.1f} s ({rate:.1f} tiles/s) -> {self.out_dir}"
+            f"{self.tiles} {self.unit} in {self.seconds:.1f} s ({rate:.1f} {self.unit.split()[0]}/s) -> {self.out_dir}"
         ]
         lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
         return "\n".join(lines)
