@@ -87,7 +87,9 @@ def random_vs_stage2(
     """KNN accuracy at random init and after stage-2 DINO (the teacher from the checkpoint); epoch losses."""
     train, y_train = sign_grids(n_train, seed=0)
     test, y_test = sign_grids(200, seed=1)
-    write_region_features(tmp_path / "regions.h5", train, np.ones((n_train, 256), bool), np.zeros((n_train, 2)))
+    write_region_features(
+        tmp_path / "regions.h5", train, np.ones((n_train, 256), bool), np.zeros((n_train, 2))
+    )
     seed_everything(seed)  # pretrain_hipt_region seeds the same way before building: the same initial weights
     init = build_hipt_region(epochs, CFG, CROPS, vit4k_kwargs=ARCH).teacher.backbone
     acc_init = knn_accuracy(region_tokens(init, train), y_train, region_tokens(init, test), y_test)
