@@ -17,11 +17,15 @@ any position, shows tokens of both signs along the class axis: the class is what
 and the sign pattern (which token lies where) differs between views. DINO has to make the views of a
 region agree, which an even (sign-blind) feature of the class axis does.
 
-Measured here (2026-11-30, CPU, 1 thread, noisy shared 2-core VM): see ``docs/hipt.md``, "Stage 2".
-Knobs that were needed (all documented DINO options; the official ``main_dino4k.py`` defaults are
-unchanged): 256 prototypes (``out_dim``), BatchNorm in the head, ``norm_last_layer=False``, teacher
-momentum 0.95, no stochastic depth, a larger learning rate (0.03 per 256, i.e. 1.9e-3 at batch 16)
-and a 1-epoch warm-up; 4 local crops instead of 8 to save time.
+Measured here (2026-11-30, CPU, 1 thread; 128 training regions, 12 epochs of 8 steps of 16):
+5-NN accuracy at random init -> after DINO, seeds 0 / 1 / 2: 0.39 -> 1.00, 0.46 -> 0.995,
+0.465 -> 1.00 (gains +0.61, +0.535, +0.535; the asserted margin is +0.3); last-epoch loss 2.0 /
+1.7 / 1.9 against ln(256) = 5.5. Reruns with one seed give the same figures. About 40 s on one idle
+thread. Ablations and reasons in ``docs/hipt.md``, "Stage 2". Knobs that were needed (documented
+DINO options; the official ``main_dino4k.py`` defaults are unchanged): BatchNorm in the head
+(without it: collapse), teacher momentum 0.95 (0.996: no learning in 96 steps), a larger learning
+rate (0.03 per 256 regions, i.e. 1.9e-3 at batch 16; 0.005: weak) with a 1-epoch warm-up; a small
+head (256 prototypes, hidden 128, bottleneck 32) and no stochastic depth keep it fast.
 """
 
 from __future__ import annotations
@@ -46,10 +50,10 @@ torch.set_num_threads(1)
 DIM = 32
 ARCH = {"in_dim": DIM, "embed_dim": 64, "depth": 2, "num_heads": 2}
 CFG = stage2_dino_config(
-    out_dim=256, head_hidden_dim=128, head_bottleneck_dim=32, use_bn_in_head=True, norm_last_layer=False,
-    momentum_teacher=0.95, drop_path_rate=0.0, lr=0.03, warmup_epochs=1,
+    out_dim=256, head_hidden_dim=128, head_bottleneck_dim=32, use_bn_in_head=True, momentum_teacher=0.95,
+    drop_path_rate=0.0, lr=0.03, warmup_epochs=1,
 )  # fmt: skip
-CROPS = RegionCropConfig(n_local=4)  # 14x14 global, 6x6 local, flips p=0.5, view dropout p=0.1
+CROPS = RegionCropConfig()  # the defaults: 2 x 14x14 global, 8 x 6x6 local, flips p=0.5, view dropout p=0.1
 
 
 def sign_grids(n: int, seed: int, dim: int = DIM, signal: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +119,7 @@ def test_region_means_carry_no_class() -> None:
 def test_stage2_dino_beats_random_init_on_region_knn(tmp_path: Path) -> None:
     acc_init, acc_dino, losses = random_vs_stage2(tmp_path, n_train=128, epochs=12)
     assert acc_init <= 0.6, acc_init  # random init mixes the classes
-    assert acc_dino >= acc_init + 0.25, (acc_init, acc_dino)
+    assert acc_dino >= acc_init + 0.3, (acc_init, acc_dino)
     assert losses[-1] < math.log(CFG.out_dim) - 1.0, losses  # not collapsed to uniform outputs (ln K)
 
 
@@ -123,5 +127,5 @@ def test_stage2_dino_beats_random_init_on_region_knn(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", [1, 2])
 def test_stage2_dino_beats_random_init_other_seeds(tmp_path: Path, seed: int) -> None:
     acc_init, acc_dino, losses = random_vs_stage2(tmp_path, n_train=128, epochs=12, seed=seed)
-    assert acc_dino >= acc_init + 0.25, (acc_init, acc_dino)
+    assert acc_dino >= acc_init + 0.3, (acc_init, acc_dino)
     assert losses[-1] < math.log(CFG.out_dim) - 1.0, losses
