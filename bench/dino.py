@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ from gigaslide.ssl.crop_data import MultiCropData
 from gigaslide.ssl.dino import DINOConfig, build_dino, dino_optim
 from gigaslide.ssl.multicrop import MultiCrop, MultiCropConfig
 from gigaslide.train.engine import Engine, EngineConfig
+from gigaslide.utils.machine import describe_machine
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -51,16 +50,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "cfg": DINOConfig(crops=MultiCropConfig(global_size=224, local_size=96, n_local=8)),
     },
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} logical cores{gpu}, torch {torch.__version__}"
 
 
 class _Repeat:
@@ -136,7 +125,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; device {device}, {args.precision}")
+    print(
+        f"machine: {describe_machine()}; torch threads {torch.get_num_threads()}; device {device}, {args.precision}"
+    )
     print(f"batch {args.batch_size} tiles, {args.steps} timed steps; load average {os.getloadavg()[0]:.1f}")
     print("| config | crops/s (1 process) | train/s (model only) | end-to-end/s | crops : train |")
     print("|---|---|---|---|---|")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,23 +30,9 @@ from gigaslide.preprocess.coords_io import write_coords
 from gigaslide.preprocess.tiling_spec import TileSpec
 from gigaslide.synth import write_synthetic_slide
 from gigaslide.utils.device import resolve_device
+from gigaslide.utils.machine import describe_machine
 from gigaslide.utils.manifest import Manifest
 from gigaslide.utils.seed import seed_everything
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        desc += f", GPU {torch.cuda.get_device_name(0)}"
-    return desc
 
 
 def make_tiling(root: Path, width: int, height: int, tile: int, mpp: float) -> int:
@@ -109,7 +94,7 @@ def main() -> None:
     p.add_argument("--loaders", nargs="+", choices=["threads", "processes"], default=["threads", "processes"])
     args = p.parse_args()
     device = resolve_device(args.device)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"device={device} precision={args.precision} batch={args.batch_size} workers={args.workers}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed import machine, make_tiling
+from embed import make_tiling
 from gigaslide.data.tile_augment import TileAugment
 from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.tile_loader import TileLoader
@@ -46,6 +46,7 @@ from gigaslide.pipeline.extract import encode_batch, prepare_encoder
 from gigaslide.pipeline.gigassl_bank import build_gigassl_bank, draw_views, slide_seed
 from gigaslide.preprocess.coords_io import read_coords
 from gigaslide.utils.device import resolve_device
+from gigaslide.utils.machine import describe_machine
 from gigaslide.utils.seed import seed_everything
 
 
@@ -273,7 +274,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    print(f"machine: {machine()}; device {device}; torch threads {torch.get_num_threads()}")
+    print(f"machine: {describe_machine()}; device {device}; torch threads {torch.get_num_threads()}")
     if not args.only_ssl:
         with tempfile.TemporaryDirectory() as tmp:
             bench_bank(args, device, Path(tmp))

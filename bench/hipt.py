@@ -11,6 +11,21 @@ Both sides run the same weights on the same random regions in one process, one a
   (``softmax((q @ k^T) * scale)`` materialised per block, as the official ``Attention`` does,
   which also returns it), no inference mode, fp32. ``--per-patch`` also times it patch by patch.
 
+``--region-image SLIDE`` replaces the random region by a real one: level 0 of a slide or image
+(e.g. ``../shared/data/cmu-1-small-region.svs``, 2,220 x 2,967 px at 0.499 um/px) placed at the
+top-left of a white ``--size`` canvas, as ``gigaslide embed --regions`` reads a region that
+overhangs the slide. gigaslide then encodes the identical white patches once (``dedup``; exact);
+a variant without it is timed too.
+
+``--official-repo DIR`` (a local clone of ``mahmoodlab/HIPT``; never needed by the tests) adds the
+official modules themselves: ``HIPT_4K/vision_transformer.py``'s ``vit_small`` and
+``vision_transformer4k.py``'s ``vit4k_xs`` are imported from the clone, given the same weights
+(``load_state_dict(strict=True)``: our key layout is theirs) and run through ``HIPT_4K.forward``'s
+steps (unfold, ViT_256 in minibatches of 256, ``reshape(w, h, 384)``, two transposes, ViT_4096).
+
+A third reference is the floor of fp32 work: ViT_256's matrix products alone (``gemm_floor``),
+which no fp32 implementation doing all of the official multiply-adds can beat on the machine.
+
 Every round times each variant once, one after the other (interleaved, so that a machine whose
 load changes affects all of them alike); the median per variant is reported with its speed-up
 over the official structure and the largest relative difference of its region tokens.
@@ -22,8 +37,6 @@ over the official structure and the largest relative difference of its region to
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,21 +48,7 @@ from gigaslide.models.encoders import create_encoder, create_hipt_vit4k
 from gigaslide.models.encoders.hipt_region import HIPTRegionEncoder
 from gigaslide.pipeline.extract import autocast_context
 from gigaslide.utils.device import resolve_device
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        desc += f", GPU {torch.cuda.get_device_name(0)}"
-    return desc
+from gigaslide.utils.machine import describe_machine
 
 
 # -- the official forward structure, re-stated ------------------------------------------------------
@@ -86,6 +85,74 @@ def official_structure(vit256: nn.Module, vit4k: nn.Module, region: Tensor, mini
     return explicit_vit(vit4k, grid)  # (1, 192)
 
 
+def real_region(path: str, size: int) -> Tensor:
+    """(1, 3, size, size) region: the slide's level 0 at the top-left on white, normalised (mean = std = 0.5)."""
+    from gigaslide.io import open_slide
+
+    slide = open_slide(path, default_mpp=0.5)
+    w, h = slide.dimensions
+    rgb = slide.read_region((0, 0), 0, (min(w, size), min(h, size)))  # (h, w, 3) uint8
+    canvas = torch.full((3, size, size), 255, dtype=torch.uint8)
+    canvas[:, : rgb.shape[0], : rgb.shape[1]] = torch.from_numpy(rgb[..., :3].copy()).permute(2, 0, 1)
+    return ((canvas.float() / 255.0 - 0.5) / 0.5).unsqueeze(0)
+
+
+def gemm_floor(vit256: nn.Module, n_patches: int, batch: int = 64) -> Tensor:
+    """Only the matrix products of ViT_256 over ``n_patches`` patches (fp32): a floor for any fp32 code.
+
+    The same shapes and multiply-adds as every block's qkv, q k^T, attention x v, proj, fc1 and fc2
+    (with the model's weights), on preallocated contiguous operands, without bias, LayerNorm,
+    softmax, GELU, residuals or layout copies. An implementation that performs all of ViT_256's
+    multiply-adds in fp32 cannot be faster than this on the machine; the ratio official / floor is
+    the largest fp32 speed-up left by kernel work alone.
+    """
+    blk0 = vit256.blocks[0]
+    d, heads = blk0.attn.qkv.in_features, blk0.attn.num_heads
+    n = 1 + (256 // vit256.patch_embed.patch_size) ** 2  # tokens per patch, CLS included
+    dev = blk0.attn.qkv.weight.device
+    out = torch.zeros(0)
+    for start in range(0, n_patches, batch):
+        b = min(batch, n_patches - start)
+        x = torch.zeros(b * n, d, device=dev)
+        q = torch.zeros(b * heads, n, d // heads, device=dev)
+        k_t = torch.zeros(b * heads, d // heads, n, device=dev)
+        for blk in vit256.blocks:
+            torch.mm(x, blk.attn.qkv.weight.t())  # (B*N, 3D)
+            s = torch.bmm(q, k_t)  # (B*heads, N, N)
+            torch.bmm(s, q)  # (B*heads, N, D/heads)
+            torch.mm(x, blk.attn.proj.weight.t())  # (B*N, D)
+            h = torch.mm(x, blk.mlp.fc1.weight.t())  # (B*N, 4D)
+            out = torch.mm(h, blk.mlp.fc2.weight.t())  # (B*N, D)
+    return out
+
+
+def official_modules(repo: str, vit256: nn.Module, vit4k: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The official ViT_256 / ViT_4096 classes from a local HIPT clone, loaded strictly with our weights."""
+    import sys
+
+    sys.path.insert(0, str(Path(repo) / "HIPT_4K"))
+    import vision_transformer as vits  # type: ignore[import-not-found]
+    import vision_transformer4k as vits4k  # type: ignore[import-not-found]
+
+    m256 = vits.vit_small(patch_size=16, num_classes=0)
+    m4k = vits4k.vit4k_xs()
+    m256.load_state_dict(vit256.state_dict(), strict=True)
+    m4k.load_state_dict(vit4k.state_dict(), strict=True)
+    for m in (m256, m4k):
+        m.requires_grad_(False)  # as get_vit256 / get_vit4k do
+    return m256.eval(), m4k.eval()
+
+
+def official_forward(m256: nn.Module, m4k: nn.Module, region: Tensor) -> Tensor:
+    """The steps of the official ``HIPT_4K.forward`` on a square (1, 3, S, S) region, official modules."""
+    w_256 = h_256 = region.shape[-1] // 256
+    batch = region.unfold(2, 256, 256).unfold(3, 256, 256)  # (1, 3, w, h, 256, 256)
+    batch = batch.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 256, 256)  # '(b p1 p2) c w h'
+    feats = [m256(batch[i : i + 256]).detach().cpu() for i in range(0, batch.shape[0], 256)]
+    grid = torch.vstack(feats).reshape(w_256, h_256, 384).transpose(0, 1).transpose(0, 2).unsqueeze(0)
+    return m4k(grid.to(region.device))  # (1, 192)
+
+
 # -- timing --------------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -111,6 +178,10 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
                    help="ours, autocast (bf16: AMX on recent Xeons, tensor cores on GPUs)")  # fmt: skip
     p.add_argument("--device", default="auto")
+    p.add_argument("--region-image", default=None,
+                   help="slide/image whose level 0 fills the region's top-left (white padding)")  # fmt: skip
+    p.add_argument("--official-repo", default=None,
+                   help="local clone of mahmoodlab/HIPT: also time its own modules (same weights)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument(
         "--per-patch", action="store_true", help="also time the official structure one patch at a time"
@@ -125,18 +196,27 @@ def main() -> None:
     for m in (vit256, vit4k):
         m.requires_grad_(False)  # as the official get_vit256 / get_vit4k do
     ours = HIPTRegionEncoder(vit256, vit4k, batch_size=args.batch_size).eval()
+    plain = HIPTRegionEncoder(vit256, vit4k, batch_size=args.batch_size, dedup=False).eval()
     region = torch.randn(1, 3, args.size, args.size, device=dev)
+    if args.region_image:
+        region = real_region(args.region_image, args.size).to(dev)
     small = torch.randn(1, 3, 512, 512, device=dev)
 
-    def run_ours(x: Tensor, precision: str) -> Tensor:
+    def run_ours(x: Tensor, precision: str, model: HIPTRegionEncoder = ours) -> Tensor:
         with torch.inference_mode(), autocast_context(dev, precision):
-            return ours(x).region.float()
+            return model(x).region.float()
 
     variants = {
         "official structure (minibatch 256, explicit attention, fp32)": lambda: official_structure(
             vit256, vit4k, region
         )
     }
+    if args.official_repo:
+        m256, m4k = official_modules(args.official_repo, vit256, vit4k)
+        m256, m4k = m256.to(dev), m4k.to(dev)
+        variants["official code (HIPT_4K modules from --official-repo, fp32)"] = lambda: official_forward(
+            m256, m4k, region
+        )
     if args.per_patch:
         variants["official structure, one patch at a time"] = lambda: official_structure(
             vit256, vit4k, region, 1
@@ -145,7 +225,14 @@ def main() -> None:
         variants[f"gigaslide (batch {args.batch_size}, SDPA, {prec})"] = lambda prec=prec: run_ours(
             region, prec
         )
-    print(f"machine: {machine()}; device {dev}")
+    n_patches = (args.size // 256) ** 2
+    floor = f"fp32 matrix products alone, {n_patches} patches (floor; output not comparable)"
+    variants[floor] = lambda: gemm_floor(vit256, n_patches, args.batch_size)
+    if args.region_image:
+        variants[f"gigaslide (batch {args.batch_size}, SDPA, fp32, no dedup)"] = lambda: run_ours(
+            region, "fp32", plain
+        )
+    print(f"machine: {describe_machine()}; device {dev}")
     print(f"region {args.size} px = {(args.size // 256) ** 2} patches; {args.repeats} interleaved round(s)")
     official_structure(vit256, vit4k, small)  # warm-up (kernels, allocator) on a 512 px region
     for prec in args.precision:
@@ -161,7 +248,7 @@ def main() -> None:
     t_base = statistics.median(times[base])
     for name in variants:
         t = statistics.median(times[name])
-        rel = float((outputs[name] - ref).abs().max() / ref.abs().max())
+        rel = float("nan") if name == floor else float((outputs[name] - ref).abs().max() / ref.abs().max())
         runs = ", ".join(f"{x:.1f}" for x in times[name])
         print(f"{name:<62s} {t:8.2f} s/region (runs: {runs})  {1.0 / t:7.4f} regions/s  "
               f"x{t_base / t:5.2f}  max rel diff {rel:.1e}")  # fmt: skip

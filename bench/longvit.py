@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,23 +34,9 @@ import torch.nn.functional as F
 from gigaslide.models.layers import DilatedAttention
 from gigaslide.models.layers.longnet import LongNetEncoder
 from gigaslide.models.layers.longnet_schedule import longvit_schedule
+from gigaslide.utils.machine import describe_machine
 
 DIM, HEADS = 384, 16
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        desc += f", GPU {torch.cuda.get_device_name(0)}"
-    return desc
 
 
 def _dense_layer(attn: DilatedAttention, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +142,7 @@ def main() -> None:
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     print(
-        f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}; device {device}; schedule of a 4,096^2 input: {longvit_schedule(4096)}"
+        f"machine: {describe_machine()}; load average {os.getloadavg()[0]:.1f}; device {device}; schedule of a 4,096^2 input: {longvit_schedule(4096)}"
     )
     results: dict[tuple[str, int], dict] = {}
     for n in sizes:

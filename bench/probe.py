@@ -19,10 +19,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,16 +33,7 @@ from gigaslide.eval.probes import linear_probe_splits
 from gigaslide.models.slide import create_slide_model
 from gigaslide.train.config import TrainConfig
 from gigaslide.train.mil import train_model
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} logical cores{gpu}, torch {torch.__version__}"
+from gigaslide.utils.machine import describe_machine
 
 
 def bench_linear_probe(n: int, dim: int, n_splits: int, seed: int = 0) -> dict[str, float]:
@@ -129,7 +117,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     n_bags = args.bags or (20 if args.quick else 1000)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine()}")
     probe = bench_linear_probe(args.probe_n, args.probe_dim, args.splits)
     print(f"linear probe, {args.splits} splits of {args.probe_n} x {args.probe_dim}:")
     for name in ("grid", "fixed_C"):

@@ -58,6 +58,8 @@ def test_demo_end_to_end_learns_signal(tmp_path: Path, capsys) -> None:
     hipt = json.loads((out / "hipt" / "train" / "results.json").read_text())["metrics"]
     assert 0.0 <= hipt["auc"]["mean"] <= 1.0 and "HIPT (stage-2 pretrained ViT_4096" in printed
     assert np.asarray(Image.open(out / "hipt" / "heatmap.png")).std() > 0
+    knn = json.loads((out / "hipt" / "knn" / "results.json").read_text())
+    assert knn["n_predictions"] == 16 and "HIPT KNN on mean ViT_256 region tokens: AUC" in printed
 
     ckpt = torch.load(out / "pretrain" / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and {"teacher", "student", "dino_loss"} <= set(ckpt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,8 @@ def test_torchrun_distributed_mode_agrees_with_naive(cohort: Path, tmp_path: Pat
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     cmd = [torchrun, "--nproc_per_node", "3", "-m", "gigaslide", "e2e", *common, "--out", str(tmp_path / "dist"),
            "--mode", "distributed"]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+    assert done.stderr.count("uses RANDOM weights") == 1  # printed by rank 0 only
     for name in ("encoder.pth",):
         a = torch.load(tmp_path / "naive" / name, weights_only=True)
         b = torch.load(tmp_path / "dist" / name, weights_only=True)
@@ -155,3 +157,31 @@ def test_validation_auc_is_logged_each_epoch(cohort: Path, tmp_path: Path) -> No
     assert list(rows["epoch"]) == [0, 1] and rows["val_auc"].between(0, 1).all()
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 2  # half of the 2 training slides per epoch: one step per epoch
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_distributed_mode_warns_of_random_weights_once(
+    rank: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every rank builds the encoder; only rank 0 (the aggregator rank) prints the RANDOM-weights warning."""
+    from gigaslide.experiments import e2e
+    from gigaslide.utils.dist import DistInfo
+
+    class Built(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the encoder is built: the part under test is over
+        raise Built
+
+    monkeypatch.setattr(e2e, "init_distributed", lambda: DistInfo(rank, 2, rank, True))
+    monkeypatch.setattr(e2e, "_slide_sources", lambda cfg, r: ([], tmp_path, ["a", "b"]))
+    monkeypatch.setattr(e2e, "create_slide_model", stop)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"slide_id": ["s0", "s1"], "case_id": ["c0", "c1"], "label": ["a", "b"]}).to_csv(labels)
+    cfg = e2e.E2EConfig(labels_csv=labels, out_dir=tmp_path / "out", tiles=tmp_path, encoder="resnet18_trunc",
+                        weights="random", mode="distributed", val_fraction=0.0)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="gigaslide"), pytest.raises(Built):
+        e2e.run_e2e(cfg)
+    records = [r for r in caplog.records if "uses RANDOM weights" in r.getMessage()]
+    assert len(records) == 1  # rank 0: a warning; other ranks: the same line at INFO level only
+    assert records[0].levelno == (logging.WARNING if rank == 0 else logging.INFO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import signal
@@ -207,3 +208,49 @@ def test_tile_imports_no_heavy_libraries_and_outlines_are_opt_in(tmp_path: Path)
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert helped.stdout.strip().splitlines()[-1] == "[]" and "convert" in helped.stdout
+
+
+def _inked_patch(path: Path) -> Path:
+    """The 256 px tissue patch of :func:`_small_patch` and, right of it, a green marker-ink blot."""
+    import numpy as np
+    from PIL import Image
+
+    small = np.asarray(Image.open(_small_patch(path.with_name("small.png"))))
+    img = np.full((400, 800, 3), 243, np.uint8)
+    img[:, :400] = small
+    img[72:328, 472:728] = (40, 150, 70)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def test_preview_takes_the_tissue_options_of_tile(tmp_path: Path, capsys) -> None:
+    from gigaslide.cli.main import build_parser
+
+    def options(command: str) -> dict[str, tuple]:
+        sub = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
+        acts = sub.choices[command]._actions
+        return {a.option_strings[0]: (a.dest, a.default, a.choices, a.help) for a in acts if a.option_strings}
+
+    tissue = ("--min-tissue", "--tile-rule", "--min-tissue-area", "--keep-ink")
+    tile, preview = options("tile"), options("preview")
+    assert all(tile[o] == preview[o] for o in tissue)  # one definition: same names, defaults, help
+
+    png = str(_inked_patch(tmp_path / "inked.png"))
+    common = [png, "--slide-mpp", "0.5", "--tile-size", "64"]
+    counts = {}
+    for extra in ([], ["--keep-ink"], ["--tile-rule", "clam"], ["--min-tissue", "0.9"]):
+        name = "_".join(extra) or "default"
+        argv = [*common, "--min-tissue-area", "0", *extra]
+        assert main(["tile", *argv, "--out", str(tmp_path / name), "--no-progress"]) == 0
+        capsys.readouterr()
+        assert main(["preview", *argv, "--out", str(tmp_path / f"{name}.png")]) == 0
+        printed = capsys.readouterr().out  # "<png>: N tiles of 64 px ..."
+        counts[name] = int(printed.split(": ", 1)[1].split(" tiles")[0])
+        assert counts[name] == int(_manifest(tmp_path / name)["inked"]["n_tiles"]), extra  # what tile keeps
+    assert counts["default"] == 16  # the 4 x 4 tissue tiles; the ink is not tissue
+    assert counts["--keep-ink"] >= 32  # the 256 px ink blot kept as tissue: at least 4 x 4 more
+    assert counts["--min-tissue_0.9"] < counts["default"] <= counts["--tile-rule_clam"]
+    # the default minimum fragment area (20,000 um^2) drops the 16,384 um^2 patch, in preview as in tile
+    assert main(["preview", *common, "--out", str(tmp_path / "area.png")]) == 0
+    captured = capsys.readouterr()
+    assert ": 0 tiles" in captured.out and "--min-tissue-area" in captured.err

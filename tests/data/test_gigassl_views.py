@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from gigaslide.data.feature_writer import partial_path_for
+from gigaslide.data.feature_writer import ChunkedFeatureWriter, partial_path_for
 from gigaslide.data.gigassl_bank import AUGS_DONE_ATTR, BankWriter, GigaSSLBank, read_bank_slide
 from gigaslide.data.gigassl_views import GigaSSLViews, tile_cells
 from gigaslide.data.slide_augment import SlideAugment, monotone_scale
@@ -127,6 +127,73 @@ def test_bank_writer_resumes_at_the_next_augmentation(tmp_path: Path) -> None:
         assert w.open() == 0
         with pytest.raises(RuntimeError, match="only 0 of 4"):
             w.finalize()
+
+
+def write_old_layout_bank(
+    path: Path, feats: np.ndarray, coords: np.ndarray, fingerprint: str, done: int
+) -> None:
+    """A bank file as the pre-ChunkedFeatureWriter BankWriter laid it out: one (1, n_tiles, D) HDF5 chunk per
+    augmentation, file attrs gigaslide_fingerprint / gigaslide_rows_done, features attrs + item_shape."""
+    n_aug, n_tiles, dim = feats.shape
+    with h5py.File(path, "w") as f:
+        f.attrs["gigaslide_fingerprint"] = fingerprint
+        f.attrs[AUGS_DONE_ATTR] = done
+        fd = f.create_dataset("features", shape=feats.shape, dtype=np.float32, chunks=(1, n_tiles, dim))
+        fd[:done] = feats[:done]
+        for k, v in {"slide_id": "old", "encoder": "test", "n_aug": n_aug, "n_tiles": n_tiles,
+                     "fingerprint": fingerprint, "item_shape": [n_tiles, dim]}.items():  # fmt: skip
+            fd.attrs[k] = v
+        cd = f.create_dataset("coords", data=coords)
+        for k, v in SPEC.to_attrs().items():
+            cd.attrs[k] = v
+
+
+def test_banks_in_the_old_layout_read_and_resume(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    coords = np.rint(rng.integers(0, 8, size=(N_AUG, N_TILES, 2)) * SPEC.level0_stride).astype(np.int64)
+    feats = rng.normal(size=(N_AUG, N_TILES, DIM)).astype(np.float32)
+    final = tmp_path / "h5_files" / "old.h5"
+    final.parent.mkdir()
+    # a finished old file reads as before
+    write_old_layout_bank(final, feats, coords, "fp", N_AUG)
+    bank = GigaSSLBank(tmp_path)
+    assert (bank.slides[0].n_aug, bank.slides[0].n_tiles, bank.dim, bank.slides[0].slide_id) == (
+        N_AUG, N_TILES, DIM, "old"
+    )  # fmt: skip
+    assert bank.slides[0].spec == SPEC
+    got, got_coords = bank.view(0, 2, np.array([0, 5]))
+    np.testing.assert_array_equal(got, feats[2, [0, 5]])
+    np.testing.assert_array_equal(got_coords, coords[2, [0, 5]])
+    bank.close()
+    # an old partial file (2 augmentations done) resumes at augmentation 2 with the new writer
+    final.unlink()
+    write_old_layout_bank(partial_path_for(final), feats, coords, "fp", 2)
+    with BankWriter(final, coords, DIM, "fp", features_attrs={"slide_id": "old"}) as w:
+        assert w.open() == 2 and w.augs_done == 2
+        w.write(feats[2:])  # a (B, n_tiles, D) run of augmentations is accepted too
+        w.finalize()
+    with h5py.File(final) as f:
+        np.testing.assert_array_equal(f["features"][:], feats)
+        assert f.attrs[AUGS_DONE_ATTR] == N_AUG
+    # the writer is the N-D feature writer: same datasets and attributes as ChunkedFeatureWriter's
+    with ChunkedFeatureWriter(tmp_path / "nd.h5", coords, (N_TILES, DIM), "fp", chunk_size=1) as w:
+        w.open()
+        w.write(feats)
+        w.finalize()
+    with BankWriter(tmp_path / "bank.h5", coords, DIM, "fp") as w:
+        w.open()
+        for a in range(N_AUG):
+            w.write(feats[a])
+        w.finalize()
+    with h5py.File(tmp_path / "nd.h5") as f, h5py.File(tmp_path / "bank.h5") as g:
+        assert dict(f.attrs) == dict(g.attrs)
+        for name in ("features", "coords"):
+            np.testing.assert_array_equal(f[name][:], g[name][:])
+            assert {k: str(v) for k, v in f[name].attrs.items()} == {
+                k: str(v) for k, v in g[name].attrs.items()
+            }
+    with pytest.raises(ValueError, match="must be \\(n_aug, n_tiles, 2\\)"):
+        BankWriter(tmp_path / "c.h5", coords[0], DIM, "fp")
 
 
 def test_bank_errors_name_the_problem(tmp_path: Path) -> None:

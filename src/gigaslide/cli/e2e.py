@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from gigaslide.cli.common import add_wait_argument, output_folder
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from gigaslide.experiments.e2e import E2EConfig, run_e2e
-    from gigaslide.utils.dist import init_distributed
+    from gigaslide.utils.dist import init_distributed, quiet_other_ranks
 
     kwargs = {}
     for item in args.set:
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         augment=not args.no_augment, slide_mpp=args.slide_mpp,
     )  # fmt: skip
     info = init_distributed()  # run_e2e joins the same group; the lock needs it to tell every rank
+    quiet_other_ranks(info, logging.WARNING)  # notices once (rank 0); any rank's warnings still show
     with output_folder(args.out, wait=args.wait, dist_info=info):
         res = run_e2e(cfg)
     if info.is_main:

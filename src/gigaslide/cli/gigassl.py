@@ -29,7 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "For every slide of TILING_DIR, draw --n-aug tile augmentations (crop, flips, 90-degree rotations, "
             "colour jitter, grayscale, blur; shared by all tiles of a view unless --no-share) and --n-tiles "
             "random tissue tiles for each, embed them with the frozen encoder, and write "
-            "OUT/h5_files/<slide_id>.h5: features (n_aug, n_tiles, D) + coords (n_aug, n_tiles, 2). Resumable; "
+            "OUT/h5_files/<slide_id>.h5: features (n_aug, n_tiles, D) + coords (n_aug, n_tiles, 2). With "
+            "--identity-view, also OUT/identity/h5_files/<slide_id>.h5: all tissue tiles without augmentation "
+            "(as `gigaslide embed` writes them), what `gigassl encode BANK` reads. Resumable; "
             "scale out with `torchrun --nproc_per_node K -m gigaslide gigassl bank ...`."
         ),
     )
@@ -45,6 +47,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     b.add_argument("--n-tiles", type=int, default=256, help="tiles per augmentation (default 256)")
     b.add_argument(
         "--no-share", action="store_true", help="augment each tile independently (the NS ablation)"
+    )
+    b.add_argument(
+        "--identity-view",
+        action="store_true",
+        help="also embed every tissue tile without augmentation into OUT/identity (for `gigassl encode`; "
+        "costs one `gigaslide embed` pass; can be added to a finished bank by a rerun)",
     )
     b.add_argument("--seed", type=int, default=0, help="seed of the tile and augmentation draws")
     b.add_argument("--batch-size", type=int, default=256, help="tiles per encoder call")
@@ -74,7 +82,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         help="one L2-normalised Giga-SSL embedding per slide (mean of R views)",
         description=(
             "Embed every slide of SOURCE (a `gigaslide embed` output: plain, non-augmented tile features; or a "
-            "bank with an identity augmentation) with the pretrained aggregator: R views of T random tiles, "
+            "bank built with --identity-view) with the pretrained aggregator: R views of T random tiles, "
             "their embeddings averaged and L2-normalised. Writes OUT (.npz: embeddings, slide_ids), the "
             "format `gigaslide probe --embeddings` reads."
         ),
@@ -184,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 n_aug=args.n_aug,
                 n_tiles=args.n_tiles,
                 shared=not args.no_share,
+                identity_view=args.identity_view,
                 seed=args.seed,
                 batch_size=args.batch_size,
                 num_workers=args.workers,

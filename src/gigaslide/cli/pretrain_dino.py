@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from gigaslide.ssl.dino import DINOConfig, pretrain_dino
     from gigaslide.ssl.multicrop import MultiCropConfig
-    from gigaslide.utils.dist import cleanup, init_distributed
+    from gigaslide.utils.dist import cleanup, init_distributed, quiet_other_ranks
 
     cfg = DINOConfig(
         out_dim=args.out_dim, head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         crops=MultiCropConfig(global_size=args.global_size, local_size=args.local_size, n_local=args.local_crops),
     )  # fmt: skip
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    quiet_other_ranks(info)  # every rank trains on the same data: rank 0 reports for the job
     try:
         ckpt = pretrain_dino(
             args.tiling_dir, args.encoder, args.out, epochs=args.epochs, batch_size=args.batch_size, cfg=cfg,

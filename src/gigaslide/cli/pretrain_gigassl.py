@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from gigaslide.ssl.simclr import GigaSSLConfig, pretrain_gigassl
-    from gigaslide.utils.dist import cleanup, init_distributed
+    from gigaslide.utils.dist import cleanup, init_distributed, quiet_other_ranks
 
     cfg = GigaSSLConfig(
         aggregator=args.aggregator, aggregator_kwargs=dict(args.aggregator_arg), proj_dim=args.proj_dim,
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         slide_augment=not args.no_slide_augment, grid_unit=args.grid_unit,
     )  # fmt: skip
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    quiet_other_ranks(info)  # every rank trains on its share of the same batches: rank 0 reports
     try:
         with output_folder(args.out, wait=args.wait, dist_info=info):
             ckpt = pretrain_gigassl(

@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from gigaslide.ssl.hipt_region import pretrain_hipt_region, stage2_dino_config
     from gigaslide.ssl.region_crops import RegionCropConfig
-    from gigaslide.utils.dist import cleanup, init_distributed
+    from gigaslide.utils.dist import cleanup, init_distributed, quiet_other_ranks
 
     cfg = stage2_dino_config(
         out_dim=args.out_dim, head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     crops = RegionCropConfig(global_size=args.global_size, local_size=args.local_size, n_local=args.local_crops,
                              dropout=args.view_dropout)  # fmt: skip
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    quiet_other_ranks(info)  # every rank trains on the same data: rank 0 reports for the job
     try:
         ckpt = pretrain_hipt_region(
             args.region_features, args.out, epochs=args.epochs, batch_size=args.batch_size, cfg=cfg, crops=crops,

@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from gigaslide.ssl.longvit_dino import longvit_dino_config, pretrain_longvit
     from gigaslide.ssl.multicrop import MultiCropConfig
-    from gigaslide.utils.dist import cleanup, init_distributed
+    from gigaslide.utils.dist import cleanup, init_distributed, quiet_other_ranks
 
     try:
         crops = MultiCropConfig(
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay_end=args.weight_decay_end, crops=crops,
     )  # fmt: skip
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
+    quiet_other_ranks(info)  # every rank trains on the same data: rank 0 reports for the job
     try:
         ckpt = pretrain_longvit(
             args.source, args.out, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,

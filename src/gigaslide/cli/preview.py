@@ -10,13 +10,15 @@ from typing import Any
 import numpy as np
 
 from gigaslide.cli.common import output_file
+from gigaslide.cli.tile import add_tissue_arguments, tissue_params
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "preview",
         help="render a slide's thumbnail with tissue outline and tile grid",
-        description="Check tissue detection and tiling parameters on one slide before a batch run.",
+        description="Check tissue detection and tiling parameters on one slide before a batch run; the "
+        "tissue options are those of `gigaslide tile`.",
     )
     p.add_argument("slide", help="slide file")
     p.add_argument(
@@ -28,7 +30,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels (default 256)")
     p.add_argument("--stride", type=int, default=None, help="grid step in pixels (default: tile size)")
     p.add_argument("--slide-mpp", type=float, default=None, help="level-0 um/px if the slide lacks one")
-    p.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction (default 0.25)")
+    add_tissue_arguments(p)  # the tissue options of `gigaslide tile`
     p.add_argument("--backend", default=None, help="slide reader backend (default: automatic)")
     return p
 
@@ -46,11 +48,12 @@ def run(args: argparse.Namespace) -> int:
     out = output_file(args.out, name) if args.out else Path(name)
     with open_slide(slide_path, mpp=args.slide_mpp, backend=args.backend) as slide:
         spec = make_spec(slide, args.target_mpp, args.tile_size, args.stride, args.min_tissue)
-        tissue = detect_tissue(slide)
+        tissue = detect_tissue(slide, tissue_params(args))
         try:
             coords = tile_slide(
-                slide, args.target_mpp, args.tile_size, args.stride, args.min_tissue, tissue=tissue
-            ).coords
+                slide, args.target_mpp, args.tile_size, args.stride, args.min_tissue, tissue=tissue,
+                rule=args.tile_rule,
+            ).coords  # fmt: skip
         except NoTissueError as e:  # still draw the tissue outline: that is what needs checking
             print(f"gigaslide preview: warning: {e}", file=sys.stderr)
             coords = np.zeros((0, 2), dtype=np.int64)

@@ -79,6 +79,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="use feature files from different encoders/weights anyway (refused by default)",
     )
+    p.add_argument(
+        "--region-level",
+        choices=["auto", "vit4k", "vit256"],
+        default="auto",
+        help="HIPT region folders: mean ViT_4096 region token (vit4k), mean ViT_256 token of the patches "
+        "inside the slide (vit256), or vit4k when the files hold region tokens (auto)",
+    )
     add_wait_argument(p)
     return p
 
@@ -93,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
 def probe_report(args: argparse.Namespace) -> str:
     """Read the inputs, run the probe, write the report into ``args.out``; return the console table."""
     df = read_labels_csv(args.labels, task=args.task, label_col=args.label_col)
-    emb = load_slide_embeddings(args.embeddings, allow_mixed=args.allow_mixed_features)
+    emb = load_slide_embeddings(
+        args.embeddings, allow_mixed=args.allow_mixed_features, region_level=args.region_level
+    )
     missing = sorted(set(df["slide_id"]) - set(emb.ids))
     if missing:
         detail = [emb.failed[m] for m in missing if m in emb.failed][:5]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gigaslide.cli.common import add_wait_argument, output_folder
+
+if TYPE_CHECKING:
+    from gigaslide.preprocess.tissue import TissueParams
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,27 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--tile-size", type=int, default=256, help="tile side in pixels (default 256)")
     p.add_argument("--stride", type=int, default=None, help="grid step in pixels (default: tile size)")
-    p.add_argument(
-        "--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile (default 0.25)"
-    )
-    p.add_argument(
-        "--tile-rule",
-        choices=["fraction", "clam"],
-        default="fraction",
-        help="fraction: keep tiles whose tissue fraction >= --min-tissue (default); clam: CLAM's rule (any "
-        "of 4 points at the centre +- a quarter tile in tissue, centre not in a hole; --min-tissue unused)",
-    )
-    p.add_argument(
-        "--min-tissue-area",
-        type=float,
-        default=None,
-        metavar="UM2",
-        help="tissue fragments smaller than this many um^2 are dropped (default 20000; 0 keeps every "
-        "fragment, e.g. for small biopsies or TMA cores)",
-    )
-    p.add_argument(
-        "--keep-ink", action="store_true", help="do not remove marker ink (coloured/dark pen strokes)"
-    )
+    add_tissue_arguments(p)
     p.add_argument(
         "--region-size", type=int, default=None, help="also write regions of this size (4096 for HIPT)"
     )
@@ -85,6 +68,44 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def add_tissue_arguments(p: argparse.ArgumentParser) -> None:
+    """Tissue detection and tile selection options, one definition for `gigaslide tile` and `gigaslide
+    preview` (a preview then shows what the same options tile)."""
+    p.add_argument(
+        "--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile (default 0.25)"
+    )
+    p.add_argument(
+        "--tile-rule",
+        choices=["fraction", "clam"],
+        default="fraction",
+        help="fraction: keep tiles whose tissue fraction >= --min-tissue (default); clam: CLAM's rule (any "
+        "of 4 points at the centre +- a quarter tile in tissue, centre not in a hole; --min-tissue unused)",
+    )
+    p.add_argument(
+        "--min-tissue-area",
+        type=float,
+        default=None,
+        metavar="UM2",
+        help="tissue fragments smaller than this many um^2 are dropped (default 20000; 0 keeps every "
+        "fragment, e.g. for small biopsies or TMA cores)",
+    )
+    p.add_argument(
+        "--keep-ink", action="store_true", help="do not remove marker ink (coloured/dark pen strokes)"
+    )
+
+
+def tissue_params(args: argparse.Namespace) -> TissueParams | None:
+    """The :class:`~gigaslide.preprocess.tissue.TissueParams` that the tissue options ask for; None = the
+    defaults (``--min-tissue-area``, ``--keep-ink`` not given)."""
+    if args.min_tissue_area is None and not args.keep_ink:
+        return None
+    from gigaslide.preprocess.tissue import TissueParams
+
+    defaults = TissueParams()
+    area = defaults.min_tissue_area_um2 if args.min_tissue_area is None else args.min_tissue_area
+    return TissueParams(min_tissue_area_um2=area, remove_pen=not args.keep_ink)
+
+
 def run(args: argparse.Namespace) -> int:
     from gigaslide.pipeline.inputs import collect_slides
     from gigaslide.pipeline.tile_job import run_tiling
@@ -97,13 +118,6 @@ def run(args: argparse.Namespace) -> int:
         target_mpp = magnification_to_mpp(args.magnification)
     else:
         target_mpp = args.target_mpp if args.target_mpp is not None else 0.5
-    tissue_params = None
-    if args.min_tissue_area is not None or args.keep_ink:
-        from gigaslide.preprocess.tissue import TissueParams
-
-        defaults = TissueParams()
-        area = defaults.min_tissue_area_um2 if args.min_tissue_area is None else args.min_tissue_area
-        tissue_params = TissueParams(min_tissue_area_um2=area, remove_pen=not args.keep_ink)
     slides = collect_slides(args.input, slide_mpp=args.slide_mpp)
     with output_folder(args.out, wait=args.wait):
         summary = run_tiling(
@@ -118,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             backend=args.backend,
             preview=args.preview,
-            tissue_params=tissue_params,
+            tissue_params=tissue_params(args),
             layout=args.layout,
             outlines=args.outlines,
             tile_rule=args.tile_rule,

@@ -30,6 +30,7 @@ import numpy as np
 
 from gigaslide.data.features_io import read_features, require_2d
 from gigaslide.data.provenance import FeatureProvenance, check_provenance
+from gigaslide.data.region_features import REGION_KIND, read_region_features
 from gigaslide.preprocess.coords_io import _plain
 from gigaslide.utils.atomic import atomic_path
 
@@ -172,12 +173,51 @@ def read_embeddings(path: str | os.PathLike[str]) -> SlideEmbeddings:
     return SlideEmbeddings(ids=ids, vectors=vectors, attrs=attrs)
 
 
-def mean_pooled_features(folder: str | os.PathLike[str], allow_mixed: bool = False) -> SlideEmbeddings:
+REGION_LEVELS = ("auto", "vit4k", "vit256")
+
+
+def _is_region_file(path: Path) -> bool:
+    """True for a HIPT region feature file (``features`` attribute kind = hipt_region_tokens)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "features" in f and _plain(f["features"].attrs.get("kind", "")) == REGION_KIND
+    except OSError:
+        return False
+
+
+def _region_mean(path: Path, level: str) -> tuple[np.ndarray, str]:
+    """(D,) mean of a HIPT region file's ViT_4096 region tokens or of its real ViT_256 patch tokens."""
+    rf = read_region_features(path)
+    if rf.n_regions == 0:
+        raise ValueError("no regions")
+    if level in ("auto", "vit4k") and rf.region_features is not None:
+        return rf.region_features.astype(np.float64).mean(axis=0), "vit4k"  # (192,)
+    if level == "vit4k":
+        raise ValueError(
+            f"{path}: no ViT_4096 region tokens (region_features) in this region file; embed the regions "
+            "with `gigaslide embed ... --regions --vit4k-weights vit4k_xs_dino.pth`, or pool the ViT_256 "
+            "patch tokens with region level 'vit256'"
+        )
+    tokens = rf.features[rf.patch_mask]  # (P, 384) patches inside the slide
+    if tokens.shape[0] == 0:
+        raise ValueError("no patch inside the slide")
+    return tokens.astype(np.float64).mean(axis=0), "vit256"
+
+
+def mean_pooled_features(
+    folder: str | os.PathLike[str], allow_mixed: bool = False, region_level: str = "auto"
+) -> SlideEmbeddings:
     """One embedding per slide: the mean of its (N, D) tile features (``*.h5``/``*.pt``, also under ``h5_files/``).
 
+    HIPT region folders (``gigaslide embed --regions``) pool per ``region_level``, as HIPT's KNN
+    evaluation averages a slide's pre-extracted embeddings: ``vit4k`` = the mean ViT_4096 region token
+    (M, 192) -> (192,); ``vit256`` = the mean ViT_256 token over the patches inside the slide (padding
+    excluded) -> (384,); ``auto`` = ``vit4k`` when the files hold region tokens, else ``vit256``.
     Unreadable or empty feature files are skipped, warned about and listed in ``failed``. A folder
     mixing encoders or weights is refused unless ``allow_mixed`` (:func:`check_provenance`).
     """
+    if region_level not in REGION_LEVELS:
+        raise ValueError(f"region_level must be one of {REGION_LEVELS}, got {region_level!r}")
     p = Path(folder)
     d = p / "h5_files" if (p / "h5_files").is_dir() else p
     files = sorted(d.glob("*.h5")) or sorted(
@@ -187,8 +227,20 @@ def mean_pooled_features(folder: str | os.PathLike[str], allow_mixed: bool = Fal
     if not files:
         raise FileNotFoundError(f"{p}: no .h5/.pt feature files found (expected <slide_id>.h5 per slide)")
     rows, ids, failed = [], [], {}
+    levels: set[str] = set()
     for f in files:
         try:
+            if f.suffix == ".h5" and _is_region_file(f):
+                row, level = _region_mean(f, region_level)
+                levels.add(level)
+                if region_level == "auto" and level != next(iter(levels)):
+                    raise ValueError(
+                        f"{f}: region tokens of other files of the folder are ViT_4096 but not this one's "
+                        "(or the reverse); pass region level 'vit256' to pool ViT_256 tokens everywhere"
+                    )
+                rows.append(row)
+                ids.append(f.stem)
+                continue
             feats = require_2d(read_features(f), f, "mean-pooled slide embeddings").features
             if feats.shape[0] == 0:
                 raise ValueError("no tiles")
@@ -208,13 +260,18 @@ def mean_pooled_features(folder: str | os.PathLike[str], allow_mixed: bool = Fal
     read_ok = {f.stem: f for f in files if f.stem not in failed}
     provenance = check_provenance(read_ok, allow_mixed=allow_mixed, source=str(p))
     attrs = {"model": "mean_pool", "features_dir": str(p)}
+    if levels:
+        attrs["region_level"] = ",".join(sorted(levels))
     return SlideEmbeddings(ids=ids, vectors=np.stack(rows), attrs=attrs, failed=failed, provenance=provenance)
 
 
-def load_slide_embeddings(path: str | os.PathLike[str], allow_mixed: bool = False) -> SlideEmbeddings:
+def load_slide_embeddings(
+    path: str | os.PathLike[str], allow_mixed: bool = False, region_level: str = "auto"
+) -> SlideEmbeddings:
     """An embeddings file (:func:`read_embeddings`) or a feature folder mean-pooled per slide
-    (``allow_mixed``: accept a folder mixing encoders or weights)."""
+    (``allow_mixed``: accept a folder mixing encoders or weights; ``region_level``: see
+    :func:`mean_pooled_features`)."""
     p = Path(path)
     if p.is_dir():
-        return mean_pooled_features(p, allow_mixed=allow_mixed)
+        return mean_pooled_features(p, allow_mixed=allow_mixed, region_level=region_level)
     return read_embeddings(p)

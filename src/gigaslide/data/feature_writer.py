@@ -90,6 +90,9 @@ class ChunkedFeatureWriter:
     chunks in the partial file for the next run.
     """
 
+    #: what a row is called in log messages (a subclass's items may be views, regions, ...)
+    row_name = "row"
+
     def __init__(
         self,
         final_path: str | os.PathLike[str],
@@ -172,7 +175,13 @@ class ChunkedFeatureWriter:
                 if 0 <= done <= self.n_total:
                     self._file = f
                     if done:
-                        log.info("%s: resuming at row %d of %d", self.final_path.name, done, self.n_total)
+                        log.info(
+                            "%s: resuming at %s %d of %d",
+                            self.final_path.name,
+                            self.row_name,
+                            done,
+                            self.n_total,
+                        )
                     return done
                 reason = f"invalid row count {done}"
             f.close()

@@ -11,38 +11,47 @@ Layout of ``BANK/h5_files/<slide_id>.h5``::
 
 Row ``features[a, t]`` is tile ``coords[a, t]`` seen through augmentation ``a``. The attribute
 conventions are those of :mod:`gigaslide.data.features_io` and of its N-D feature files (rows are
-augmentations, ``item_shape`` is ``[n_tiles, D]``). :class:`BankWriter` writes one augmentation at a
-time into a hidden partial file ``.<slide_id>.partial.h5`` whose ``gigaslide_rows_done`` attribute
-advances after each flushed augmentation, so an interrupted slide
-resumes at its next augmentation; :meth:`BankWriter.finalize` renames it to the final name.
+augmentations, ``item_shape`` is ``[n_tiles, D]``), and so is the writer: :class:`BankWriter` is the
+N-D :class:`~gigaslide.data.feature_writer.ChunkedFeatureWriter` committing one augmentation at a time
+to a hidden partial file ``.<slide_id>.partial.h5`` whose ``gigaslide_rows_done`` attribute advances
+after each flushed augmentation, so an interrupted slide resumes at its next augmentation;
+:meth:`BankWriter.finalize` renames it to the final name.
+
+The identity (non-augmented) view of a slide, when the bank was built with ``--identity-view``, is
+``BANK/identity/h5_files/<slide_id>.h5``: a ``gigaslide embed`` feature file (features (N, D), coords
+(N, 2)) of *all* the slide's tissue tiles, so that ``BANK/identity`` is an embedding folder in its own
+right. It is not a row of ``features``: the paper (and the official code) encode a slide from views
+drawn among all its non-augmented tiles, not among one view's ``n_tiles``.
+:meth:`GigaSSLBank.identity_file` finds it and checks that it comes from the bank's encoder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import h5py
 import numpy as np
 
-from gigaslide.data.feature_writer import FINGERPRINT_ATTR, ROWS_DONE_ATTR, partial_path_for
+from gigaslide.data.feature_writer import ROWS_DONE_ATTR, ChunkedFeatureWriter
 from gigaslide.preprocess.coords_io import _plain
 from gigaslide.preprocess.tiling_spec import TileSpec
-
-log = logging.getLogger(__name__)
 
 #: augmentations committed to a partial file (they are the rows of the (n_aug, n_tiles, D) features)
 AUGS_DONE_ATTR = ROWS_DONE_ATTR
 BANK_SUBDIR = "h5_files"
+#: ``BANK/identity``: the identity views, a ``gigaslide embed`` output folder
+IDENTITY_SUBDIR = "identity"
 
 
-class BankWriter:
+class BankWriter(ChunkedFeatureWriter):
     """Write one slide's bank (n_aug, n_tiles, D) augmentation by augmentation, resumably.
+
+    A :class:`~gigaslide.data.feature_writer.ChunkedFeatureWriter` whose items are views: item shape
+    ``(n_tiles, D)``, one commit per augmentation (the resume granularity).
 
     Args:
         final_path: ``BANK/h5_files/<slide_id>.h5``.
@@ -53,6 +62,8 @@ class BankWriter:
         dtype: float32 or float16.
         features_attrs, coords_attrs: attributes of the two datasets.
     """
+
+    row_name = "augmentation"
 
     def __init__(
         self,
@@ -65,123 +76,39 @@ class BankWriter:
         features_attrs: dict[str, Any] | None = None,
         coords_attrs: dict[str, Any] | None = None,
     ) -> None:
-        self.coords = np.asarray(coords, dtype=np.int64)
-        if self.coords.ndim != 3 or self.coords.shape[2] != 2:
-            raise ValueError(f"bank coords must be (n_aug, n_tiles, 2), got shape {self.coords.shape}")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise ValueError(f"bank dtype must be float32 or float16, got {self.dtype}")
-        self.final_path = Path(final_path)
-        self.partial_path = partial_path_for(self.final_path)
-        self.n_aug, self.n_tiles = int(self.coords.shape[0]), int(self.coords.shape[1])
-        self.dim = int(dim)
-        self.fingerprint = fingerprint
-        self.features_attrs = dict(features_attrs or {})
-        self.coords_attrs = dict(coords_attrs or {})
-        self._file: h5py.File | None = None
-        self.augs_done = 0
-
-    def __enter__(self) -> BankWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def open(self) -> int:
-        """Open (resuming a matching partial file) and return the first augmentation still to compute."""
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial_path.exists():
-            done = self._try_resume()
-            if done is not None:
-                self.augs_done = done
-                return done
-        f = h5py.File(self.partial_path, "w")
-        f.attrs[FINGERPRINT_ATTR] = self.fingerprint
-        f.attrs[AUGS_DONE_ATTR] = 0
-        shape = (self.n_aug, self.n_tiles, self.dim)
-        chunks = (1, max(1, self.n_tiles), max(1, self.dim)) if min(shape) > 0 else None
-        fd = f.create_dataset("features", shape=shape, dtype=self.dtype, chunks=chunks)
-        item_shape = [self.n_tiles, self.dim]
-        for k, v in {
-            **self.features_attrs,
-            "fingerprint": self.fingerprint,
-            "item_shape": item_shape,
-        }.items():
-            fd.attrs[k] = v
-        cd = f.create_dataset("coords", data=self.coords)
-        for k, v in self.coords_attrs.items():
-            cd.attrs[k] = v
-        f.flush()
-        self._file = f
-        return 0
-
-    def _try_resume(self) -> int | None:
-        reason = ""
-        try:
-            f = h5py.File(self.partial_path, "r+")
-        except OSError as e:
-            reason = f"unreadable ({e})"
-        else:
-            fp = f.attrs.get(FINGERPRINT_ATTR)
-            fp = fp.decode() if isinstance(fp, bytes) else fp
-            ds = f.get("features")
-            if fp != self.fingerprint:
-                reason = "made with other settings (fingerprint mismatch)"
-            elif ds is None or ds.shape != (self.n_aug, self.n_tiles, self.dim) or ds.dtype != self.dtype:
-                reason = "its features dataset has another shape or dtype"
-            elif not np.array_equal(np.asarray(f["coords"][:]), self.coords):
-                reason = "its coordinates differ"
-            else:
-                done = int(f.attrs.get(AUGS_DONE_ATTR, 0))
-                if 0 <= done <= self.n_aug:
-                    self._file = f
-                    if done:
-                        log.info(
-                            "%s: resuming at augmentation %d of %d", self.final_path.name, done, self.n_aug
-                        )
-                    return done
-                reason = f"invalid augmentation count {done}"
-            f.close()
-        log.warning("discarding partial bank file %s: %s", self.partial_path, reason)
-        self.partial_path.unlink()
-        return None
-
-    def write(self, features: np.ndarray) -> None:
-        """Commit the (n_tiles, D) features of the next augmentation (flushed before it counts as done)."""
-        if self._file is None:
-            raise RuntimeError("BankWriter.write() before open()")
-        features = np.asarray(features)
-        if features.shape != (self.n_tiles, self.dim):
-            raise ValueError(f"expected ({self.n_tiles}, {self.dim}) features, got {features.shape}")
-        if self.augs_done >= self.n_aug:
-            raise ValueError(f"{self.final_path.name}: all {self.n_aug} augmentations are already written")
-        self._file["features"][self.augs_done] = features.astype(self.dtype, copy=False)
-        self._file.flush()
-        self.augs_done += 1
-        self._file.attrs[AUGS_DONE_ATTR] = self.augs_done
-        self._file.flush()
-
-    def finalize(self) -> Path:
-        """Check completeness and rename the partial file to the final path."""
-        if self._file is None:
-            raise RuntimeError("BankWriter.finalize() before open()")
-        if self.augs_done != self.n_aug:
-            raise RuntimeError(
-                f"{self.final_path.name}: only {self.augs_done} of {self.n_aug} augmentations written"
+        coords = np.asarray(coords, dtype=np.int64)
+        if coords.ndim != 3 or coords.shape[2] != 2:
+            raise ValueError(
+                f"{final_path}: bank coords must be (n_aug, n_tiles, 2), got shape {coords.shape}"
             )
-        self._file.close()
-        self._file = None
-        os.replace(self.partial_path, self.final_path)
-        return self.final_path
+        super().__init__(
+            final_path,
+            coords,
+            (int(coords.shape[1]), int(dim)),
+            fingerprint,
+            chunk_size=1,
+            dtype=dtype,
+            features_attrs=features_attrs,
+            coords_attrs=coords_attrs,
+        )
 
-    def close(self) -> None:
-        """Close without finishing: committed augmentations stay in the partial file."""
-        if self._file is not None:
-            with contextlib.suppress(Exception):
-                self._file.close()
-            self._file = None
+    @property
+    def n_aug(self) -> int:
+        return self.n_total
+
+    @property
+    def n_tiles(self) -> int:
+        return self.item_shape[0]
+
+    @property
+    def augs_done(self) -> int:
+        """Augmentations committed to disk."""
+        return self.rows_done
+
+    def write(self, features: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Commit the next augmentation's (n_tiles, D) features, or a (B, n_tiles, D) run of them."""
+        features = np.asarray(features)
+        super().write(features[None] if features.ndim == 2 else features, mask)
 
 
 @dataclass
@@ -238,6 +165,7 @@ class GigaSSLBank:
                 f"{folder}: no finished bank file (*.h5); build one with `gigaslide gigassl bank`"
             )
         self.slides = [read_bank_slide(p) for p in files]
+        self.identity_dir = folder.parent / IDENTITY_SUBDIR / BANK_SUBDIR
         dims = {s.dim for s in self.slides}
         if len(dims) > 1:
             raise ValueError(f"{folder}: bank files have different feature dimensions {sorted(dims)}")
@@ -266,6 +194,37 @@ class GigaSSLBank:
             raise ValueError("rows must be strictly increasing")
         feats = np.asarray(f["features"][aug, sel], dtype=np.float32)
         return feats, np.asarray(f["coords"][aug, sel], dtype=np.int64)
+
+    def identity_file(self, i: int) -> Path | None:
+        """Slide ``i``'s identity view (a feature file of all its tiles, module docstring), None without one.
+
+        Raises ValueError naming both files when it was made with another encoder or weights.
+        """
+        meta = self.slides[i]
+        path = self.identity_dir / f"{meta.slide_id}.h5"
+        if not path.is_file():
+            return None
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = {k: _plain(v) for k, v in f["features"].attrs.items()}
+                shape = tuple(f["features"].shape)
+        except (OSError, KeyError) as e:
+            raise ValueError(
+                f"{path}: unreadable identity view ({e}); delete it and rerun `gigaslide gigassl bank "
+                "--identity-view` with the same --out"
+            ) from e
+        for key in ("encoder", "weights_sha256"):
+            if key in meta.attrs and attrs.get(key) != meta.attrs[key]:
+                raise ValueError(
+                    f"{path}: identity view made with {key} {attrs.get(key)!r}, but the bank file {meta.path} "
+                    f"with {meta.attrs[key]!r}; delete {path.parent} and rerun `gigaslide gigassl bank "
+                    "--identity-view` with the bank's encoder and weights"
+                )
+        if len(shape) != 2 or shape[1] != meta.dim:
+            raise ValueError(
+                f"{path}: identity view of shape {shape}, expected (N, {meta.dim}) as the bank {meta.path}"
+            )
+        return path
 
     def close(self) -> None:
         for h in self._handles.values():

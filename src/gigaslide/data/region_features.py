@@ -10,8 +10,9 @@ Layout of ``<slide_id>.h5``::
     coords           (M, 2) int64                 level-0 region corners, attrs: the region tile spec
     region_features  (M, 192) (optional)          ViT_4096 region tokens, attrs: vit4k weights
 
-The writer is atomic (temporary file + rename). Until the N-D feature store lands, this small
-module is the one place that writes and reads these files.
+The writer is atomic (temporary file + rename). The files are also N-D feature files
+(``item_shape`` = (T, D)) that :func:`gigaslide.data.features_io.read_features` and the bag loaders
+of ``gigaslide train --model hipt`` read; ``patch_mask`` is their item mask.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def run_e2e(cfg: E2EConfig) -> E2EResult:
                              val_fraction=0.0, seed=cfg.seed)[0]  # fmt: skip
         train_ids, val_ids = sorted(split.train), sorted(split.test)
     torch.manual_seed(cfg.seed)
-    encoder = create_encoder(cfg.encoder, weights=cfg.weights)
+    encoder = create_encoder(cfg.encoder, weights=cfg.weights, warn_random=info.is_main)  # warned once
     meta = encoder.meta
     random_init = bool(encoder.weights_info.get("random_init"))
     encoder.train()

@@ -13,12 +13,10 @@ job carries on. Under ``torchrun`` slides are sharded over global ranks; each ra
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +45,12 @@ from gigaslide.pipeline.extract import (
     warn_half_precision_on_cpu,
     weights_identity,
 )
+from gigaslide.pipeline.slide_jobs import MANIFEST, JobSummary, run_slide_jobs
 from gigaslide.preprocess.coords_io import CoordsFile, read_coords
 from gigaslide.utils import dist as gdist
-from gigaslide.utils.atomic import atomic_path, atomic_write_text
+from gigaslide.utils.atomic import atomic_path
 from gigaslide.utils.device import resolve_device
-from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
+from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -101,44 +100,9 @@ class SlideResult:
         }
 
 
-@dataclass
-class EmbedSummary:
-    """What :func:`run_embedding` did on this rank (all ranks merged into ``manifest`` on rank 0)."""
-
-    out_dir: Path
-    manifest: Path
-    results: list[SlideResult] = field(default_factory=list)
-    seconds: float = 0.0
-    random_init: bool = False
-
-    @property
-    def n_done(self) -> int:
-        return sum(r.status == STATUS_DONE and not r.skipped for r in self.results)
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(r.skipped for r in self.results)
-
-    @property
-    def failed(self) -> dict[str, str]:
-        return {r.slide_id: r.error for r in self.results if r.status == STATUS_FAILED}
-
-    @property
-    def n_failed(self) -> int:
-        return len(self.failed)
-
-    @property
-    def tiles(self) -> int:
-        return sum(r.computed for r in self.results)
-
-    def describe(self) -> str:
-        rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"embedded {self.n_done} slide(s), skipped {self.n_skipped} already done, {self.n_failed} failed; "
-            f"{self.tiles} tiles in {self.seconds:.1f} s ({rate:.1f} tiles/s) -> {self.out_dir}"
-        ]
-        lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
-        return "\n".join(lines)
+def failed_slide(job: SlideJob, seconds: float, error: str) -> SlideResult:
+    """The manifest row of a slide whose run raised ``error`` after ``seconds``."""
+    return SlideResult(job.slide_id, STATUS_FAILED, job.n_tiles, seconds=seconds, error=error)
 
 
 def feature_file_damage(path: Path, n_rows: int, item_shape: tuple[int, ...], fingerprint: str) -> str | None:
@@ -367,31 +331,33 @@ class _Embedder:
         )
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+def prepare_job(
+    out_dir: str | os.PathLike[str],
+    encoder: str | nn.Module,
+    weights: str | os.PathLike[str] | None,
+    device: str | torch.device,
+    precision: str,
+    store_dtype: str,
+    dist_info: gdist.DistInfo | None,
+) -> tuple[Path, gdist.DistInfo, torch.device, nn.Module]:
+    """The setup every slide job shares: check ``precision`` and ``store_dtype``, make ``out_dir``,
+    resolve this rank's device and build ``encoder`` when it is a name (``weights`` only then)."""
+    check_precision(precision)
+    if store_dtype not in STORE_DTYPES:
+        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
+    info = dist_info or gdist.DistInfo()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device, local_rank=info.local_rank)
+    if info.is_main:
+        warn_half_precision_on_cpu(dev, precision)
+    if isinstance(encoder, str):
+        from gigaslide.models.encoders import create_encoder
 
-
-def merge_manifests(main: Path, shards: list[Path]) -> Path:
-    """Fold rank manifests into ``main`` (later rows win), write it atomically, delete the shards."""
-    rows: dict[str, dict[str, str]] = {r["slide_id"]: r for r in _read_rows(main)}
-    columns = list(MANIFEST_COLUMNS)
-    for shard_path in shards:
-        for r in _read_rows(shard_path):
-            rows[r["slide_id"]] = {**rows.get(r["slide_id"], {}), **r}
-    for r in rows.values():
-        columns += [c for c in r if c not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for sid in sorted(rows):
-        writer.writerow({c: rows[sid].get(c, "") for c in columns})
-    atomic_write_text(main, buf.getvalue())
-    for shard_path in shards:
-        shard_path.unlink(missing_ok=True)
-    return main
+        encoder = create_encoder(encoder, weights=weights)
+    elif weights is not None:
+        raise ValueError("weights= only applies when the encoder is given by name")
+    return out, info, dev, encoder
 
 
 def run_embedding(
@@ -412,7 +378,7 @@ def run_embedding(
     store_dtype: str = "float32",
     dist_info: gdist.DistInfo | None = None,
     progress: bool = True,
-) -> EmbedSummary:
+) -> JobSummary:
     """Embed every slide of ``coords_dir`` into ``out_dir`` (see the module docstring).
 
     Args:
@@ -433,41 +399,15 @@ def run_embedding(
         progress: show a tqdm bar with tiles/s.
     """
     t0 = time.perf_counter()
-    check_precision(precision)
     check_loader(loader)
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if store_dtype not in STORE_DTYPES:
-        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    info = dist_info or gdist.DistInfo()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    main_manifest = out / "manifest.csv"
-    dev = resolve_device(device, local_rank=info.local_rank)
-    if info.is_main:
-        warn_half_precision_on_cpu(dev, precision)
-    if isinstance(encoder, str):
-        from gigaslide.models.encoders import create_encoder
-
-        encoder = create_encoder(encoder, weights=weights)
-    elif weights is not None:
-        raise ValueError("weights= only applies when the encoder is given by name")
-    if info.is_main:  # fold shards left by an interrupted distributed run
-        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
-    gdist.barrier()
+    out, info, dev, encoder = prepare_job(
+        out_dir, encoder, weights, device, precision, store_dtype, dist_info
+    )
     jobs = discover_jobs(coords_dir, slides=slides, slide_mpp=slide_mpp)
-    done_before = {r["slide_id"] for r in _read_rows(main_manifest) if r.get("status") == STATUS_DONE}
-    weights_ = [
-        0.0
-        if j.slide_id in done_before and (out / "h5_files" / f"{j.slide_id}.h5").exists()
-        else j.n_tiles + 1
-        for j in jobs
-    ]
-    mine = gdist.shard(jobs, info.rank, info.world_size, weights=weights_)
-    manifest_path = out / f"manifest.rank{info.rank}.csv" if info.is_distributed else main_manifest
-    manifest = Manifest(manifest_path, columns=MANIFEST_COLUMNS)
     opts = {
         "device": dev,
         "precision": precision,
@@ -484,30 +424,15 @@ def run_embedding(
             "random weights: encoder %s has no pretrained weights; every file records random_init=True",
             encoder.meta.name,
         )
-    summary = EmbedSummary(out_dir=out, manifest=main_manifest, random_init=embedder.random_init)
-    desc = f"embed[{info.rank}]" if info.is_distributed else "embed"
-    with tqdm(
-        total=sum(j.n_tiles for j in mine), unit="tile", desc=desc, disable=not progress, dynamic_ncols=True
-    ) as pbar:
-        for job in mine:
-            t_slide = time.perf_counter()
-            try:
-                result = embedder.run_slide(job, pbar)
-            except Exception as e:
-                log.error("%s: %s", job.slide_id, e)
-                result = SlideResult(
-                    job.slide_id,
-                    STATUS_FAILED,
-                    job.n_tiles,
-                    seconds=time.perf_counter() - t_slide,
-                    error=f"{type(e).__name__}: {e}",
-                )
-            result.rank = info.rank
-            summary.results.append(result)
-            if not (result.skipped and job.slide_id in done_before):  # keep the original timing row
-                manifest.update(job.slide_id, result.row())
-    gdist.barrier()
-    if info.is_distributed and info.is_main:
-        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    results = run_slide_jobs(
+        jobs,
+        embedder.run_slide,
+        failed_slide,
+        out=out,
+        columns=MANIFEST_COLUMNS,
+        dist_info=info,
+        unit="tile",
+        desc="embed",
+        progress=progress,
+    )
+    return JobSummary(out, out / MANIFEST, results, time.perf_counter() - t0, embedder.random_init)

@@ -14,6 +14,11 @@ depend on the other slides, the rank or a resume. The machinery is ``gigaslide e
 manifest (``OUT/manifest.csv``, one row per slide), skipping finished slides with the same
 fingerprint, resuming an interrupted slide at its next augmentation, recording a failing slide and
 carrying on, sharding slides over ``torchrun`` ranks.
+
+With ``identity_view=True`` every slide also gets its identity (non-augmented) view, the input of
+``gigaslide gigassl encode``: all of its tissue tiles embedded without augmentation by ``gigaslide
+embed``'s own per-slide code (same transform, loader, file and resume), in
+``OUT/identity/h5_files/<slide_id>.h5``; see :mod:`gigaslide.data.gigassl_bank`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +39,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gigaslide.data.feature_writer import array_sha256, make_fingerprint, stored_fingerprint
-from gigaslide.data.gigassl_bank import BANK_SUBDIR, BankWriter
+from gigaslide.data.gigassl_bank import BANK_SUBDIR, IDENTITY_SUBDIR, BankWriter
 from gigaslide.data.tile_augment import TileAugment, params_row
 from gigaslide.data.tile_dataset import TileDataset
 from gigaslide.data.tile_loader import TileLoader
 from gigaslide.pipeline.embed_inputs import EmbedInputError, SlideJob, discover_jobs
-from gigaslide.pipeline.embed_job import STORE_DTYPES, _Embedder, _read_rows, merge_manifests
-from gigaslide.pipeline.extract import check_precision, encode_batch, warn_half_precision_on_cpu
+from gigaslide.pipeline.embed_job import STORE_DTYPES, _Embedder, prepare_job
+from gigaslide.pipeline.extract import encode_batch
+from gigaslide.pipeline.slide_jobs import MANIFEST, JobSummary, run_slide_jobs
 from gigaslide.utils import dist as gdist
-from gigaslide.utils.device import resolve_device
-from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
+from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +80,12 @@ class BankSlideResult:
     error: str = ""
     bank_file: str = ""
     resumed_from: int = 0
-    computed_tiles: int = 0
+    computed: int = 0  # tiles encoded in this run
     rank: int = 0
     skipped: bool = False
 
     def row(self) -> dict[str, Any]:
-        rate = self.computed_tiles / self.seconds if self.seconds > 0 else 0.0
+        rate = self.computed / self.seconds if self.seconds > 0 else 0.0
         return {
             "status": self.status,
             "n_aug": self.n_aug,
@@ -93,36 +98,6 @@ class BankSlideResult:
             "resumed_from": self.resumed_from,
             "rank": self.rank,
         }
-
-
-@dataclass
-class BankSummary:
-    """What :func:`build_gigassl_bank` did on this rank."""
-
-    out_dir: Path
-    manifest: Path
-    results: list[BankSlideResult] = field(default_factory=list)
-    seconds: float = 0.0
-    random_init: bool = False
-
-    @property
-    def failed(self) -> dict[str, str]:
-        return {r.slide_id: r.error for r in self.results if r.status == STATUS_FAILED}
-
-    @property
-    def tiles(self) -> int:
-        return sum(r.computed_tiles for r in self.results)
-
-    def describe(self) -> str:
-        done = sum(r.status == STATUS_DONE and not r.skipped for r in self.results)
-        skipped = sum(r.skipped for r in self.results)
-        rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"banked {done} slide(s), skipped {skipped} already done, {len(self.failed)} failed; "
-            f"{self.tiles} augmented tiles in {self.seconds:.1f} s ({rate:.1f} tiles/s) -> {self.out_dir}"
-        ]
-        lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
-        return "\n".join(lines)
 
 
 def slide_seed(seed: int, slide_id: str) -> list[int]:
@@ -154,6 +129,18 @@ class _Banker:
         self.mean = torch.tensor(self.embedder.transform.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.embedder.transform.std, device=self.device).view(1, 3, 1, 1)
         self.dim = int(encoder.meta.embed_dim)
+        self.identity = (
+            _Embedder(encoder, out / IDENTITY_SUBDIR, {**opts, "save_pt": False, "chunk_size": 4096})
+            if opts["identity_view"]
+            else None
+        )
+
+    def run_identity(self, job: SlideJob, n: int, pbar: tqdm) -> int:
+        """Write the slide's identity view when asked (skipped when complete); returns the tiles computed."""
+        if self.identity is None:
+            return 0
+        pbar.total = (pbar.total or 0) + n
+        return self.identity.run_slide(job, pbar).computed
 
     def fingerprint(self, coords: np.ndarray, coords_attrs: dict[str, Any]) -> str:
         o = self.opts
@@ -203,6 +190,7 @@ class _Banker:
         if cf.coords.shape[0] == 0:
             raise ValueError(f"{job.coords_path}: the slide has no tissue tile to sample; check its tiling")
         self.embedder.check_resolution(job.slide_id, cf.spec.target_mpp)
+        identity = self.run_identity(job, int(cf.coords.shape[0]), pbar)
         rng = np.random.default_rng(slide_seed(o["seed"], job.slide_id))
         rows, params = draw_views(cf.coords.shape[0], n_aug, n_tiles, self.augment, o["shared"], rng)
         coords = cf.coords[rows]  # (n_aug, n_tiles, 2)
@@ -218,8 +206,9 @@ class _Banker:
             pbar.total = max(0, (pbar.total or 0) - total)
             pbar.refresh()
             return BankSlideResult(
-                job.slide_id, STATUS_DONE, n_aug, n_tiles, self.dim, bank_file=str(final), skipped=True
-            )
+                job.slide_id, STATUS_DONE, n_aug, n_tiles, self.dim, time.perf_counter() - t0,
+                bank_file=str(final), computed=identity, skipped=identity == 0,
+            )  # fmt: skip
         attrs = {
             **self.embedder.features_attrs(job.slide_id, cf.spec, fp),
             "n_aug": n_aug,
@@ -253,7 +242,7 @@ class _Banker:
                 pbar.update(n_tiles)
             writer.finalize()
         secs = time.perf_counter() - t0
-        computed = (n_aug - start) * n_tiles
+        computed = (n_aug - start) * n_tiles + identity
         return BankSlideResult(
             job.slide_id, STATUS_DONE, n_aug, n_tiles, self.dim, secs, "", str(final), start, computed
         )
@@ -268,6 +257,7 @@ def build_gigassl_bank(
     n_aug: int = 50,
     n_tiles: int = 256,
     shared: bool = True,
+    identity_view: bool = False,
     augment: TileAugment | None = None,
     seed: int = 0,
     batch_size: int = 256,
@@ -279,7 +269,7 @@ def build_gigassl_bank(
     slide_mpp: float | None = None,
     dist_info: gdist.DistInfo | None = None,
     progress: bool = True,
-) -> BankSummary:
+) -> JobSummary:
     """Build the augmented embedding bank of every slide of ``coords_dir`` in ``out_dir`` (module docstring).
 
     Args:
@@ -287,6 +277,8 @@ def build_gigassl_bank(
         encoder: encoder name (with ``weights``) or a built encoder; frozen, in eval mode.
         n_aug: augmentations per slide; n_tiles: tiles per augmentation.
         shared: one augmentation shared by all tiles of a view (False = the paper's "NS" ablation).
+        identity_view: also embed all tissue tiles without augmentation (module docstring), the
+            views ``gigassl encode`` draws from; it can be added to a finished bank by a rerun.
         augment: the tile augmentation (default :class:`TileAugment` ()).
         seed: base seed of the tile and augmentation draws.
         batch_size: tiles per encoder call (a view of ``n_tiles`` tiles is encoded in such chunks).
@@ -294,38 +286,14 @@ def build_gigassl_bank(
             dist_info, progress: as for :func:`gigaslide.pipeline.embed_job.run_embedding`.
     """
     t0 = time.perf_counter()
-    check_precision(precision)
     if n_aug < 1 or n_tiles < 1 or batch_size < 1:
         raise ValueError(f"n_aug, n_tiles and batch_size must be >= 1, got {n_aug}, {n_tiles}, {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if store_dtype not in STORE_DTYPES:
-        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
-    info = dist_info or gdist.DistInfo()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    main_manifest = out / "manifest.csv"
-    dev = resolve_device(device, local_rank=info.local_rank)
-    if info.is_main:
-        warn_half_precision_on_cpu(dev, precision)
-    if isinstance(encoder, str):
-        from gigaslide.models.encoders import create_encoder
-
-        encoder = create_encoder(encoder, weights=weights)
-    elif weights is not None:
-        raise ValueError("weights= only applies when the encoder is given by name")
-    if info.is_main:
-        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
-    gdist.barrier()
+    out, info, dev, encoder = prepare_job(
+        out_dir, encoder, weights, device, precision, store_dtype, dist_info
+    )
     jobs = discover_jobs(coords_dir, slides=slides, slide_mpp=slide_mpp)
-    done_before = {r["slide_id"] for r in _read_rows(main_manifest) if r.get("status") == STATUS_DONE}
-    cost = [
-        0.0 if j.slide_id in done_before and (out / BANK_SUBDIR / f"{j.slide_id}.h5").exists() else 1.0
-        for j in jobs
-    ]
-    mine = gdist.shard(jobs, info.rank, info.world_size, weights=cost)
-    manifest_path = out / f"manifest.rank{info.rank}.csv" if info.is_distributed else main_manifest
-    manifest = Manifest(manifest_path, columns=BANK_COLUMNS)
     opts = {
         "device": dev,
         "precision": precision,
@@ -336,6 +304,7 @@ def build_gigassl_bank(
         "n_aug": int(n_aug),
         "n_tiles": int(n_tiles),
         "shared": bool(shared),
+        "identity_view": bool(identity_view),
         "seed": int(seed),
         "augment": augment or TileAugment(),
     }
@@ -345,27 +314,24 @@ def build_gigassl_bank(
             "RANDOM WEIGHTS: encoder %s has no pretrained weights; the bank is not meaningful",
             encoder.meta.name,
         )
-    summary = BankSummary(out_dir=out, manifest=main_manifest, random_init=banker.embedder.random_init)
-    desc = f"bank[{info.rank}]" if info.is_distributed else "bank"
-    with tqdm(
-        total=len(mine) * n_aug * n_tiles, unit="tile", desc=desc, disable=not progress, dynamic_ncols=True
-    ) as pbar:
-        for job in mine:
-            t_slide = time.perf_counter()
-            try:
-                result = banker.run_slide(job, pbar)
-            except Exception as e:
-                log.error("%s: %s", job.slide_id, e)
-                result = BankSlideResult(
-                    job.slide_id, STATUS_FAILED, n_aug, n_tiles, seconds=time.perf_counter() - t_slide,
-                    error=f"{type(e).__name__}: {e}",
-                )  # fmt: skip
-            result.rank = info.rank
-            summary.results.append(result)
-            if not (result.skipped and job.slide_id in done_before):
-                manifest.update(job.slide_id, result.row())
-    gdist.barrier()
-    if info.is_distributed and info.is_main:
-        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
-    summary.seconds = time.perf_counter() - t0
-    return summary
+
+    def failure(job: SlideJob, seconds: float, error: str) -> BankSlideResult:
+        return BankSlideResult(job.slide_id, STATUS_FAILED, n_aug, n_tiles, seconds=seconds, error=error)
+
+    results = run_slide_jobs(
+        jobs,
+        banker.run_slide,
+        failure,
+        out=out,
+        columns=BANK_COLUMNS,
+        output_file=lambda sid: out / BANK_SUBDIR / f"{sid}.h5",
+        work=lambda j: n_aug * n_tiles,
+        dist_info=info,
+        unit="tile",
+        desc="bank",
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    return JobSummary(
+        out, out / MANIFEST, results, seconds, banker.embedder.random_init, "banked", "tiles embedded"
+    )

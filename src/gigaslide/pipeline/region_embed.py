@@ -43,21 +43,19 @@ from gigaslide.pipeline.embed_inputs import EmbedInputError, SlideJob, discover_
 from gigaslide.pipeline.embed_job import (
     MANIFEST_COLUMNS,
     STORE_DTYPES,
-    EmbedSummary,
     SlideResult,
-    merge_manifests,
+    failed_slide,
+    prepare_job,
 )
 from gigaslide.pipeline.extract import (
     autocast_context,
-    check_precision,
-    resolve_device,
-    warn_half_precision_on_cpu,
     weights_identity,
 )
+from gigaslide.pipeline.slide_jobs import MANIFEST, JobSummary, run_slide_jobs
 from gigaslide.preprocess.coords_io import read_coords
 from gigaslide.utils import dist as gdist
 from gigaslide.utils.atomic import atomic_path, atomic_write_text
-from gigaslide.utils.manifest import STATUS_DONE, STATUS_FAILED, Manifest
+from gigaslide.utils.manifest import STATUS_DONE
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +251,7 @@ def run_region_embedding(
     chunk_regions: int = 8,
     dist_info: gdist.DistInfo | None = None,
     progress: bool = True,
-) -> EmbedSummary:
+) -> JobSummary:
     """Embed the HIPT regions of every slide of ``tiling_dir`` into ``out_dir`` (module docstring).
 
     Args:
@@ -267,59 +265,30 @@ def run_region_embedding(
         slides, slide_mpp, store_dtype, dist_info, progress: as for tile embedding.
     """
     t0 = time.perf_counter()
-    check_precision(precision)
-    if store_dtype not in STORE_DTYPES:
-        raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {store_dtype!r}")
     if chunk_regions < 1:
         raise ValueError(f"chunk_regions must be >= 1, got {chunk_regions}")
-    info = dist_info or gdist.DistInfo()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    main_manifest = out / "manifest.csv"
-    dev = resolve_device(device, local_rank=info.local_rank)
-    if info.is_main:
-        warn_half_precision_on_cpu(dev, precision)
-    if isinstance(encoder, str):
-        from gigaslide.models.encoders import create_encoder
-
-        encoder = create_encoder(encoder, weights=weights)
+    out, info, dev, encoder = prepare_job(
+        out_dir, encoder, weights, device, precision, store_dtype, dist_info
+    )
     if isinstance(vit4k, (str, os.PathLike)):
         from gigaslide.models.encoders import create_hipt_vit4k
 
         vit4k = create_hipt_vit4k(weights=None if str(vit4k) == "random" else vit4k)
     two_stage = HIPTRegionEncoder(encoder, vit4k, batch_size=batch_size).eval().to(dev)
-    if info.is_main:
-        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
-    gdist.barrier()
     jobs = region_jobs(tiling_dir, slides=slides, slide_mpp=slide_mpp)
-    mine = gdist.shard(jobs, info.rank, info.world_size, weights=[j.n_tiles + 1 for j in jobs])
-    manifest_path = out / f"manifest.rank{info.rank}.csv" if info.is_distributed else main_manifest
-    manifest = Manifest(manifest_path, columns=MANIFEST_COLUMNS)
     opts = {"device": dev, "precision": precision, "store_dtype": store_dtype, "chunk_regions": chunk_regions}
     embedder = _RegionEmbedder(two_stage, encoder.meta, out, opts)
-    summary = EmbedSummary(out_dir=out, manifest=main_manifest, random_init=embedder.random_init)
-    with tqdm(
-        total=sum(j.n_tiles for j in mine), unit="region", desc="regions", disable=not progress
-    ) as pbar:
-        for job in mine:
-            t_slide = time.perf_counter()
-            try:
-                result = embedder.run_slide(job, pbar)
-            except Exception as e:
-                log.error("%s: %s", job.slide_id, e)
-                result = SlideResult(
-                    job.slide_id,
-                    STATUS_FAILED,
-                    job.n_tiles,
-                    seconds=time.perf_counter() - t_slide,
-                    error=f"{type(e).__name__}: {e}",
-                )
-            result.rank = info.rank
-            summary.results.append(result)
-            if not result.skipped:
-                manifest.update(job.slide_id, result.row())
-    gdist.barrier()
-    if info.is_distributed and info.is_main:
-        merge_manifests(main_manifest, sorted(out.glob("manifest.rank*.csv")))
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    results = run_slide_jobs(
+        jobs,
+        embedder.run_slide,
+        failed_slide,
+        out=out,
+        columns=MANIFEST_COLUMNS,
+        dist_info=info,
+        unit="region",
+        desc="regions",
+        progress=progress,
+    )
+    return JobSummary(
+        out, out / MANIFEST, results, time.perf_counter() - t0, embedder.random_init, unit="regions"
+    )

@@ -80,7 +80,11 @@ class DINOConfig:
 
 
 def _build_backbone(
-    encoder: str, weights: Any, drop_path_rate: float, encoder_kwargs: dict[str, Any]
+    encoder: str,
+    weights: Any,
+    drop_path_rate: float,
+    encoder_kwargs: dict[str, Any],
+    warn_random: bool = True,
 ) -> nn.Module:
     from gigaslide.models.encoders import create_encoder
 
@@ -88,7 +92,7 @@ def _build_backbone(
     if drop_path_rate > 0:
         kw["drop_path_rate"] = drop_path_rate
     try:
-        return create_encoder(encoder, weights=weights, **kw)
+        return create_encoder(encoder, weights=weights, warn_random=warn_random, **kw)
     except TypeError as e:
         if "drop_path_rate" in str(e):
             raise ValueError(
@@ -131,6 +135,28 @@ class DINOObjective(Objective):
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"student": self.student}
+
+    def sync_batchnorm(self, device: torch.device | str, world_size: int) -> bool:
+        """Under torchrun (``world_size > 1``) on CUDA, turn the batch norms of student and teacher into
+        SyncBatchNorm, as DINO does, so that their statistics are those of the global batch (the
+        checkpoint layout is unchanged). torch has no SyncBatchNorm on the CPU: there each rank
+        normalises with its own batch's statistics (warned). Returns True when it converted."""
+        if world_size < 2 or not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.modules()
+        ):
+            return False
+        if torch.device(device).type != "cuda":
+            log.warning(
+                "batch norm in the DINO model on %s: each of the %d processes normalises with the statistics "
+                "of its own batch (SyncBatchNorm needs CUDA), so results differ from one process on the global "
+                "batch",
+                device,
+                world_size,
+            )
+            return False
+        self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        return True
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         epochs = max(1, total_steps // max(1, steps_per_epoch))
@@ -180,10 +206,20 @@ def build_dino(
     encoder_kwargs: dict[str, Any] | None = None,
 ) -> DINOObjective:
     """Student, teacher and loss for ``encoder`` (a registry name), ready for the engine."""
+    from gigaslide.utils.dist import dist_env
+
     cfg = cfg or DINOConfig()
     kw = dict(encoder_kwargs or {})
-    backbone = _build_backbone(encoder, weights, cfg.drop_path_rate, kw)
-    teacher_backbone = _build_backbone(encoder, "random", 0.0, kw)
+    # the random-weights warning once per job (rank 0), and no notice for the teacher's initialisation:
+    # DINOObjective replaces it with the student's weights
+    backbone = _build_backbone(encoder, weights, cfg.drop_path_rate, kw, warn_random=dist_env().is_main)
+    registry_log = logging.getLogger("gigaslide.models.encoders.registry")
+    level = registry_log.level
+    registry_log.setLevel(max(logging.WARNING, registry_log.getEffectiveLevel()))
+    try:
+        teacher_backbone = _build_backbone(encoder, "random", 0.0, kw, warn_random=False)
+    finally:
+        registry_log.setLevel(level)
     dim = embed_dim_of(backbone)
 
     def head() -> DINOHead:
@@ -257,6 +293,7 @@ def run_dino(
     seed_everything(seed)
     objective = build_dino(encoder, epochs, cfg, weights=weights, encoder_kwargs=encoder_kwargs)
     data = MultiCropData(tiles, MultiCrop(cfg.crops), batch_size, seed=seed, num_workers=num_workers)
+    objective.sync_batchnorm(dev, env.world_size)
     out = Path(out_dir)
     engine = Engine(
         objective,

@@ -7,9 +7,13 @@ aggregator (the projector is dropped, as in SimCLR), averaged, and the mean is L
 Non-augmented tiles come from either
 * a plain feature folder of ``gigaslide embed`` (``h5_files/<slide_id>.h5``, features (N, D) with
   coords and tile spec): the views draw from all of the slide's tiles; or
-* a Giga-SSL bank: its identity augmentations (recorded parameters with no crop, flip, rotation,
-  jitter, grayscale or blur). A bank without one is refused unless ``use_augmented=True``, which
-  draws each view from one of the bank's augmentations at random (not the paper's protocol).
+* a Giga-SSL bank: its identity views (``BANK/identity/h5_files/<slide_id>.h5``, all the slide's
+  tiles without augmentation, written by ``gigaslide gigassl bank --identity-view``), read exactly
+  as a feature folder, so that encoding a bank equals encoding the ``gigaslide embed`` folder of the
+  same slides and encoder; else its identity augmentations (recorded parameters with no crop, flip,
+  rotation, jitter, grayscale or blur), views drawn among their ``n_tiles`` tiles. A bank with neither
+  is refused unless ``use_augmented=True``, which draws each view from one of the bank's
+  augmentations at random (not the paper's protocol).
 
 Draws come from ``np.random.default_rng([seed, hash(slide_id)])``: a slide's embedding does not
 depend on the other slides. Unreadable slides are recorded in ``failed`` and skipped. The output,
@@ -116,12 +120,17 @@ def _bank_views(
     bank: GigaSSLBank, i: int, grid_unit: float | None, use_augmented: bool
 ) -> tuple[str, Callable[[int], ViewFn]]:
     meta = bank.slides[i]
+    identity = bank.identity_file(i)
+    if identity is not None:
+        return _feature_views(identity, grid_unit)
     augs = identity_augmentations(meta.attrs)
     if not augs:
         if not use_augmented:
             raise ValueError(
-                f"{meta.path}: the bank has no non-augmented (identity) view; encode the plain features of "
-                "`gigaslide embed` instead, or pass --use-augmented to draw views from the augmented ones"
+                f"{meta.path}: the bank has no non-augmented (identity) view ({bank.identity_dir / meta.path.name} "
+                "is missing); add it by rerunning `gigaslide gigassl bank` with the same options and --out plus "
+                "--identity-view (finished augmentations are kept), or encode the plain features of "
+                "`gigaslide embed`, or pass --use-augmented to draw views from the augmented ones"
             )
         augs = list(range(meta.n_aug))
     if meta.spec is None:

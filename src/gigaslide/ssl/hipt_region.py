@@ -149,6 +149,7 @@ def pretrain_hipt_region(
     cfg = cfg or stage2_dino_config()
     objective = build_hipt_region(epochs, cfg, crops, weights=weights, vit4k_kwargs=kw)
     data = MultiCropData(grids, RegionCrops(crops), batch_size, seed=seed, num_workers=num_workers)  # type: ignore[arg-type]
+    objective.sync_batchnorm(dev, env.world_size)
     out = Path(out_dir)
     engine = Engine(
         objective,

@@ -193,14 +193,16 @@ def pretrain_longvit(
     ``image_size`` into ``out_dir/slide-images``. Slides that fail are skipped and logged. Reruns resume.
     """
     from gigaslide.pipeline.extract import resolve_device
-    from gigaslide.utils.dist import dist_env
+    from gigaslide.utils.dist import dist_env, from_main
     from gigaslide.utils.seed import seed_everything
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     cfg = cfg or longvit_dino_config()
     out = Path(out_dir)
-    images, failed = resolve_slide_images(source, out / "slide-images", image_size, slide_mpp)
+    env = dist_env()
+    # under torchrun rank 0 renders the slides; every rank trains on the images it lists
+    images, failed = from_main(resolve_slide_images, source, out / "slide-images", image_size, slide_mpp)
     for sid, why in failed.items():
         log.warning("LongViT pretraining: slide %s skipped (%s)", sid, why)
     if not images:
@@ -209,12 +211,12 @@ def pretrain_longvit(
             "`gigaslide slide-images` cache folder"
         )
     log.info("LongViT DINO pretraining on %d slide image(s), %d skipped", len(images), len(failed))
-    env = dist_env()
     dev = resolve_device(device, env.local_rank if env.is_distributed else None)
     seed_everything(seed)
     objective = build_longvit_dino(epochs, cfg, model_kwargs)
     data = MultiCropData(TissueRegions(images, samples_per_slide), MultiCrop(cfg.crops), batch_size, seed=seed,
                          num_workers=num_workers)  # fmt: skip
+    objective.sync_batchnorm(dev, env.world_size)
     engine = Engine(
         objective,
         optim=dino_optim(cfg, batch_size * env.world_size, epochs),

@@ -18,7 +18,8 @@ A method is an :class:`Objective` (its modules and ``train_step(batch, ctx) -> S
 * exact resume: modules, optimizer, scaler, step/epoch/micro-batch position, RNG states and the
   objective's own state are checkpointed atomically, so a run killed and resumed ends with the same
   weights as an uninterrupted one (``EpochData.batches`` must be a pure function of (epoch, index));
-* per-step JSONL and per-epoch CSV logs (and TensorBoard when installed), a progress bar per epoch.
+* per-step JSONL and per-epoch CSV logs (and TensorBoard when installed), a progress bar per epoch;
+  under torchrun rank 0 writes them, with each step log averaged over the ranks.
 
 The objective side of the contract (:class:`Objective`, :class:`StepContext`, :class:`StepOutput`,
 :class:`EpochData`) lives in :mod:`gigaslide.train.objective` and is re-exported here.
@@ -50,8 +51,9 @@ from gigaslide.train.checkpoint import (
     set_rng_state,
 )
 from gigaslide.train.objective import NO_DDP, EpochData, Objective, StepContext, StepOutput
-from gigaslide.train.schedules import constant_schedule, cosine_schedule, lr_schedule
+from gigaslide.train.optim import OptimConfig, build_optimizer, make_schedules, weight_decay_groups
 from gigaslide.utils.atomic import atomic_write_text
+from gigaslide.utils.dist import mean_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -60,40 +62,7 @@ __all__ = [
     "StepContext", "StepOutput", "build_optimizer", "make_schedules", "weight_decay_groups",
 ]  # fmt: skip
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class OptimConfig:
-    """Optimizer, schedules and gradient handling of a run."""
-
-    name: str = "adamw"  # "adamw" | "adam" | "sgd"
-    lr: float = 1e-4  # peak learning rate (after warm-up)
-    min_lr: float = 0.0
-    lr_schedule: str = "cosine"  # "cosine" | "constant"
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.0
-    weight_decay_end: float | None = None  # cosine weight-decay schedule (DINO 0.04 -> 0.4); None = constant
-    momentum: float = 0.9  # SGD
-    betas: tuple[float, float] = (0.9, 0.999)
-    no_decay_norm_bias: bool = True  # no weight decay on 1-D parameters (norms, biases) and ``*.bias``
-    accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float | None = None
-
-    def __post_init__(self) -> None:
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        checks = [
-            (self.name in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be 'cosine' or 'constant'"),
-            (self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.grad_clip is None or self.grad_clip > 0, "grad_clip must be > 0 or None"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"invalid optimizer config: {msg}")
 
 
 @dataclass
@@ -127,44 +96,6 @@ class FitResult:
     step: int  # optimizer steps taken in total
     stopped_early: bool
     resumed_from: int | None = None  # the optimizer step the run resumed from, if it did
-
-
-def weight_decay_groups(module: nn.Module, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
-    """Parameters of ``module`` split into a decayed group and one without decay (1-D tensors and biases)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "wd_scale": 1.0}]
-    if no_decay:
-        groups.append({"params": no_decay, "wd_scale": 0.0})
-    return [g for g in groups if g["params"]]
-
-
-def build_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over ``groups`` (learning rate and weight decay are set every step)."""
-    if not groups:
-        raise ValueError("nothing to optimise: the objective has no trainable parameters")
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def make_schedules(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(lr, weight decay) per optimizer step, each of length ``epochs * steps_per_epoch``."""
-    total = epochs * steps_per_epoch
-    lrs = lr_schedule(cfg.lr_schedule, cfg.lr, cfg.min_lr, epochs, steps_per_epoch, cfg.warmup_epochs)
-    if cfg.weight_decay_end is None:
-        wds = constant_schedule(cfg.weight_decay, total)
-    else:
-        wds = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
-    return lrs, wds
 
 
 def _autocast_factory(
@@ -465,6 +396,8 @@ class Engine:
                 if not out.backward_done:
                     ctx.backward(loss)
             logs = {"loss": float(loss.detach()), **out.logs}
+            if not self.objective.rank_specific:  # the global batch's values, as one process logs them
+                logs = mean_over_ranks(logs, self.device)
             for k, v in logs.items():
                 s, n = sums.get(k, (0.0, 0))
                 sums[k] = (s + float(v), n + 1)

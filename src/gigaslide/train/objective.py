@@ -24,7 +24,8 @@ class StepOutput:
     """What an objective returns for one micro-batch."""
 
     loss: Tensor  # scalar; the engine divides by the window size and backpropagates
-    logs: dict[str, float] = field(default_factory=dict)  # logged per step, averaged per epoch
+    # logged per step, averaged per epoch (and over the ranks under torchrun: the same keys on every rank)
+    logs: dict[str, float] = field(default_factory=dict)
     backward_done: bool = False  # the objective already backpropagated through ``ctx.backward``
 
 

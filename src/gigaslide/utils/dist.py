@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,60 @@ def cleanup() -> None:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+
+
+def mean_over_ranks(values: dict[str, float], device: Any = "cpu") -> dict[str, float]:
+    """Each value averaged over the ranks (every rank must pass the same keys); unchanged in one process.
+
+    ``device``: where the values travel (the rank's CUDA device under NCCL; gloo reduces on the CPU).
+    """
+    if not _group_active() or not values:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if world == 1:
+        return values
+    keys = sorted(values)
+    dev = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    mean = {k: v / world for k, v in zip(keys, t.tolist())}
+    return {k: mean[k] for k in values}  # the caller's key order (log columns)
+
+
+def from_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` computed on rank 0 only; every rank gets its result (or raises its error).
+
+    For work that must happen once per job and whose outcome every rank needs identical (rendering a
+    cache, listing what could be read). In one process it is a plain call. The result must pickle.
+    """
+    if not _group_active():
+        return fn(*args, **kwargs)
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, fn(*args, **kwargs))]
+        except Exception as e:  # handed to every rank, so that no rank waits for a result that never comes
+            box = [(False, e)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def quiet_other_ranks(info: DistInfo, level: int = logging.ERROR) -> None:
+    """Show only records of ``level`` and above from gigaslide's loggers on ranks other than 0.
+
+    For jobs whose ranks do the same work on the same inputs (DINO pretraining): rank 0 reports for
+    the job, so every warning and notice is printed once instead of once per process.
+    """
+    if not info.is_main:
+        logging.getLogger("gigaslide").setLevel(level)
 
 
 def shard(items: Sequence[T], rank: int, world_size: int, weights: Sequence[float] | None = None) -> list[T]:

@@ -57,6 +57,34 @@ def forward_with_cls_attention(
     return vit.norm(t)[:, 0], attn[:, :, 0, 1:]  # (B, D), (B, heads, N)
 
 
+def unique_patches(patches: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(P, C, p, p) -> the distinct patches (U, C, p, p) and ``inverse`` (P,) with ``out[inverse] == patches``.
+
+    Exact: patches are grouped by a cheap signature (sums of the values and of their squares per
+    channel) and every member is compared element-wise with its group's first patch. ``inverse``
+    is None when all patches differ (then the input is returned as it is).
+    """
+    flat = patches.flatten(2).float()  # (P, C, p*p)
+    sig = torch.cat([flat.sum(-1), flat.square().sum(-1)], dim=1).cpu().tolist()  # (P, 2C)
+    groups: dict[tuple[float, ...], list[int]] = {}
+    reps: list[int] = []
+    inverse: list[int] = []
+    for i, key in enumerate(map(tuple, sig)):
+        cands = groups.setdefault(key, [])
+        for u in cands:
+            if torch.equal(patches[reps[u]], patches[i]):
+                inverse.append(u)
+                break
+        else:
+            cands.append(len(reps))
+            inverse.append(len(reps))
+            reps.append(i)
+    if len(reps) == len(patches):
+        return patches, None
+    idx = torch.tensor(reps, device=patches.device)
+    return patches[idx], torch.tensor(inverse, device=patches.device)
+
+
 @dataclass
 class RegionTokens:
     """Output of :class:`HIPTRegionEncoder` for R regions of rows x cols patches."""
@@ -69,18 +97,31 @@ class RegionTokens:
 class HIPTRegionEncoder(nn.Module):
     """ViT_256 (batched over all patches of all regions) followed by an optional ViT_4096."""
 
-    def __init__(self, vit256: nn.Module, vit4k: HIPTViT4K | None = None, batch_size: int = 256) -> None:
+    def __init__(
+        self, vit256: nn.Module, vit4k: HIPTViT4K | None = None, batch_size: int = 256, dedup: bool = True
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.vit256, self.vit4k, self.batch_size = vit256, vit4k, int(batch_size)
+        self.vit256, self.vit4k, self.batch_size, self.dedup = vit256, vit4k, int(batch_size), bool(dedup)
 
     def patch_tokens(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """(R, 3, S, S) regions -> (R, T, D) ViT_256 tokens and the (rows, cols) grid."""
+        """(R, 3, S, S) regions -> (R, T, D) ViT_256 tokens and the (rows, cols) grid.
+
+        With ``dedup`` (default) identical patches, such as the uniform padding of regions at slide
+        edges, are encoded once and their token copied: ViT_256 is deterministic in eval mode, so
+        the tokens are those of encoding every patch (to float rounding of the batch shapes). In
+        training mode (dropout) every patch is encoded.
+        """
         patches, grid = unroll_region(images)  # (R*T, 3, 256, 256)
+        todo, inverse = (
+            unique_patches(patches) if self.dedup and not self.vit256.training else (patches, None)
+        )  # (U, 3, 256, 256), (R*T,)
         out = torch.cat(
-            [self.vit256(patches[i : i + self.batch_size]) for i in range(0, len(patches), self.batch_size)]
-        )
+            [self.vit256(todo[i : i + self.batch_size]) for i in range(0, len(todo), self.batch_size)]
+        )  # (U, D)
+        if inverse is not None:
+            out = out[inverse]  # (R*T, D)
         return out.reshape(images.shape[0], grid[0] * grid[1], -1), grid
 
     def forward(self, images: Tensor, patch_mask: Tensor | None = None) -> RegionTokens:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gigaslide.models.layers.block import Block
+from gigaslide.models.layers.block import block_stack
 from gigaslide.models.layers.pos_embed import resize_pos_embed
 from gigaslide.models.layers.vit import init_vit_weights
 
@@ -66,19 +66,8 @@ class HIPTViT4K(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0.0, drop_path_rate, depth).tolist() if depth > 0 else []
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=True,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=rates[i],
-                norm_eps=norm_eps,
-            )
-            for i in range(depth)
+        self.blocks = block_stack(
+            depth, embed_dim, num_heads, mlp_ratio, True, drop_rate, attn_drop_rate, drop_path_rate, norm_eps
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.reset_parameters()
@@ -126,8 +115,17 @@ class HIPTViT4K(nn.Module):
         return self.norm(t)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, in_dim, H, W) [+ (B, H, W) bool patch mask] -> (B, D) region CLS token."""
-        return self.forward_features(x, mask)[:, 0]
+        """(B, in_dim, H, W) [+ (B, H, W) bool patch mask] -> (B, D) region CLS token.
+
+        In eval mode the last block computes the CLS row only, as in ``VisionTransformer.forward``.
+        """
+        if self.training:
+            return self.forward_features(x, mask)[:, 0]
+        key_mask = self.key_mask(x, mask)
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t, key_mask=key_mask)
+        return self.norm(self.blocks[-1].forward_query(t, n_query=1, key_mask=key_mask))[:, 0]  # (B, D)
 
     def get_last_selfattention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, in_dim, H, W) -> (B, heads, 1 + H*W, 1 + H*W) softmax attention of the last block."""

@@ -59,3 +59,23 @@ class Attention(nn.Module):
             assert attn is not None
             return out, attn
         return out
+
+    def forward_query(
+        self, x: torch.Tensor, n_query: int = 1, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, N, D) -> (B, n_query, D): the output rows of the first ``n_query`` tokens only.
+
+        Equal to ``forward(x)[:, :n_query]`` (keys and values still come from all N tokens), at the
+        cost of the key/value projections alone for the other tokens: what a CLS embedding needs
+        from the last block. Attention dropout is applied as in :meth:`forward`.
+        """
+        b, n, d = x.shape
+        w, bias_qkv = self.qkv.weight, self.qkv.bias  # (3D, D), (3D,): rows q | k | v
+        q = F.linear(x[:, :n_query], w[:d], None if bias_qkv is None else bias_qkv[:d])  # (B, n_query, D)
+        kv = F.linear(x, w[d:], None if bias_qkv is None else bias_qkv[d:])  # (B, N, 2D)
+        q = q.reshape(b, n_query, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, n_query, hd)
+        k, v = kv.reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, N)
+        p = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, heads, n_query, hd)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n_query, d)))

@@ -48,3 +48,34 @@ class Block(nn.Module):
         if return_attention:
             return x, attn
         return x
+
+    def forward_query(
+        self, x: torch.Tensor, n_query: int = 1, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, N, D) -> (B, n_query, D): ``forward(x)[:, :n_query]`` without the other rows' MLP.
+
+        For the last block of a network whose output is its CLS token this skips about 10/12 of
+        the block's multiply-adds (all but the key/value projections of the other tokens).
+        """
+        y = self.attn.forward_query(self.norm1(x), n_query=n_query, key_mask=key_mask)
+        h = x[:, :n_query] + self.drop_path(y)
+        return h + self.drop_path(self.mlp(self.norm2(h)))
+
+
+def block_stack(
+    depth: int,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    drop: float = 0.0,
+    attn_drop: float = 0.0,
+    drop_path_rate: float = 0.0,
+    norm_eps: float = 1e-6,
+) -> nn.ModuleList:
+    """``depth`` blocks with stochastic depth rising linearly from 0 to ``drop_path_rate`` (DINO/timm)."""
+    rates = torch.linspace(0.0, drop_path_rate, depth).tolist() if depth > 0 else []
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path=rate, norm_eps=norm_eps)
+        for rate in rates
+    )

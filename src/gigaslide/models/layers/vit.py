@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gigaslide.models.layers.block import Block
+from gigaslide.models.layers.block import block_stack
 from gigaslide.models.layers.patch_embed import PatchEmbed
 from gigaslide.models.layers.pos_embed import resize_pos_embed
 
@@ -70,19 +70,16 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0.0, drop_path_rate, depth).tolist() if depth > 0 else []
-        self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=rates[i],
-                norm_eps=norm_eps,
-            )
-            for i in range(depth)
+        self.blocks = block_stack(
+            depth,
+            embed_dim,
+            num_heads,
+            mlp_ratio,
+            qkv_bias,
+            drop_rate,
+            attn_drop_rate,
+            drop_path_rate,
+            norm_eps,
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.reset_parameters()
@@ -112,8 +109,18 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D) CLS embedding."""
-        return self.forward_features(x)[:, 0]
+        """(B, C, H, W) -> (B, D) CLS embedding.
+
+        In eval mode the last block computes the CLS row only (:meth:`Block.forward_query`): the
+        same embedding (to float rounding) for about 7% fewer multiply-adds in a 12-block ViT-S/16
+        at 256 px. Training mode runs every row, so dropout draws stay those of the full forward.
+        """
+        if self.training:
+            return self.forward_features(x)[:, 0]
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        return self.norm(self.blocks[-1].forward_query(t, n_query=1))[:, 0]  # (B, D)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, heads, 1 + N, 1 + N) softmax attention of the last block (CLS first)."""
