@@ -12,7 +12,9 @@ token (exactly half of each sign, at random positions) and N(0, 1) noise in ever
 class lives in the second moment of the tokens (which axis they spread along), never in their mean:
 every region's mean token is pure noise. A ViT_4096 at random init is close to linear in the mean
 token (its weights are std 0.02, so ``phi``'s GELU runs in its near-linear range and attention is
-near uniform), so its region tokens mix the classes (KNN near chance). Every crop of a region, at
+near uniform), so its region tokens mostly mix the classes: 5-NN 0.39-0.47 over 3 seeds (chance 0.25;
+the raw mean token gives 0.245, the tokens' second-moment matrix 1.00; GELU's small even part is
+what random init reads). Every crop of a region, at
 any position, shows tokens of both signs along the class axis: the class is what all views share,
 and the sign pattern (which token lies where) differs between views. DINO has to make the views of a
 region agree, which an even (sign-blind) feature of the class axis does.
