@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from gigaslide.ssl.crop_data import MultiCropData
-from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim
+from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim, teacher_kwargs
 from gigaslide.ssl.dino_head import DINOHead
 from gigaslide.ssl.dino_loss import DINOLoss
 from gigaslide.ssl.multicrop import MultiCropWrapper
@@ -83,7 +83,7 @@ def build_hipt_region(
         backbone = HIPTViT4K(drop_path_rate=cfg.drop_path_rate, **kw)
     else:
         backbone = create_hipt_vit4k(weights=weights, drop_path_rate=cfg.drop_path_rate, **kw)
-    teacher_backbone = HIPTViT4K(**{**kw, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0})
+    teacher_backbone = HIPTViT4K(**teacher_kwargs(kw))  # no dropout (all rates default to 0)
     dim = backbone.embed_dim
 
     def head() -> DINOHead:
