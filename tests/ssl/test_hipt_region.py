@@ -131,3 +131,18 @@ def test_same_seed_gives_same_weights(tmp_path: Path) -> None:
     tc = torch.load(pretrain_hipt_region(folder, tmp_path / "c", seed=1, **kw), weights_only=False)["teacher"]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not torch.equal(ta["backbone.pos_embed"], tc["backbone.pos_embed"])
+
+
+def test_dropout_in_vit4k_kwargs_reaches_the_student_only() -> None:
+    from gigaslide.ssl.hipt_region import build_hipt_region
+
+    kw = {"in_dim": D, **ARCH, "drop_rate": 0.5}
+    obj = build_hipt_region(2, TINY, RegionCropConfig(n_local=2), vit4k_kwargs=kw)
+    x = torch.randn(4, D, 14, 14)
+    assert obj.teacher.training and obj.student.training  # the teacher's head BatchNorm uses batch stats
+    with torch.no_grad():
+        assert torch.equal(obj.teacher.backbone(x), obj.teacher.backbone(x))  # no dropout in the teacher
+        assert not torch.equal(obj.student.backbone(x), obj.student.backbone(x))
+    assert all(b.drop_path.p == 0.0 for b in obj.teacher.backbone.blocks)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        build_hipt_region(2, TINY, vit4k_kwargs={**kw, "drop_path_rate": 0.1})

@@ -142,3 +142,16 @@ def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtu
                  "--device", "cpu"]) == 2  # fmt: skip
     assert "run `gigaslide tile` first" in capsys.readouterr().err
     assert main(["pretrain"]) == 2
+
+
+def test_the_teacher_gets_no_dropout_from_encoder_kwargs() -> None:
+    from gigaslide.ssl.dino import build_dino
+
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    x = torch.randn(4, 3, 32, 32)
+    for extra in ({"drop_rate": 0.5}, {"attn_drop_rate": 0.5}):
+        obj = build_dino("hipt_vit256", 2, TINY, encoder_kwargs={**kw, **extra})
+        assert obj.teacher.training  # training mode (BatchNorm in the head), yet deterministic
+        with torch.no_grad():
+            assert torch.equal(obj.teacher.backbone(x), obj.teacher.backbone(x)), extra
+            assert not torch.equal(obj.student.backbone(x), obj.student.backbone(x)), extra

@@ -198,6 +198,19 @@ class DINOObjective(Objective):
         return None
 
 
+#: encoder arguments that add randomness to a forward pass in training mode; the teacher gets them at 0
+STOCHASTIC_KWARGS = ("drop_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "drop_path_rate")
+
+
+def teacher_kwargs(encoder_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The student's encoder arguments with dropout and stochastic depth off (the teacher's).
+
+    The teacher runs in training mode (so that BatchNorm in its head uses batch statistics, as in
+    DINO), so dropout in its backbone would be live; DINO's teacher has none.
+    """
+    return {k: (0.0 if k in STOCHASTIC_KWARGS else v) for k, v in encoder_kwargs.items()}
+
+
 def build_dino(
     encoder: str,
     epochs: int,
@@ -217,7 +230,7 @@ def build_dino(
     level = registry_log.level
     registry_log.setLevel(max(logging.WARNING, registry_log.getEffectiveLevel()))
     try:
-        teacher_backbone = _build_backbone(encoder, "random", 0.0, kw, warn_random=False)
+        teacher_backbone = _build_backbone(encoder, "random", 0.0, teacher_kwargs(kw), warn_random=False)
     finally:
         registry_log.setLevel(level)
     dim = embed_dim_of(backbone)

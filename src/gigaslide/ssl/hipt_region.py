@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from gigaslide.ssl.crop_data import MultiCropData
-from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim
+from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim, teacher_kwargs
 from gigaslide.ssl.dino_head import DINOHead
 from gigaslide.ssl.dino_loss import DINOLoss
 from gigaslide.ssl.multicrop import MultiCropWrapper
@@ -65,17 +65,25 @@ def build_hipt_region(
 
     ``weights`` initialises the student backbone (a ``vit4k_xs_dino.pth``-layout file, loaded
     strictly); ``None`` starts from random weights (the normal case for pretraining).
+    Dropout set in ``vit4k_kwargs`` (``drop_rate``, ``attn_drop_rate``) applies to the student only:
+    the teacher runs in training mode (for BatchNorm in the head), and like DINO's teacher it has no
+    dropout and no stochastic depth.
     """
     from gigaslide.models.encoders.hipt_vit4k import HIPTViT4K, create_hipt_vit4k
 
     cfg = cfg or stage2_dino_config()
     crops = crops or RegionCropConfig()
     kw = dict(vit4k_kwargs or {})
+    if "drop_path_rate" in kw:
+        raise ValueError(
+            "set the student's stochastic depth with DINOConfig.drop_path_rate (--drop-path), "
+            "not in vit4k_kwargs"
+        )
     if weights is None:
         backbone = HIPTViT4K(drop_path_rate=cfg.drop_path_rate, **kw)
     else:
         backbone = create_hipt_vit4k(weights=weights, drop_path_rate=cfg.drop_path_rate, **kw)
-    teacher_backbone = HIPTViT4K(drop_path_rate=0.0, **kw)
+    teacher_backbone = HIPTViT4K(**teacher_kwargs(kw))  # no dropout (all rates default to 0)
     dim = backbone.embed_dim
 
     def head() -> DINOHead:
