@@ -144,3 +144,14 @@ def test_cli_renders_slides_and_reports(slides: list[Path], tmp_path: Path, caps
     argv_bad = ["pretrain", "longvit", str(bad), "--out", str(tmp_path / "none"), "--device", "cpu"]
     assert main(argv_bad) != 0
     assert "no usable slide image" in capsys.readouterr().err
+
+
+def test_dropout_in_model_kwargs_reaches_the_student_only() -> None:
+    from gigaslide.ssl.longvit_dino import build_longvit_dino
+
+    obj = build_longvit_dino(2, TINY, model_kwargs={**MODEL, "dropout": 0.5})
+    x = torch.randn(2, 3, 64, 64)
+    assert obj.teacher.training and obj.student.training  # the teacher's head BatchNorm uses batch stats
+    with torch.no_grad():
+        assert torch.equal(obj.teacher.backbone(x).embedding, obj.teacher.backbone(x).embedding)
+        assert not torch.equal(obj.student.backbone(x).embedding, obj.student.backbone(x).embedding)

@@ -35,3 +35,23 @@ def add_dino_arguments(p: argparse.ArgumentParser, unit: str, warmup_teacher_tem
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without head last-layer updates")
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0 = off)")
     p.add_argument("--drop-path", type=float, default=0.1, help="student stochastic depth rate")
+    p.add_argument("--bn-in-head", action="store_true",
+                   help="BatchNorm in the head's MLP (DINO's --use_bn_in_head; off in DINO and HIPT's recipes)")  # fmt: skip
+    p.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight-normalised last layer with its norm fixed (DINO's default)")  # fmt: skip
+    p.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the teacher's centre")
+
+
+def dino_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`gigaslide.ssl.dino.DINOConfig` fields set by :func:`add_dino_arguments`."""
+    return {
+        "out_dim": args.out_dim, "head_hidden_dim": args.head_hidden_dim,
+        "head_bottleneck_dim": args.head_bottleneck_dim, "lr": args.lr, "min_lr": args.min_lr,
+        "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
+        "weight_decay_end": args.weight_decay_end, "momentum_teacher": args.momentum_teacher,
+        "teacher_temp": args.teacher_temp, "warmup_teacher_temp": args.warmup_teacher_temp,
+        "warmup_teacher_temp_epochs": args.warmup_teacher_temp_epochs,
+        "freeze_last_layer": args.freeze_last_layer, "clip_grad": args.clip_grad,
+        "drop_path_rate": args.drop_path, "use_bn_in_head": args.bn_in_head,
+        "norm_last_layer": args.norm_last_layer, "center_momentum": args.center_momentum,
+    }  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gigaslide.cli.pretrain_args import add_dino_arguments
+from gigaslide.cli.pretrain_args import add_dino_arguments, dino_options
 from gigaslide.cli.pretrain_args import key_value as _key_value
 
 
@@ -58,12 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from gigaslide.utils.dist import cleanup, init_distributed, quiet_other_ranks
 
     cfg = DINOConfig(
-        out_dim=args.out_dim, head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
-        momentum_teacher=args.momentum_teacher, teacher_temp=args.teacher_temp,
-        warmup_teacher_temp=args.warmup_teacher_temp, warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
-        freeze_last_layer=args.freeze_last_layer, clip_grad=args.clip_grad, drop_path_rate=args.drop_path,
-        lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-        weight_decay_end=args.weight_decay_end,
+        **dino_options(args),
         crops=MultiCropConfig(global_size=args.global_size, local_size=args.local_size, n_local=args.local_crops),
     )  # fmt: skip
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gigaslide.cli.pretrain_args import add_dino_arguments
+from gigaslide.cli.pretrain_args import add_dino_arguments, dino_options
 from gigaslide.cli.pretrain_args import key_value as _key_value
 
 
@@ -57,12 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gigaslide pretrain longvit: error: {e}", file=sys.stderr)
         return 2
     cfg = longvit_dino_config(
-        out_dim=args.out_dim, head_hidden_dim=args.head_hidden_dim, head_bottleneck_dim=args.head_bottleneck_dim,
-        momentum_teacher=args.momentum_teacher, teacher_temp=args.teacher_temp,
-        warmup_teacher_temp=args.warmup_teacher_temp, warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
-        freeze_last_layer=args.freeze_last_layer, clip_grad=args.clip_grad, drop_path_rate=args.drop_path,
-        lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-        weight_decay_end=args.weight_decay_end, crops=crops,
+        **dino_options(args), crops=crops,
     )  # fmt: skip
     info = init_distributed(backend="gloo" if args.device == "cpu" else None)
     quiet_other_ranks(info)  # every rank trains on the same data: rank 0 reports for the job

@@ -199,7 +199,9 @@ class DINOObjective(Objective):
 
 
 #: encoder arguments that add randomness to a forward pass in training mode; the teacher gets them at 0
-STOCHASTIC_KWARGS = ("drop_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "drop_path_rate")
+STOCHASTIC_KWARGS = (
+    "drop_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "drop_path_rate", "dropout",
+)  # fmt: skip
 
 
 def teacher_kwargs(encoder_kwargs: dict[str, Any]) -> dict[str, Any]:

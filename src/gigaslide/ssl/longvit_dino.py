@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from gigaslide.data.slide_images import IMAGENET_MEAN, IMAGENET_STD, prepare_slide_images
 from gigaslide.preprocess.slide_image import SlideImageSpec, load_slide_image
 from gigaslide.ssl.crop_data import MultiCropData
-from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim
+from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim, teacher_kwargs
 from gigaslide.ssl.dino_head import DINOHead
 from gigaslide.ssl.dino_loss import DINOLoss
 from gigaslide.ssl.multicrop import MultiCrop, MultiCropConfig, MultiCropWrapper
@@ -120,7 +120,9 @@ def build_longvit_dino(
     student_backbone = create_slide_model(
         "longvit", in_dim=3, n_classes=0, pooling_norm="norm", drop_path_rate=cfg.drop_path_rate, **kw
     )
-    teacher_backbone = create_slide_model("longvit", in_dim=3, n_classes=0, pooling_norm="norm", **kw)
+    teacher_backbone = create_slide_model(  # no dropout: the teacher runs in training mode (head BatchNorm)
+        "longvit", in_dim=3, n_classes=0, pooling_norm="norm", **teacher_kwargs(kw)
+    )
     dim = int(student_backbone.embed_dim)
 
     def head() -> DINOHead:
