@@ -84,6 +84,12 @@ def test_a_failing_slide_is_recorded_and_the_others_run(tmp_path: Path, caplog) 
         f"embedded 3 slide(s), skipped 0 already done, 1 failed; 16 tiles in 2.0 s (8.0 tiles/s) -> {fake.out}",
         f"  FAILED b: OSError: cannot read {tmp_path / 'b.tiff'}",
     ]
+    assert summary.report(distributed=False) == (summary.describe(), 1)
+    text, n_failed = summary.report(distributed=True)  # the merged manifest counts every rank's failures
+    assert text.splitlines()[-1] == f"all ranks: 1 slide(s) failed; manifest {fake.out / 'manifest.csv'}"
+    assert n_failed == 1
+    ok_here = JobSummary(fake.out, fake.out / "manifest.csv", [r for r in results if r.slide_id != "b"])
+    assert ok_here.n_failed == 0 and ok_here.report(distributed=True)[1] == 1  # another rank's failure
     manifest = rows(fake.out / "manifest.csv")
     assert list(next(iter(manifest.values()))) == list(MANIFEST_COLUMNS)
     assert manifest["b"]["status"] == "failed" and manifest["b"]["n_tiles"] == "6"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from pathlib import Path
@@ -70,13 +69,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _merged_failures(manifest: Path) -> dict[str, str]:
-    if not manifest.exists():
-        return {}
-    with manifest.open(newline="", encoding="utf-8") as f:
-        return {r["slide_id"]: r.get("error", "") for r in csv.DictReader(f) if r.get("status") == "failed"}
-
-
 def run(args: argparse.Namespace) -> int:
     from gigaslide.models.encoders import create_encoder
     from gigaslide.pipeline.embed_job import run_embedding
@@ -131,11 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 )
     finally:
         cleanup()
-    n_failed = summary.n_failed
+    text, n_failed = summary.report(info.is_distributed and info.is_main)
     if info.is_main:  # summaries go to stdout, as in `tile`
-        print(summary.describe())
-    if info.is_distributed and info.is_main:
-        failed = _merged_failures(summary.manifest)
-        print(f"all ranks: {len(failed)} slide(s) failed; manifest {summary.manifest}")
-        n_failed = max(n_failed, len(failed))
+        print(text)
     return 1 if n_failed else 0

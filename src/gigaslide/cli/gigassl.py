@@ -206,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
             )
     finally:
         cleanup()
+    text, n_failed = summary.report(info.is_distributed and info.is_main)
     if info.is_main:  # summaries go to stdout, as in every command
-        print(summary.describe())
-    return 1 if summary.failed else 0
+        print(text)
+    return 1 if n_failed else 0

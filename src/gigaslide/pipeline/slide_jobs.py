@@ -89,6 +89,16 @@ class JobSummary:
         lines += [f"  FAILED {sid}: {err}" for sid, err in sorted(self.failed.items())]
         return "\n".join(lines)
 
+    def report(self, distributed: bool) -> tuple[str, int]:
+        """:meth:`describe`, plus under torchrun a line on every rank's failures read from the merged
+        manifest (rank 0 merges it), and the number of failed slides a command should exit on."""
+        text, n_failed = self.describe(), self.n_failed
+        if distributed:
+            failed = {r["slide_id"] for r in read_rows(self.manifest) if r.get("status") == STATUS_FAILED}
+            text += f"\nall ranks: {len(failed)} slide(s) failed; manifest {self.manifest}"
+            n_failed = max(n_failed, len(failed))
+        return text, n_failed
+
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a manifest CSV; none when it does not exist."""
