@@ -1,5 +1,5 @@
-"""Arguments shared by the DINO pretraining commands (`pretrain dino`, `pretrain hipt-region`,
-`pretrain longvit`): the head, the optimisation schedule and the teacher, with DINO's defaults."""
+"""Arguments shared by the pretraining commands: DINO's head, optimisation schedule and teacher with its
+defaults (`pretrain dino`, `pretrain hipt-region`, `pretrain longvit`), and the run options of all of them."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def add_dino_arguments(p: argparse.ArgumentParser, unit: str, warmup_teacher_tem
     p.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
                    help="weight-normalised last layer with its norm fixed (DINO's default)")  # fmt: skip
     p.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the teacher's centre")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how a pretraining run executes: precision, device, seed, progress bar."""
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="AMP on CUDA")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def dino_options(args: argparse.Namespace) -> dict[str, Any]:

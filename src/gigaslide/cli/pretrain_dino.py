@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gigaslide.cli.pretrain_args import add_dino_arguments, dino_options
+from gigaslide.cli.pretrain_args import add_dino_arguments, add_run_arguments, dino_options
 from gigaslide.cli.pretrain_args import key_value as _key_value
 
 
@@ -45,10 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-tiles", type=int, default=None, help="pretrain on a seeded random subset of N tiles"
     )
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes building crops")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="AMP on CUDA")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_arguments(p)
     return p
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from gigaslide.cli.common import add_wait_argument, output_folder
+from gigaslide.cli.pretrain_args import add_run_arguments
 from gigaslide.cli.pretrain_args import key_value as _key_value
 
 
@@ -42,10 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--grid-unit", type=float, default=None,
                    help="map cell in pixels at the tiling resolution (224 = the paper's d); default one tile")  # fmt: skip
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="AMP on CUDA")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i>")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_arguments(p)
     add_wait_argument(p)
     return p
 
