@@ -42,6 +42,7 @@ from gigaslide.train.engine import (
     StepContext,
     StepOutput,
 )
+from gigaslide.utils.dist import dist_env
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,6 @@ def build_dino(
     encoder_kwargs: dict[str, Any] | None = None,
 ) -> DINOObjective:
     """Student, teacher and loss for ``encoder`` (a registry name), ready for the engine."""
-    from gigaslide.utils.dist import dist_env
 
     cfg = cfg or DINOConfig()
     kw = dict(encoder_kwargs or {})
@@ -236,20 +236,52 @@ def build_dino(
     finally:
         registry_log.setLevel(level)
     dim = embed_dim_of(backbone)
+    student = MultiCropWrapper(backbone, dino_head(dim, cfg))
+    teacher = MultiCropWrapper(teacher_backbone, dino_head(dim, cfg))
+    return DINOObjective(student, teacher, dino_loss(cfg, cfg.crops.n_crops, epochs), cfg)
 
-    def head() -> DINOHead:
-        return DINOHead(dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer,
-                        nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
-                        bottleneck_dim=cfg.head_bottleneck_dim)  # fmt: skip
 
-    student = MultiCropWrapper(backbone, head())
-    teacher = MultiCropWrapper(teacher_backbone, head())
+def dino_head(dim: int, cfg: DINOConfig) -> DINOHead:
+    """The projection head of ``cfg`` over ``dim``-d backbone outputs (student and teacher get one each)."""
+    return DINOHead(dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer,
+                    nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
+                    bottleneck_dim=cfg.head_bottleneck_dim)  # fmt: skip
+
+
+def dino_loss(cfg: DINOConfig, n_crops: int, epochs: int) -> DINOLoss:
+    """DINOLoss of ``cfg`` for ``n_crops`` views, the teacher-temperature warm-up capped at the run."""
     warm_t = min(cfg.warmup_teacher_temp_epochs, epochs)
     if warm_t < cfg.warmup_teacher_temp_epochs:
         log.info("teacher temperature warm-up shortened to the run: %d epochs", warm_t)
-    loss = DINOLoss(cfg.out_dim, cfg.crops.n_crops, cfg.warmup_teacher_temp, cfg.teacher_temp, warm_t, epochs,
+    return DINOLoss(cfg.out_dim, n_crops, cfg.warmup_teacher_temp, cfg.teacher_temp, warm_t, epochs,
                     student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)  # fmt: skip
-    return DINOObjective(student, teacher, loss, cfg)
+
+
+def fit_dino(
+    objective: DINOObjective,
+    data: MultiCropData,
+    cfg: DINOConfig,
+    batch_size: int,
+    epochs: int,
+    out_dir: str | os.PathLike[str],
+    device: torch.device,
+    seed: int = 0,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> Path:
+    """Train a DINO objective on the engine (SyncBatchNorm under torchrun on CUDA, DINO's optimiser for
+    the global batch); returns ``out_dir/checkpoint.pth``."""
+    world = dist_env().world_size
+    objective.sync_batchnorm(device, world)
+    out = Path(out_dir)
+    engine = Engine(
+        objective,
+        optim=dino_optim(cfg, batch_size * world, epochs),
+        cfg=EngineConfig(epochs=epochs, seed=seed, precision=precision, out_dir=out, progress=progress),
+        device=device,
+    )
+    engine.fit(data)
+    return out / "checkpoint.pth"
 
 
 def dino_optim(cfg: DINOConfig, global_batch: int, epochs: int) -> OptimConfig:
@@ -292,7 +324,6 @@ def run_dino(
     """
     from gigaslide.models.encoders import get_encoder_meta
     from gigaslide.utils.device import resolve_device
-    from gigaslide.utils.dist import dist_env
     from gigaslide.utils.seed import seed_everything
 
     if epochs < 1:
@@ -308,16 +339,7 @@ def run_dino(
     seed_everything(seed)
     objective = build_dino(encoder, epochs, cfg, weights=weights, encoder_kwargs=encoder_kwargs)
     data = MultiCropData(tiles, MultiCrop(cfg.crops), batch_size, seed=seed, num_workers=num_workers)
-    objective.sync_batchnorm(dev, env.world_size)
-    out = Path(out_dir)
-    engine = Engine(
-        objective,
-        optim=dino_optim(cfg, batch_size * env.world_size, epochs),
-        cfg=EngineConfig(epochs=epochs, seed=seed, precision=precision, out_dir=out, progress=progress),
-        device=dev,
-    )
-    engine.fit(data)
-    return out / "checkpoint.pth"
+    return fit_dino(objective, data, cfg, batch_size, epochs, out_dir, dev, seed, precision, progress)
 
 
 def pretrain_dino(

@@ -26,12 +26,9 @@ from typing import Any
 import torch
 
 from gigaslide.ssl.crop_data import MultiCropData
-from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim, teacher_kwargs
-from gigaslide.ssl.dino_head import DINOHead
-from gigaslide.ssl.dino_loss import DINOLoss
+from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_head, dino_loss, fit_dino, teacher_kwargs
 from gigaslide.ssl.multicrop import MultiCropWrapper
 from gigaslide.ssl.region_crops import RegionCropConfig, RegionCrops, RegionGrids
-from gigaslide.train.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +81,9 @@ def build_hipt_region(
     else:
         backbone = create_hipt_vit4k(weights=weights, drop_path_rate=cfg.drop_path_rate, **kw)
     teacher_backbone = HIPTViT4K(**teacher_kwargs(kw))  # no dropout (all rates default to 0)
-    dim = backbone.embed_dim
-
-    def head() -> DINOHead:
-        return DINOHead(dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer,
-                        nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
-                        bottleneck_dim=cfg.head_bottleneck_dim)  # fmt: skip
-
-    student = MultiCropWrapper(backbone, head())
-    teacher = MultiCropWrapper(teacher_backbone, head())
-    warm_t = min(cfg.warmup_teacher_temp_epochs, epochs)
-    loss = DINOLoss(cfg.out_dim, crops.n_crops, cfg.warmup_teacher_temp, cfg.teacher_temp, warm_t, epochs,
-                    student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)  # fmt: skip
+    student = MultiCropWrapper(backbone, dino_head(backbone.embed_dim, cfg))
+    teacher = MultiCropWrapper(teacher_backbone, dino_head(backbone.embed_dim, cfg))
+    loss = dino_loss(cfg, crops.n_crops, epochs)
     return HIPTRegionObjective(student, teacher, loss, cfg, crops=crops, vit4k_kwargs=kw)
 
 
@@ -122,7 +110,6 @@ def pretrain_hipt_region(
     ``vit4k_kwargs`` changes the architecture (e.g. ``depth=2`` for tests); the token width
     ``in_dim`` is taken from the files.
     """
-    from pathlib import Path
 
     from gigaslide.pipeline.extract import resolve_device
     from gigaslide.utils.dist import dist_env
@@ -149,13 +136,4 @@ def pretrain_hipt_region(
     cfg = cfg or stage2_dino_config()
     objective = build_hipt_region(epochs, cfg, crops, weights=weights, vit4k_kwargs=kw)
     data = MultiCropData(grids, RegionCrops(crops), batch_size, seed=seed, num_workers=num_workers)  # type: ignore[arg-type]
-    objective.sync_batchnorm(dev, env.world_size)
-    out = Path(out_dir)
-    engine = Engine(
-        objective,
-        optim=dino_optim(cfg, batch_size * env.world_size, epochs),
-        cfg=EngineConfig(epochs=epochs, seed=seed, precision=precision, out_dir=out, progress=progress),
-        device=dev,
-    )
-    engine.fit(data)
-    return out / "checkpoint.pth"
+    return fit_dino(objective, data, cfg, batch_size, epochs, out_dir, dev, seed, precision, progress)

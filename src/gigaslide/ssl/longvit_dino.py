@@ -34,11 +34,8 @@ from torch.utils.data import Dataset
 from gigaslide.data.slide_images import IMAGENET_MEAN, IMAGENET_STD, prepare_slide_images
 from gigaslide.preprocess.slide_image import SlideImageSpec, load_slide_image
 from gigaslide.ssl.crop_data import MultiCropData
-from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_optim, teacher_kwargs
-from gigaslide.ssl.dino_head import DINOHead
-from gigaslide.ssl.dino_loss import DINOLoss
+from gigaslide.ssl.dino import DINOConfig, DINOObjective, dino_head, dino_loss, fit_dino, teacher_kwargs
 from gigaslide.ssl.multicrop import MultiCrop, MultiCropConfig, MultiCropWrapper
-from gigaslide.train.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +121,9 @@ def build_longvit_dino(
         "longvit", in_dim=3, n_classes=0, pooling_norm="norm", **teacher_kwargs(kw)
     )
     dim = int(student_backbone.embed_dim)
-
-    def head() -> DINOHead:
-        return DINOHead(dim, cfg.out_dim, use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer,
-                        nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
-                        bottleneck_dim=cfg.head_bottleneck_dim)  # fmt: skip
-
-    student = LongViTMultiCrop(student_backbone, head())
-    teacher = LongViTMultiCrop(teacher_backbone, head())
-    warm_t = min(cfg.warmup_teacher_temp_epochs, epochs)
-    loss = DINOLoss(cfg.out_dim, cfg.crops.n_crops, cfg.warmup_teacher_temp, cfg.teacher_temp, warm_t, epochs,
-                    student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)  # fmt: skip
-    return DINOObjective(student, teacher, loss, cfg)
+    student = LongViTMultiCrop(student_backbone, dino_head(dim, cfg))
+    teacher = LongViTMultiCrop(teacher_backbone, dino_head(dim, cfg))
+    return DINOObjective(student, teacher, dino_loss(cfg, cfg.crops.n_crops, epochs), cfg)
 
 
 def resolve_slide_images(
@@ -218,15 +206,7 @@ def pretrain_longvit(
     objective = build_longvit_dino(epochs, cfg, model_kwargs)
     data = MultiCropData(TissueRegions(images, samples_per_slide), MultiCrop(cfg.crops), batch_size, seed=seed,
                          num_workers=num_workers)  # fmt: skip
-    objective.sync_batchnorm(dev, env.world_size)
-    engine = Engine(
-        objective,
-        optim=dino_optim(cfg, batch_size * env.world_size, epochs),
-        cfg=EngineConfig(epochs=epochs, seed=seed, precision=precision, out_dir=out, progress=progress),
-        device=dev,
-    )
-    engine.fit(data)
-    return out / "checkpoint.pth"
+    return fit_dino(objective, data, cfg, batch_size, epochs, out, dev, seed, precision, progress)
 
 
 def teacher_backbone_state(checkpoint: str | os.PathLike[str]) -> dict[str, Tensor]:
