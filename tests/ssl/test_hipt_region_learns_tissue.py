@@ -17,8 +17,8 @@ colour; ``delta`` is chosen so that the cells of both classes lie equally far fr
 colour. The class is the colour axis along which a region's cells spread: tumour-normal or
 light-dark. Tumour is also darker, so the two axes are only 13 degrees apart (cosine 0.975), yet
 256 cells fix the axis well: on the cells' colour covariance (3x3 per region) a 5-NN scores 1.00,
-on the region's mean colour or mean token chance (0.495); the texture alone (cells minus their mean
-colour) gives 0.555. Stage-1 encoder (fixed and cheap): each cell's 768 pixel values times a fixed
+on the region's mean token chance (0.495; its mean colour 0.595); the texture alone (cells minus
+their mean colour) gives 0.555. Stage-1 encoder (fixed and cheap): each cell's 768 pixel values times a fixed
 Gaussian matrix (768 -> 32), whitened with the training tokens' mean and covariance.
 
 Measured here (2026-11-30, CPU, 1 thread, ``EPS`` 0.18, ``delta`` 0.163): 5-NN at random init ->
