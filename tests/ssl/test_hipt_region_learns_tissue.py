@@ -45,7 +45,9 @@ torch.set_num_threads(1)
 
 EPS = 0.18  # class 0: tumour fraction 0.5 +- EPS per cell
 PATCH = 16  # pixels per cell side (one stage-1 "patch")
-PROJ = np.random.default_rng(98).normal(size=(PATCH * PATCH * 3, 32)).astype(np.float32) / math.sqrt(768)
+# the fixed stage-1 encoder: (768, 32) Gaussian projection of a cell's pixels
+PIXELS = PATCH * PATCH * 3  # 768 values per cell
+PROJ = np.random.default_rng(98).normal(size=(PIXELS, 32)).astype(np.float32) / math.sqrt(PIXELS)
 
 
 def tissue_patches(tumour: bool, seeds: tuple[int, ...]) -> np.ndarray:
@@ -144,16 +146,14 @@ def test_tissue_classes_share_mean_colour_and_spread(pools: tuple[np.ndarray, np
         val, vec = np.linalg.eigh(np.cov(dev.T))
         assert abs(float(vec[:, -1] @ axis)) > 0.995, (c, vec[:, -1], axis)  # spreads along its class axis
         spread[c] = float(val[-1])
-    assert 0.8 < spread[0] / spread[1] < 1.25, (
-        spread
-    )  # equally far: no per-cell colour distance tells them apart
+    # equally far from the blend: no per-cell colour distance tells the classes apart
+    assert 0.8 < spread[0] / spread[1] < 1.25, spread
     train, y_train, test, y_test = tissue_data(tum, nor)
     mean_tok = [unit(x.mean(axis=1)) for x in (train, test)]
     assert knn_accuracy(mean_tok[0], y_train, mean_tok[1], y_test) < 0.65  # the mean token is near chance
     second = [second_moments(x) for x in (train, test)]
-    assert (
-        knn_accuracy(second[0], y_train, second[1], y_test) > 0.95
-    )  # the tokens' second moment holds the class
+    # the tokens' second moment holds the class
+    assert knn_accuracy(second[0], y_train, second[1], y_test) > 0.95
 
 
 def test_stage2_dino_beats_random_init_on_tissue_regions(
