@@ -93,6 +93,19 @@ def random_vs_stage2(
     """KNN accuracy at random init and after stage-2 DINO (the teacher from the checkpoint); epoch losses."""
     train, y_train = sign_grids(n_train, seed=0)
     test, y_test = sign_grids(200, seed=1)
+    return random_vs_stage2_on(tmp_path, (train, y_train, test, y_test), epochs, seed, batch_size)
+
+
+def random_vs_stage2_on(
+    tmp_path: Path,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    epochs: int,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> tuple[float, float, list[float]]:
+    """:func:`random_vs_stage2` on given (N, 256, dim) train regions, labels, test regions, labels."""
+    train, y_train, test, y_test = data
+    n_train = len(train)
     write_region_features(
         tmp_path / "regions.h5", train, np.ones((n_train, 256), bool), np.zeros((n_train, 2))
     )
