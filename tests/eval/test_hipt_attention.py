@@ -60,6 +60,30 @@ def test_both_levels_equal_the_models_attention(models) -> None:
     assert fine[16 + top[0], top[1]] == 1.0
 
 
+def test_identical_patches_run_once_and_get_the_same_maps(models) -> None:
+    vit256, vit4k = models
+    image = torch.ones(3, 512, 768)  # white (normalised) everywhere but two patches
+    image[:, :256, :256] = torch.randn(3, 256, 256)
+    image[:, 256:, 512:] = torch.randn(3, 256, 256)
+    seen: list[int] = []
+    hook = vit256.patch_embed.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    try:
+        att = hierarchical_attention(vit256, vit4k, image, batch_size=4)
+    finally:
+        hook.remove()
+    assert att.patch.shape == (6, 6, 16, 16)
+    with torch.no_grad():
+        batch = torch.stack(
+            [image[:, r * 256 : (r + 1) * 256, c * 256 : (c + 1) * 256] for r in range(2) for c in range(3)]
+        )
+        ref256 = vit256.get_last_selfattention(batch)[:, :, 0, 1:].reshape(6, 6, 16, 16)
+        grid = vit256(batch).T.reshape(1, 384, 2, 3)
+        ref4k = vit4k.get_last_selfattention(grid)[0, :, 0, 1:].reshape(6, 2, 3)
+    np.testing.assert_allclose(att.patch, ref256.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(att.region, ref4k.numpy(), rtol=1e-4, atol=1e-6)
+    assert seen == [3]  # two tissue patches and one white one went through ViT_256
+
+
 def test_patch_maps_on_a_real_he_patch(models, shared_data: Path, tmp_path: Path) -> None:
     vit256, _ = models
     rgb = np.asarray(Image.open(shared_data / "he-patch-256.png").convert("RGB"))

@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from gigaslide.eval.heatmap import percentile_scores
-from gigaslide.models.encoders.hipt_region import forward_with_cls_attention, unroll_region
+from gigaslide.models.encoders.hipt_region import forward_with_cls_attention, unique_patches, unroll_region
 from gigaslide.models.encoders.hipt_vit4k import HIPTViT4K
 from gigaslide.utils.atomic import atomic_path
 
@@ -62,15 +62,19 @@ def hierarchical_attention(
     """Attention of both levels over one normalised region image (3, S, S), S a multiple of 256.
 
     ``patch_mask`` (rows, cols) bool marks real patches (False: background padding outside the
-    slide); ViT_4096 ignores the others. ``vit4k=None`` gives the patch level only.
+    slide); ViT_4096 ignores the others. ``vit4k=None`` gives the patch level only. Identical patches
+    (the uniform padding) go through ViT_256 once; their maps and tokens are copies.
     """
     patches, (rows, cols) = unroll_region(image)  # (T, 3, 256, 256)
+    distinct, inverse = unique_patches(patches)  # the white padding beyond the slide: one patch
     tokens, maps = [], []
-    for i in range(0, len(patches), batch_size):
-        cls, attn = forward_with_cls_attention(vit256, patches[i : i + batch_size])  # (b, D), (b, h, N)
+    for i in range(0, len(distinct), batch_size):
+        cls, attn = forward_with_cls_attention(vit256, distinct[i : i + batch_size])  # (b, D), (b, h, N)
         side = math.isqrt(attn.shape[-1])
         tokens.append(cls)
         maps.append(attn.reshape(attn.shape[0], attn.shape[1], side, side).float().cpu())
+    if inverse is not None:  # back to every patch: (T, D), (T, h, side, side)
+        tokens, maps = [torch.cat(tokens)[inverse]], [torch.cat(maps)[inverse.cpu()]]
     mask = (
         torch.ones(rows, cols, dtype=torch.bool)
         if patch_mask is None
