@@ -55,6 +55,9 @@ def test_vit_eval_forward_is_the_cls_row_of_all_tokens_and_train_keeps_full_path
     assert len(g_short) == len(g_full)
     for a, b in zip(g_short, g_full, strict=True):
         assert rel(a, b) < 1e-10
+    shallow = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=0, num_heads=3).eval()
+    y = x.float()
+    assert rel(shallow(y), shallow.forward_features(y)[:, 0]) == 0.0  # no block: the full path
     # training mode: the full forward (dropout draws over all rows), same output without dropout
     vit.train()
     with torch.no_grad():

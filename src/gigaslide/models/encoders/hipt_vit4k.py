@@ -119,7 +119,7 @@ class HIPTViT4K(nn.Module):
 
         In eval mode the last block computes the CLS row only, as in ``VisionTransformer.forward``.
         """
-        if self.training:
+        if self.training or not len(self.blocks):
             return self.forward_features(x, mask)[:, 0]
         key_mask = self.key_mask(x, mask)
         t = self.prepare_tokens(x)

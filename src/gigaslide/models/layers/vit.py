@@ -115,7 +115,7 @@ class VisionTransformer(nn.Module):
         same embedding (to float rounding) for about 7% fewer multiply-adds in a 12-block ViT-S/16
         at 256 px. Training mode runs every row, so dropout draws stay those of the full forward.
         """
-        if self.training:
+        if self.training or not len(self.blocks):
             return self.forward_features(x)[:, 0]
         t = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
