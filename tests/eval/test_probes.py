@@ -166,3 +166,17 @@ def test_knn_k_clamped_to_training_set_is_warned(caplog: pytest.LogCaptureFixtur
     with caplog.at_level("WARNING", logger="gigaslide.eval.probes"):
         run_probe(X, ids, df, splits, method="knn", k=5)
     assert not [r for r in caplog.records if "KNN" in r.getMessage()]
+
+
+def test_knn_default_k_is_20_or_half_the_training_set() -> None:
+    from gigaslide.eval.probes import default_knn_k, knn_predict_proba
+
+    assert [default_knn_k(n) for n in (1, 3, 18, 40, 41, 1000)] == [1, 1, 9, 20, 20, 20]
+    # a small separable set: all 18 training slides voting would give every test slide the class prior
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 9)
+    X = rng.normal(size=(18, 4)) + 3.0 * y[:, None]
+    X_test = np.array([[-3.0, 0, 0, 0], [6.0, 3, 3, 3]])
+    proba = knn_predict_proba(X, y, X_test, 2)  # k = 9
+    assert proba[0, 0] > 0.8 and proba[1, 1] > 0.8
+    np.testing.assert_allclose(knn_predict_proba(X, y, X_test, 2, k=18), 0.5)  # the degenerate vote

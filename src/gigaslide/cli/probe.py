@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--k",
         type=int,
         default=None,
-        help=f"KNN neighbours (default: {DEFAULT_KNN_K}, or the training-set size when smaller)",
+        help=f"KNN neighbours (default: {DEFAULT_KNN_K}, or half the training slides when fewer)",
     )
     p.add_argument("--knn-metric", choices=["cosine", "euclidean"], default="cosine")
     p.add_argument("--knn-weighting", choices=["uniform", "distance"], default="uniform")

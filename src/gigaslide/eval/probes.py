@@ -33,7 +33,7 @@ from gigaslide.eval.metrics import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KNN_K = 20  # HIPT's KNN probe; clamped to the training-set size when not given
+DEFAULT_KNN_K = 20  # HIPT's KNN probe; at most half the training set when not given (default_knn_k)
 DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_PENALIZERS: tuple[float, ...] = (0.01, 0.1, 1.0)
 
@@ -91,6 +91,11 @@ def normalize_features(
 # ----------------------------------------------------------------------------- KNN
 
 
+def default_knn_k(n_train: int) -> int:
+    """HIPT's k = 20, or half the training slides when that is fewer (at least 1)."""
+    return int(min(DEFAULT_KNN_K, max(1, n_train // 2)))
+
+
 def knn_predict_proba(
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -104,9 +109,9 @@ def knn_predict_proba(
 ) -> np.ndarray:
     """(M, C) class probabilities of (M, E) test rows from their ``k`` nearest (N, E) training rows.
 
-    ``k=None`` uses ``DEFAULT_KNN_K`` neighbours, or all N training rows when fewer (silently: a
-    default should fit small training sets). An explicit ``k`` larger than N is clamped to N with a
-    warning naming ``fold``: with uniform weighting every prediction is then the training-set class prior.
+    ``k=None`` uses :func:`default_knn_k` neighbours (``DEFAULT_KNN_K``, or half the N training rows
+    when that is fewer: with all N voting, every prediction would be the training-set class prior).
+    An explicit ``k`` larger than N is clamped to N with a warning naming ``fold``.
 
     ``metric="cosine"`` (L2-normalised dot product) or ``"euclidean"``; ``weighting="uniform"``
     (fraction of votes) or ``"distance"`` (``exp(sim / temperature)`` for cosine, ``1 / d`` for
@@ -116,7 +121,7 @@ def knn_predict_proba(
         raise ValueError("KNN needs at least one training slide")
     n_train = int(X_train.shape[0])
     if k is None:
-        k = min(DEFAULT_KNN_K, n_train)
+        k = default_knn_k(n_train)
     if k > n_train:
         log.warning(
             "%sKNN k=%d exceeds the %d training slide(s); using k=%d: every test slide votes over the whole "
@@ -447,7 +452,9 @@ def run_probe(
                     k=kw.get("k"), metric=kw.get("metric", "cosine"), weighting=kw.get("weighting", "uniform"),
                     fold=sp.fold,
                 )  # fmt: skip
-                hp: dict[str, Any] = {"hp_k": int(min(kw.get("k") or DEFAULT_KNN_K, sp.train.size))}
+                hp: dict[str, Any] = {
+                    "hp_k": int(min(kw.get("k") or default_knn_k(sp.train.size), sp.train.size))
+                }
             else:
                 probs, hp = linear_probe_fold(
                     X[sp.train], y[sp.train], X[sp.test], X[sp.val], y[sp.val], n_cls,
