@@ -1,10 +1,27 @@
 """Pretraining visibly works: a short DINO run of a tiny ViT beats the same network at random init
 on KNN tile-class accuracy.
 
-Measured here (2026-11-30, CPU, fixed seeds): 0.670 at random init -> 0.715 after 8 epochs of 512
-tiles (256 steps of 16), i.e. +0.045; the asserted margin is +0.03. The +0.1 the project asked for was
-NOT reached at this budget (other settings tried gave +0.025 to +0.06). The run takes ~40 s on one
-thread of an idle core (2-3 minutes on the contended machine it was written on).
+Measured here (2026-11-30, CPU, one thread; cosine 5-NN of the teacher's CLS on 200 held-out tiles,
+trained on the 512 pretraining tiles; 8 epochs of 32 steps of 16; seeds of weights and crops):
+
+| seed | random init | after DINO | gain | loss, first -> last epoch |
+|---|---|---|---|---|
+| 0 | 0.670 | 0.805 | +0.135 | 5.73 -> 3.04 |
+| 1 | 0.690 | 0.860 | +0.170 | 5.77 -> 3.76 |
+| 2 | 0.695 | 0.850 | +0.155 | 5.71 -> 3.73 |
+
+The test asserts at seed 0 a gain >= +0.065 (about half the smallest, +0.135) and a last-epoch loss
+below ln(256) - 1; seeds 1 and 2 run under ``-m slow``. About 15-20 s per run on an idle core.
+The earlier setting (lr 0.005, 2 local crops of scale 0.05-0.4, DINO's colour jitter, grayscale and
+solarization) gained +0.045, -0.020, +0.020 at seeds 0-2 and ended at the uniform loss (5.5 = ln 256).
+Path from it (seed 0), one change at a time: no colour transforms +0.095 (the classes share their
+colours, so colour views only add noise), then 4 local crops +0.110, local scale 0.1-0.4 +0.120,
+lr 0.007 +0.135 (the setting below). Tried on the way (seed 0), none better: from the earlier
+setting, lr 0.001 +0.050, 0.03 +0.005 (-0.025 with 8 local crops), 8 local crops +0.015, teacher
+momentum 0.9 +0.065, teacher temperature 0.07 +0.030, batch 8 +0.025, out_dim 64 +0.040, last layer
+never frozen +0.055; without colour transforms, lr 0.002 +0.090, momentum 0.9 +0.090; with 4 local
+crops of scale 0.1-0.4 at lr 0.005, 6 local crops +0.105, lr 0.003 +0.060, last layer never frozen
++0.110, global scale 0.25-1 +0.110, momentum 0.9 (scale 0.05-0.4) +0.090.
 
 Synthetic 48 px tiles of 4 classes: two shapes (disc, ring, cross or square outline) of one class
 drawn at random positions. The class is what every crop of a tile shares; the positions change
@@ -18,9 +35,12 @@ the teacher momentum to 0.95 and add BatchNorm to the head, both documented DINO
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,8 +54,9 @@ torch.set_num_threads(1)
 ENCODER_KW = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
 CFG = DINOConfig(
     out_dim=256, head_hidden_dim=128, head_bottleneck_dim=32, use_bn_in_head=True, norm_last_layer=False,
-    momentum_teacher=0.95, drop_path_rate=0.0, lr=0.005, warmup_epochs=1,
-    crops=MultiCropConfig(global_size=32, local_size=16, n_local=2, hue=0.0, mean=(0.5,) * 3, std=(0.5,) * 3),
+    momentum_teacher=0.95, drop_path_rate=0.0, lr=0.007, warmup_epochs=1,
+    crops=MultiCropConfig(global_size=32, local_size=16, n_local=4, local_scale=(0.1, 0.4), jitter_p=0.0,
+                          grayscale_p=0.0, solarize_p=0.0, mean=(0.5,) * 3, std=(0.5,) * 3),
 )  # fmt: skip
 
 
@@ -85,22 +106,36 @@ def knn_accuracy(
     return float((pred == y_test).mean())
 
 
-def random_vs_dino(tmp_path: Path, n_train: int, epochs: int, batch_size: int = 16) -> tuple[float, float]:
-    """KNN accuracy of the tiny ViT at random init and after DINO (its teacher, loaded from the checkpoint)."""
+def random_vs_dino(
+    tmp_path: Path, n_train: int, epochs: int, batch_size: int = 16, seed: int = 0
+) -> tuple[float, float, list[float]]:
+    """KNN accuracy of the tiny ViT at random init and after DINO (its teacher, loaded from the
+    checkpoint), and the per-epoch losses."""
     train, y_train = shape_tiles(n_train, seed=0)
     test, y_test = shape_tiles(200, seed=1)
     size = CFG.crops.global_size
-    seed_everything(0)  # run_dino seeds the same way before building: the same initial weights
+    seed_everything(seed)  # run_dino seeds the same way before building: the same initial weights
     init = build_dino("hipt_vit256", epochs, CFG, encoder_kwargs=ENCODER_KW).teacher.backbone
     acc_init = knn_accuracy(embed(init, train, size), y_train, embed(init, test, size), y_test)
     ckpt = run_dino(train, "hipt_vit256", tmp_path / "dino", epochs=epochs, batch_size=batch_size, cfg=CFG,
-                    encoder_kwargs=ENCODER_KW, device="cpu", seed=0, progress=False)  # fmt: skip
+                    encoder_kwargs=ENCODER_KW, device="cpu", seed=seed, progress=False)  # fmt: skip
     teacher = create_encoder("hipt_vit256", weights=ckpt, **ENCODER_KW)
     acc_dino = knn_accuracy(embed(teacher, train, size), y_train, embed(teacher, test, size), y_test)
-    return acc_init, acc_dino
+    with open(tmp_path / "dino" / "epochs.csv", newline="") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    return acc_init, acc_dino, losses
 
 
 def test_dino_pretraining_beats_random_init(tmp_path: Path) -> None:
-    acc_init, acc_dino = random_vs_dino(tmp_path, n_train=512, epochs=8)
+    acc_init, acc_dino, losses = random_vs_dino(tmp_path, n_train=512, epochs=8)
     assert 0.25 <= acc_init < 0.9, acc_init  # the task is neither trivial nor broken at random init
-    assert acc_dino >= acc_init + 0.03, (acc_init, acc_dino)
+    assert acc_dino >= acc_init + 0.065, (acc_init, acc_dino)
+    assert len(losses) == 8 and losses[-1] < math.log(CFG.out_dim) - 1.0, losses  # not uniform outputs (ln K)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_dino_pretraining_beats_random_init_other_seeds(tmp_path: Path, seed: int) -> None:
+    acc_init, acc_dino, losses = random_vs_dino(tmp_path, n_train=512, epochs=8, seed=seed)
+    assert acc_dino >= acc_init + 0.065, (acc_init, acc_dino)
+    assert losses[-1] < math.log(CFG.out_dim) - 1.0, losses
