@@ -274,7 +274,7 @@ def test_knn_default_k_fits_small_training_sets(caplog: pytest.LogCaptureFixture
     with caplog.at_level("WARNING"):
         default = knn_predict_proba(X, y, Xt, 2)
     assert caplog.records == []  # the default adapts silently
-    np.testing.assert_array_equal(default, knn_predict_proba(X, y, Xt, 2, k=6))
+    np.testing.assert_array_equal(default, knn_predict_proba(X, y, Xt, 2, k=3))  # half the training set
     with caplog.at_level("WARNING"):
         knn_predict_proba(X, y, Xt, 2, k=20, fold=3)  # an explicit k too large is still warned
     assert "fold 3: KNN k=20 exceeds the 6 training slide(s)" in caplog.text
