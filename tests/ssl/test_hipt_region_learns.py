@@ -40,6 +40,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dino_learns import knn_accuracy  # the same cosine 5-NN as the tile-level test
 
 from gigaslide.data.region_features import write_region_features
 from gigaslide.models.encoders.hipt_vit4k import HIPTViT4K, create_hipt_vit4k
@@ -76,15 +77,6 @@ def region_tokens(model: HIPTViT4K, regions: np.ndarray) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         return F.normalize(model(grid), dim=1).numpy()
-
-
-def knn_accuracy(
-    train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, k: int = 5
-) -> float:
-    """Cosine k-NN (majority vote) accuracy."""
-    nearest = np.argsort(-(test @ train.T), axis=1)[:, :k]
-    pred = np.array([np.bincount(y_train[row], minlength=4).argmax() for row in nearest])
-    return float((pred == y_test).mean())
 
 
 def random_vs_stage2(
